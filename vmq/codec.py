@@ -1,0 +1,153 @@
+"""Versioned wire format of probes and replies (docs/protocol.md): encode probes, verify replies.
+
+The guest side of the format (reply encoding and signing) lives in ``vmq.responder`` because that file
+must run alone inside guests; this module imports it so both sides share one implementation, and adds
+the strict decoder. Decoding raises :class:`vmq.errors.CodecError` whose ``reason`` is a
+:class:`vmq.model.RejectReason` value.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import secrets as _secrets
+from collections.abc import Mapping
+from typing import Any
+
+from vmq.errors import CodecError
+from vmq.model import Probe, RejectReason, Reply
+from vmq.responder import REPLY_MAC_PREFIX, WIRE_VERSION, encode_reply, reply_signature
+
+__all__ = [
+    "WIRE_VERSION",
+    "REPLY_MAC_PREFIX",
+    "encode_probe",
+    "new_nonce",
+    "new_secret",
+    "encode_reply",
+    "reply_signature",
+    "stream_id_ms",
+    "decode_reply",
+    "RoundBook",
+]
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def new_nonce() -> str:
+    """A fresh 16-byte random nonce as 32 lowercase hex characters."""
+    return _secrets.token_hex(16)
+
+
+def new_secret() -> str:
+    """A fresh per-VM HMAC key: 32 random bytes as 64 lowercase hex characters."""
+    return _secrets.token_hex(32)
+
+
+def valid_secret(text: str) -> bool:
+    """True when ``text`` is a well-formed VM secret (64 lowercase hex characters)."""
+    return bool(_HEX64.match(text))
+
+
+def encode_probe(probe: Probe) -> bytes:
+    """The JSON bytes published for one round."""
+    body = {"v": WIRE_VERSION, "type": "probe", "round": probe.round, "nonce": probe.nonce,
+            "sent_ms": probe.sent_ms}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def stream_id_ms(entry_id: bytes | str) -> int:
+    """Millisecond part of a Redis stream id (the arrival time in Redis' clock)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+class RoundBook:
+    """Recent rounds' nonces and send times, as the monitor recorded them."""
+
+    def __init__(self, rounds: Mapping[int, tuple[str, int]]) -> None:
+        self._rounds = dict(rounds)
+
+    def check(self, round_id: int, nonce: str, arrival_ms: int) -> None:
+        """Raise CodecError(stale_nonce) unless ``nonce`` is the one sent for ``round_id`` before arrival."""
+        known = self._rounds.get(round_id)
+        if known is None:
+            raise CodecError(RejectReason.STALE_NONCE.value, f"round {round_id} is not a recent round")
+        expected, sent_ms = known
+        if not hmac.compare_digest(expected, nonce):
+            raise CodecError(RejectReason.STALE_NONCE.value, f"nonce does not match round {round_id}")
+        if arrival_ms < sent_ms:
+            raise CodecError(RejectReason.STALE_NONCE.value, f"reply arrived before round {round_id} was sent")
+
+
+def _field(fields: Mapping[bytes, bytes], name: bytes) -> bytes:
+    value = fields.get(name)
+    if not isinstance(value, bytes):
+        raise CodecError(RejectReason.MALFORMED.value, f"stream entry has no {name.decode()!r} field")
+    return value
+
+
+def _int(body: Mapping[str, Any], name: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CodecError(RejectReason.MALFORMED.value, f"{name!r} must be an integer")
+    return value
+
+
+def _str(body: Mapping[str, Any], name: str, limit: int = 128) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise CodecError(RejectReason.MALFORMED.value, f"{name!r} must be a non-empty string")
+    return value
+
+
+def decode_reply(
+    entry_id: bytes | str,
+    fields: Mapping[bytes, bytes],
+    secrets: Mapping[str, bytes],
+    rounds: RoundBook,
+    max_bytes: int,
+) -> Reply:
+    """Verify one reply-stream entry and return it as a Reply; raises CodecError with the reason.
+
+    Checks run cheapest first and never trust a field before the signature has been checked,
+    except the VM name that selects the key.
+    """
+    arrival_ms = stream_id_ms(entry_id)
+    message = _field(fields, b"m")
+    if len(message) > max_bytes or len(fields) > 4 or sum(len(v) for v in fields.values()) > max_bytes + 256:
+        raise CodecError(RejectReason.OVERSIZED.value, f"reply of {len(message)} bytes exceeds {max_bytes}")
+    signature = _field(fields, b"s")
+    try:
+        body = json.loads(message)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CodecError(RejectReason.MALFORMED.value, f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise CodecError(RejectReason.MALFORMED.value, "reply is not a JSON object")
+    if body.get("v") != WIRE_VERSION:
+        raise CodecError(RejectReason.MALFORMED.value, f"unsupported version {body.get('v')!r}")
+    vm = _str(body, "vm")
+    key = secrets.get(vm)
+    if key is None:
+        raise CodecError(RejectReason.UNKNOWN_VM.value, f"no key for vm {vm!r}")
+    try:
+        claimed = signature.decode("ascii")
+    except UnicodeDecodeError:
+        raise CodecError(RejectReason.BAD_SIGNATURE.value, f"vm {vm}: signature is not hex") from None
+    if not hmac.compare_digest(reply_signature(key, message), claimed):
+        raise CodecError(RejectReason.BAD_SIGNATURE.value, f"vm {vm}: signature does not verify")
+    round_id = _int(body, "round")
+    nonce = _str(body, "nonce", 32)
+    if not _HEX32.match(nonce):
+        raise CodecError(RejectReason.MALFORMED.value, "nonce must be 32 lowercase hex characters")
+    boot_id = _str(body, "boot_id")
+    params = body.get("params", {})
+    if not isinstance(params, dict):
+        raise CodecError(RejectReason.MALFORMED.value, "'params' must be an object")
+    rounds.check(round_id, nonce, arrival_ms)
+    return Reply(vm=vm, round=round_id, nonce=nonce, boot_id=boot_id, arrival_ms=arrival_ms, params=params)
+
+
+

@@ -1,0 +1,324 @@
+"""libvirt adapter of the Hypervisor port: the only module of vmq that imports ``libvirt``.
+
+Every call runs in a worker thread of a small per-instance ``ThreadPoolExecutor`` and the caller waits
+at most ``call_timeout_s``. On timeout the caller gets ``HypervisorUnavailable`` and the worker thread
+is *abandoned*: Python cannot interrupt a thread blocked inside libvirt's C code, so it keeps its pool
+slot until libvirt returns. Consequences, accepted on purpose:
+
+* the pool is bounded (``_WORKERS``), so a wedged libvirtd cannot make vmq grow threads without limit;
+  once every slot is stuck, later calls queue and time out too, which is the truth (the host hangs);
+* ``concurrent.futures`` joins its worker threads at interpreter exit, so a process whose libvirt call
+  never returns also does not exit cleanly; the supervisor's stop timeout (systemd, Celery) kills it.
+
+The connection is opened lazily, shared by all threads (libvirt connections are thread-safe), and
+forgotten when it dies or times out so the next call opens a fresh one. libvirt's own stderr printing
+is silenced; every ``libvirt.libvirtError`` is translated at this edge into the vmq error tree.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import libvirt
+
+from vmq.errors import DomainNotFound, DomainOperationFailed, HypervisorUnavailable
+from vmq.model import DomainInfo, DomainStatus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Threads per hypervisor: enough for a few concurrent callers, small enough that stuck calls stay bounded.
+_WORKERS = 4
+
+_RUNNING_REASONS: dict[int, str] = {
+    libvirt.VIR_DOMAIN_RUNNING_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_RUNNING_BOOTED: "booted",
+    libvirt.VIR_DOMAIN_RUNNING_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_RUNNING_RESTORED: "restored",
+    libvirt.VIR_DOMAIN_RUNNING_FROM_SNAPSHOT: "from_snapshot",
+    libvirt.VIR_DOMAIN_RUNNING_UNPAUSED: "unpaused",
+    libvirt.VIR_DOMAIN_RUNNING_MIGRATION_CANCELED: "migration_canceled",
+    libvirt.VIR_DOMAIN_RUNNING_SAVE_CANCELED: "save_canceled",
+    libvirt.VIR_DOMAIN_RUNNING_WAKEUP: "wakeup",
+    libvirt.VIR_DOMAIN_RUNNING_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_RUNNING_POSTCOPY: "postcopy",
+    libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED: "postcopy_failed",
+}
+
+_PAUSED_REASONS: dict[int, str] = {
+    libvirt.VIR_DOMAIN_PAUSED_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_PAUSED_USER: "user",
+    libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
+    libvirt.VIR_DOMAIN_PAUSED_SAVE: "save",
+    libvirt.VIR_DOMAIN_PAUSED_DUMP: "dump",
+    libvirt.VIR_DOMAIN_PAUSED_IOERROR: "ioerror",
+    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: "watchdog",
+    libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT: "from_snapshot",
+    libvirt.VIR_DOMAIN_PAUSED_SHUTTING_DOWN: "shutting_down",
+    libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: "snapshot",
+    libvirt.VIR_DOMAIN_PAUSED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PAUSED_STARTING_UP: "starting_up",
+    libvirt.VIR_DOMAIN_PAUSED_POSTCOPY: "postcopy",
+    libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "postcopy_failed",
+}
+
+_SHUTOFF_REASONS: dict[int, str] = {
+    libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from_snapshot",
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+}
+
+# Only UNKNOWN and USER are state reasons; the other VIR_DOMAIN_SHUTDOWN_* constants are shutdown() flags.
+_SHUTDOWN_REASONS: dict[int, str] = {
+    libvirt.VIR_DOMAIN_SHUTDOWN_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_SHUTDOWN_USER: "user",
+}
+
+_CRASHED_REASONS: dict[int, str] = {
+    libvirt.VIR_DOMAIN_CRASHED_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_CRASHED_PANICKED: "panicked",
+}
+
+_REASONS_BY_STATE: dict[int, dict[int, str]] = {
+    libvirt.VIR_DOMAIN_RUNNING: _RUNNING_REASONS,
+    libvirt.VIR_DOMAIN_PAUSED: _PAUSED_REASONS,
+    libvirt.VIR_DOMAIN_SHUTOFF: _SHUTOFF_REASONS,
+    libvirt.VIR_DOMAIN_SHUTDOWN: _SHUTDOWN_REASONS,
+    libvirt.VIR_DOMAIN_CRASHED: _CRASHED_REASONS,
+}
+
+# Error codes that say "the hypervisor or the way to it is broken", not "this domain refused".
+_UNAVAILABLE_CODES: frozenset[int] = frozenset(
+    {
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+        libvirt.VIR_ERR_OPERATION_TIMEOUT,
+        libvirt.VIR_ERR_AUTH_FAILED,
+        libvirt.VIR_ERR_AUTH_CANCELLED,
+        libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    }
+)
+
+
+def domain_status(state: int, reason: int) -> tuple[DomainStatus, str]:
+    """Reduce libvirt's ``(state, reason)`` pair to a DomainStatus and a lowercase reason word."""
+    word = _REASONS_BY_STATE.get(state, {}).get(reason, "unknown")
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return DomainStatus.RUNNING, word
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        return DomainStatus.PAUSED, word
+    if state == libvirt.VIR_DOMAIN_CRASHED:
+        return DomainStatus.CRASHED, word
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        if reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED:
+            return DomainStatus.CRASHED, word
+        return DomainStatus.SHUTOFF, word
+    return DomainStatus.OTHER, word
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    """Swallow libvirt's error callback; errors still arrive as exceptions and are translated here."""
+
+
+def _is_alive(connection: Any) -> bool:
+    """Whether a libvirt connection is still usable; a closed or broken one counts as dead."""
+    try:
+        return bool(connection.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _describe(operation: str, name: str | None) -> str:
+    """Human words for one call: ``reset 'vm-1'`` or ``list_domains``."""
+    return f"{operation} {name!r}" if name is not None else operation
+
+
+class LibvirtHypervisor:
+    """The Hypervisor port over one libvirt connection; every call bounded by ``call_timeout_s``."""
+
+    def __init__(self, uri: str, call_timeout_s: float = 30.0) -> None:
+        """Remember the URI; nothing is opened until the first call. Raises ValueError on a bad timeout."""
+        if call_timeout_s <= 0:
+            raise ValueError(f"call_timeout_s must be > 0, got {call_timeout_s!r}")
+        self.uri = uri
+        self.call_timeout_s = call_timeout_s
+        # Two locks so that a caller never waits on I/O: _pool_lock is held only to create/submit/swap,
+        # _connection_lock only inside worker threads (an open that hangs blocks workers, not callers).
+        self._pool_lock = threading.Lock()
+        self._connection_lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._connection: Any = None
+        # Process-wide and idempotent: without it libvirt prints every error to stderr as well.
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+    def __repr__(self) -> str:
+        """Show the URI, never connection internals."""
+        return f"LibvirtHypervisor({self.uri!r}, call_timeout_s={self.call_timeout_s!r})"
+
+    # -- the port -----------------------------------------------------------------------------------
+
+    def list_domains(self) -> list[DomainInfo]:
+        """All domains defined on this host, active or not, sorted by name."""
+
+        def action(connection: Any) -> list[DomainInfo]:
+            infos: list[DomainInfo] = []
+            for domain in connection.listAllDomains(0):
+                try:
+                    infos.append(_domain_info(domain))
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # undefined between the listing and the state query
+                    raise
+            return sorted(infos, key=lambda info: info.name)
+
+        return self._call("list_domains", None, action)
+
+    def domain_info(self, name: str) -> DomainInfo:
+        """One domain's status and reason; raises DomainNotFound."""
+        return self._call("domain_info", name, lambda connection: _domain_info(connection.lookupByName(name)))
+
+    def reset(self, name: str) -> None:
+        """Hard-reset an active domain; raises DomainOperationFailed if it is shut off."""
+        self._call("reset", name, lambda connection: connection.lookupByName(name).reset(0))
+
+    def resume(self, name: str) -> None:
+        """Resume a paused domain; raises DomainOperationFailed if it is not paused."""
+        self._call("resume", name, lambda connection: connection.lookupByName(name).resume())
+
+    def start(self, name: str) -> None:
+        """Start (libvirt ``create``) a shut-off domain; raises DomainOperationFailed if it is active."""
+        self._call("start", name, lambda connection: connection.lookupByName(name).create())
+
+    def suspend(self, name: str) -> None:
+        """Pause a running domain; raises DomainOperationFailed if it is not running."""
+        self._call("suspend", name, lambda connection: connection.lookupByName(name).suspend())
+
+    def destroy(self, name: str) -> None:
+        """Power an active domain off hard; raises DomainOperationFailed if it is already off."""
+        self._call("destroy", name, lambda connection: connection.lookupByName(name).destroy())
+
+    def close(self) -> None:
+        """Close the connection and stop the worker threads; idempotent, never raises, reopens on next use."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        future = pool.submit(self._close_connection)
+        pool.shutdown(wait=False)
+        try:
+            future.result(timeout=self.call_timeout_s)
+        except concurrent.futures.TimeoutError:
+            log.warning(
+                "closing libvirt connection uri=%s took over %.3g s; abandoned", self.uri, self.call_timeout_s
+            )
+
+    # -- machinery ----------------------------------------------------------------------------------
+
+    def _call(self, operation: str, name: str | None, action: Callable[[Any], T]) -> T:
+        """Run ``action(connection)`` in a worker thread, translated, waiting at most call_timeout_s."""
+
+        def run() -> T:
+            connection = self._connect(operation, name)
+            with self._translate(operation, name, connection):
+                return action(connection)
+
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=_WORKERS, thread_name_prefix="vmq-libvirt"
+                )
+            future = self._pool.submit(run)
+        try:
+            return future.result(timeout=self.call_timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()  # a call still queued behind stuck ones never starts; a running one is abandoned
+            self._forget(None)
+            raise HypervisorUnavailable(
+                f"{_describe(operation, name)} on {self.uri}: no answer within {self.call_timeout_s:g} s"
+            ) from exc
+        except concurrent.futures.CancelledError as exc:
+            raise HypervisorUnavailable(
+                f"{_describe(operation, name)} on {self.uri}: cancelled because the hypervisor was closed"
+            ) from exc
+
+    def _connect(self, operation: str, name: str | None) -> Any:
+        """Return the shared connection, opening or reopening it; raises HypervisorUnavailable."""
+        with self._connection_lock:
+            connection = self._connection
+            if connection is not None:
+                if _is_alive(connection):
+                    return connection
+                log.warning("libvirt connection died, reopening uri=%s", self.uri)
+                self._connection = None
+            try:
+                connection = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorUnavailable(
+                    f"{_describe(operation, name)}: cannot connect to {self.uri}: {exc}"
+                ) from exc
+            if connection is None:  # very old bindings returned None instead of raising
+                raise HypervisorUnavailable(f"{_describe(operation, name)}: cannot connect to {self.uri}")
+            self._connection = connection
+            return connection
+
+    def _forget(self, connection: Any) -> None:
+        """Drop the shared connection (only ``connection`` if given) so the next call opens a new one.
+
+        Not closed explicitly: other threads may still be inside a call on it; libvirt-python closes it
+        when the last reference goes away.
+        """
+        # Never wait here: a worker stuck opening holds the lock, and then there is nothing to forget yet.
+        if not self._connection_lock.acquire(blocking=False):
+            return
+        try:
+            if connection is None or self._connection is connection:
+                self._connection = None
+        finally:
+            self._connection_lock.release()
+
+    def _close_connection(self) -> None:
+        """Close the shared connection, ignoring libvirt's complaints about an already broken one."""
+        with self._connection_lock:
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                connection.close()
+
+    @contextlib.contextmanager
+    def _translate(self, operation: str, name: str | None, connection: Any) -> Iterator[None]:
+        """Map ``libvirtError`` to DomainNotFound, HypervisorUnavailable or DomainOperationFailed."""
+        try:
+            yield
+        except libvirt.libvirtError as exc:
+            code = exc.get_error_code()
+            what = _describe(operation, name)
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(f"{what}: no domain {name!r} on {self.uri}") from exc
+            # An INTERNAL_ERROR (or anything) on a dead connection is the connection's fault, not the domain's.
+            if code in _UNAVAILABLE_CODES or not _is_alive(connection):
+                self._forget(connection)
+                raise HypervisorUnavailable(
+                    f"{what} on {self.uri} failed, hypervisor unavailable: {exc}"
+                ) from exc
+            raise DomainOperationFailed(f"{what} on {self.uri} failed: {exc}") from exc
+
+
+def _domain_info(domain: Any) -> DomainInfo:
+    """Read one libvirt domain's name, UUID and (state, reason) into a DomainInfo."""
+    state, reason = domain.state(0)
+    status, word = domain_status(state, reason)
+    return DomainInfo(name=domain.name(), uuid=domain.UUIDString(), status=status, reason=word)

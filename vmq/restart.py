@@ -1,0 +1,109 @@
+"""Host-side use case: carry out one restart request on this host's hypervisor, exactly once.
+
+Re-asserts the world before acting (the attempt is still open, the domain is on this host), claims the
+attempt atomically (a redelivered or duplicated task is a no-op), acts by the domain's state, and records
+the outcome as a state transition with its evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from vmq.errors import DomainNotFound, HypervisorError
+from vmq.model import DomainStatus, RestartAction, VmState
+from vmq.ports import Hypervisor
+from vmq.store.redis import RedisStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestartOutcome:
+    """What the host worker did with a request."""
+
+    vm: str
+    host: str
+    acted: bool
+    action: str
+    result: str
+
+
+def _action_for(status: DomainStatus) -> RestartAction:
+    if status is DomainStatus.RUNNING:
+        return RestartAction.RESET
+    if status is DomainStatus.PAUSED:
+        return RestartAction.RESUME_RESET  # a reset alone leaves a paused domain paused
+    if status is DomainStatus.CRASHED:
+        return RestartAction.CREATE
+    return RestartAction.LEFT_ALONE
+
+
+def _perform(hypervisor: Hypervisor, vm: str, action: RestartAction) -> None:
+    if action is RestartAction.RESET:
+        hypervisor.reset(vm)
+    elif action is RestartAction.RESUME_RESET:
+        hypervisor.resume(vm)
+        hypervisor.reset(vm)
+    elif action is RestartAction.CREATE:
+        hypervisor.start(vm)
+
+
+def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
+               incident: str, claimant: str) -> RestartOutcome:
+    """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted."""
+    rec = store.vm_record(vm)
+    now_ms = store.time_ms()
+
+    def skip(result: str) -> RestartOutcome:
+        store.audit("restart_skipped", vm, host, now_ms, incident=incident, generation=generation,
+                    reason=result)
+        log.info("vm=%s host=%s restart skipped: %s", vm, host, result)
+        return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
+
+    def back_to_faulty(event_type: str, result: str, **data: object) -> RestartOutcome:
+        store.transition(vm, [VmState.RESTARTING], VmState.FAULTY, now_ms,
+                         {"type": event_type, "host": host, "incident": incident, "result": result, **data},
+                         fields={"decision": result}, expected_generation=generation)
+        log.warning("vm=%s host=%s %s: %s", vm, host, event_type, result)
+        return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
+
+    if rec.get("state") != VmState.RESTARTING.value or rec.get("generation") != str(generation) \
+            or rec.get("incident") != incident:
+        return skip(f"attempt closed (state {rec.get('state', 'absent')}, generation {rec.get('generation')})")
+    if rec.get("host") != host:
+        return back_to_faulty("restart_misrouted", f"vm now runs on {rec.get('host') or 'no host'}, not {host}")
+    try:
+        info = hypervisor.domain_info(vm)
+    except DomainNotFound:
+        return back_to_faulty("restart_failed", f"domain {vm} is not defined on {host}")
+    except HypervisorError as exc:
+        return back_to_faulty("restart_failed", f"hypervisor unavailable: {exc}")
+    if not store.claim_restart(vm, generation, incident, claimant):
+        return skip("attempt already claimed by another delivery of this task")
+    action = _action_for(info.status)
+    if action is RestartAction.LEFT_ALONE:
+        result = f"domain is {info.status.value} ({info.reason or 'no reason'}): left alone"
+        store.transition(vm, [VmState.RESTARTING], VmState.UNKNOWN, now_ms,
+                         {"type": "restart_left_alone", "host": host, "incident": incident, "result": result,
+                          "domain_status": info.status.value},
+                         fields={"incident": "", "decision": result, "domain_status": info.status.value,
+                                 "domain_reason": info.reason}, expected_generation=generation)
+        return RestartOutcome(vm, host, False, action.value, result)
+    started = time.monotonic()
+    try:
+        _perform(hypervisor, vm, action)
+    except HypervisorError as exc:
+        return back_to_faulty("restart_failed", f"{action.value} failed: {exc}", action=action.value,
+                              domain_status=info.status.value)
+    took_ms = round((time.monotonic() - started) * 1000, 1)
+    done_ms = store.time_ms()
+    store.transition(vm, [VmState.RESTARTING], VmState.RECOVERING, done_ms,
+                     {"type": "restarted", "host": host, "incident": incident, "action": action.value,
+                      "result": "ok", "domain_status": info.status.value, "took_ms": took_ms},
+                     fields={"booted_at_ms": done_ms, "last_action": action.value, "decision": ""},
+                     expected_generation=generation)
+    log.warning("vm=%s host=%s restarted action=%s took_ms=%s incident=%s", vm, host, action.value, took_ms,
+                incident)
+    return RestartOutcome(vm, host, True, action.value, "ok")

@@ -1,0 +1,139 @@
+"""Simulated guests: real responder processes, one per VM, with an honest model of hangs and reboots.
+
+A hang is SIGSTOP of the guest's responder (it stops answering, like a hung kernel). A reboot is
+modelled from the audit stream: when a host worker reports it reset/created the VM's domain, the guest's
+process is killed, stays down for ``boot_delay_s`` and starts again with a new boot id. The simulator
+cannot share libvirt's in-process test driver with the host worker, so the audit stream is its link.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from vmq.keys import Keys
+from vmq.report import event_json
+
+log = logging.getLogger(__name__)
+
+RESPONDER_FILE = Path(__file__).with_name("responder.py")
+
+
+@dataclass
+class Guest:
+    """One simulated guest: its responder process and what happened to it."""
+
+    vm: str
+    secret: str
+    boot_id: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    hung: bool = False
+    reboots: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class GuestFleet:
+    """Runs one real responder process per VM and reboots them when the audit stream says so."""
+
+    def __init__(self, redis_url: str, keys: Keys, secrets: dict[str, str], workdir: Path,
+                 boot_delay_s: float = 2.0) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.workdir = workdir
+        self.boot_delay_s = boot_delay_s
+        self.guests = {vm: Guest(vm, secret) for vm, secret in secrets.items()}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self.restarted: list[tuple[str, str]] = []  # (vm, host) of every restart the fleet saw
+
+    def _config(self, guest: Guest) -> Path:
+        path = self.workdir / f"responder-{guest.vm}.toml"
+        path.write_text(
+            f'vm_id = "{guest.vm}"\nredis_url = "{self.redis_url}"\nsecret_key = "{guest.secret}"\n'
+            f'namespace = "{self.keys.namespace}"\nlog_level = "WARNING"\n'
+        )
+        path.chmod(0o600)
+        return path
+
+    def boot(self, vm: str) -> None:
+        """Start (or start again) a guest's responder with a fresh boot id."""
+        guest = self.guests[vm]
+        guest.boot_id = str(uuid.uuid4())
+        env = {**os.environ, "VMQ_BOOT_ID": guest.boot_id}
+        log_file = open(self.workdir / f"responder-{vm}.log", "ab")  # noqa: SIM115 - owned by the child
+        guest.process = subprocess.Popen(
+            [sys.executable, str(RESPONDER_FILE), "--config", str(self._config(guest))],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        guest.hung = False
+
+    def start(self) -> None:
+        """Boot every guest and start following the audit stream."""
+        for vm in self.guests:
+            self.boot(vm)
+        self._watcher = threading.Thread(target=self._watch, name="guest-fleet", daemon=True)
+        self._watcher.start()
+
+    def hang(self, vm: str) -> None:
+        """Inject a fault: the guest stops answering (its responder is frozen with SIGSTOP)."""
+        guest = self.guests[vm]
+        assert guest.process is not None
+        guest.process.send_signal(signal.SIGSTOP)
+        guest.hung = True
+
+    def _power_off(self, guest: Guest) -> None:
+        proc = guest.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=10)
+
+    def _reboot_later(self, vm: str) -> None:
+        guest = self.guests[vm]
+        with self._lock:
+            self._power_off(guest)
+            guest.reboots += 1
+        if not self._stop.wait(self.boot_delay_s):
+            with self._lock:
+                self.boot(vm)
+
+    def _watch(self) -> None:
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        last = "$"
+        while not self._stop.is_set():
+            try:
+                got = client.xread({self.keys.events: last}, block=200, count=100)
+            except redis.RedisError:
+                if self._stop.wait(0.5):
+                    break
+                continue
+            for _, entries in got or []:
+                for entry_id, raw in entries:
+                    last = entry_id.decode()
+                    event = event_json(last, {k.decode(): v.decode() for k, v in raw.items()})
+                    vm = event.get("vm", "")
+                    if event.get("type") == "restarted" and vm in self.guests:
+                        self.restarted.append((vm, event.get("host", "")))
+                        threading.Thread(target=self._reboot_later, args=(vm,), daemon=True).start()
+        client.close()
+
+    def stop(self) -> None:
+        """Stop following and power every guest off."""
+        self._stop.set()
+        with self._lock:
+            for guest in self.guests.values():
+                self._power_off(guest)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)

@@ -1,0 +1,437 @@
+"""The Redis adapter: every Redis command vmq issues goes through here; Lua lives in vmq/lua/*.lua.
+
+Errors from redis-py are translated to ``StoreUnavailable``/``StoreError`` at this edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from vmq.codec import RoundBook
+from vmq.errors import StoreError, StoreUnavailable
+from vmq.keys import Keys
+from vmq.model import DomainStatus, VmState
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, str]
+
+
+def _load_lua(name: str) -> str:
+    return resources.files("vmq").joinpath("lua", name).read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Map redis-py errors to the vmq error tree."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"redis unreachable during {what}: {exc}") from exc
+    except redis.RedisError as exc:
+        raise StoreError(f"redis error during {what}: {exc}") from exc
+
+
+class RedisStore:
+    """All state of vmq in one Redis; safe to share between threads of one process."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
+        self.r = client
+        self.keys = keys
+        self.events_maxlen = events_maxlen
+        self._start_round: Script = client.register_script(_load_lua("start_round.lua"))
+        self._transition: Script = client.register_script(_load_lua("transition.lua"))
+        self._claim: Script = client.register_script(_load_lua("claim.lua"))
+        self._secrets_cache: tuple[int, dict[str, bytes]] = (-1, {})
+
+    @classmethod
+    def from_url(cls, url: str, keys: Keys, events_maxlen: int = 100_000) -> RedisStore:
+        """Connect lazily to ``url`` (redis://, rediss:// or unix://)."""
+        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                      health_check_interval=30)
+        return cls(client, keys, events_maxlen)
+
+    # ------------------------------------------------------------------ time and rounds
+    def time_ms(self) -> int:
+        """Redis server time in ms: the one clock every deadline and arrival is measured in."""
+        with translate_errors("TIME"):
+            seconds, micros = self.r.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def start_round(self, nonce: str, reply_timeout_ms: int, rounds_kept: int, wire_version: int) -> tuple[int, int]:
+        """Number, record and publish one probe round; returns (round, sent_ms)."""
+        k = self.keys
+        with translate_errors("start_round"):
+            round_id, sent_ms = self._start_round(
+                keys=[k.round_seq, k.rounds, k.rounds_pending, k.probe_channel],
+                args=[nonce, reply_timeout_ms, rounds_kept, wire_version],
+            )
+        return int(round_id), int(sent_ms)
+
+    def current_round(self) -> int:
+        """The latest round number sent (0 before the first)."""
+        with translate_errors("GET round seq"):
+            value = self.r.get(self.keys.round_seq)
+        return int(value or 0)
+
+    def due_rounds(self, now_ms: int) -> list[tuple[int, int]]:
+        """Pending rounds whose deadline is strictly before ``now_ms``, oldest first: (round, deadline_ms)."""
+        with translate_errors("due rounds"):
+            rows = self.r.zrangebyscore(self.keys.rounds_pending, "-inf", f"({now_ms}", withscores=True)
+        return [(int(member), int(score)) for member, score in rows]
+
+    def next_deadline(self) -> int | None:
+        """Earliest deadline among rounds not yet judged."""
+        with translate_errors("next deadline"):
+            rows = self.r.zrange(self.keys.rounds_pending, 0, 0, withscores=True)
+        return int(rows[0][1]) if rows else None
+
+    def finish_round(self, round_id: int) -> None:
+        """Mark a round judged."""
+        with translate_errors("finish round"):
+            self.r.zrem(self.keys.rounds_pending, round_id)
+
+    def round_book(self) -> RoundBook:
+        """Nonces and send times of the recent rounds."""
+        with translate_errors("HGETALL rounds"):
+            raw = self.r.hgetall(self.keys.rounds)
+        book: dict[int, tuple[str, int]] = {}
+        for key, value in raw.items():
+            nonce, _, sent = _text(value).partition(":")
+            book[int(key)] = (nonce, int(sent))
+        return RoundBook(book)
+
+    def round_sent_ms(self, round_id: int) -> int | None:
+        """When ``round_id`` was sent, if still remembered."""
+        with translate_errors("HGET round"):
+            value = self.r.hget(self.keys.rounds, round_id)
+        return int(_text(value).partition(":")[2]) if value else None
+
+    @contextlib.contextmanager
+    def judge_lock(self, lease_s: float, wait_s: float) -> Iterator[bool]:
+        """Serialise ingestion and judging across timeout workers; yields False if not acquired in time."""
+        lock = self.r.lock(self.keys.judge_lock, timeout=lease_s, blocking_timeout=wait_s)
+        with translate_errors("judge lock"):
+            acquired = bool(lock.acquire())
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                with contextlib.suppress(redis.RedisError):
+                    lock.release()
+
+    # ------------------------------------------------------------------ replies
+    def secrets(self) -> dict[str, bytes]:
+        """VM -> HMAC key, cached until ``secrets:version`` changes."""
+        with translate_errors("secrets"):
+            version = int(self.r.get(self.keys.secrets_version) or 0)
+            if version == self._secrets_cache[0]:
+                return self._secrets_cache[1]
+            raw = self.r.hgetall(self.keys.secrets)
+        table = {_text(vm): bytes.fromhex(_text(hexkey)) for vm, hexkey in raw.items()}
+        self._secrets_cache = (version, table)
+        return table
+
+    def read_replies(self, after_id: str, up_to_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``."""
+        start = f"({after_id}" if after_id != "0-0" else "-"
+        with translate_errors("XRANGE replies"):
+            return list(self.r.xrange(self.keys.reply_stream, start, str(up_to_ms), count=count))
+
+    def reply_cursor(self) -> str:
+        """Id of the last reply-stream entry ingested ("0-0" before the first)."""
+        with translate_errors("GET cursor"):
+            value = self.r.get(self.keys.reply_cursor)
+        return _text(value) if value else "0-0"
+
+    def last_rounds(self, vms: Sequence[str]) -> list[float | None]:
+        """Each VM's highest answered round (or registration mark), for replay detection."""
+        if not vms:
+            return []
+        with translate_errors("ZMSCORE last round"):
+            return list(self.r.zmscore(self.keys.last_round, vms))
+
+    def record_replies(
+        self,
+        rounds: Mapping[str, int],
+        arrivals: Mapping[str, int],
+        payloads: Mapping[str, str],
+        rejects: Mapping[str, int],
+        valid_count: int,
+        cursor: str,
+    ) -> None:
+        """Store one ingested batch in one round trip: liveness (ZADD GT), last replies, counters, cursor."""
+        k = self.keys
+        with translate_errors("record replies"):
+            pipe = self.r.pipeline(transaction=False)
+            if rounds:
+                pipe.zadd(k.last_round, dict(rounds), gt=True)
+                pipe.zadd(k.last_seen, dict(arrivals), gt=True)
+                pipe.hset(k.last_reply, mapping=dict(payloads))
+            for reason, count in rejects.items():
+                pipe.hincrby(k.rejects, reason, count)
+            if valid_count:
+                pipe.hincrby(k.stats, "replies_valid", valid_count)
+            pipe.set(k.reply_cursor, cursor)
+            pipe.execute()
+
+    def silent_since(self, round_id: int) -> list[str]:
+        """VMs with no valid reply to ``round_id`` or later."""
+        with translate_errors("silent VMs"):
+            return [_text(vm) for vm in self.r.zrangebyscore(self.keys.last_round, "-inf", f"({round_id}")]
+
+    def attention(self) -> set[str]:
+        """VMs whose state is not healthy."""
+        with translate_errors("SMEMBERS attention"):
+            return {_text(vm) for vm in self.r.smembers(self.keys.attention)}
+
+    # ------------------------------------------------------------------ VM records
+    def vm_records(self, vms: Sequence[str]) -> list[Record]:
+        """The state hashes of ``vms`` (empty dict for unknown ones)."""
+        with translate_errors("HGETALL vms"):
+            pipe = self.r.pipeline(transaction=False)
+            for vm in vms:
+                pipe.hgetall(self.keys.vm(vm))
+            rows = pipe.execute()
+        return [{_text(a): _text(b) for a, b in row.items()} for row in rows]
+
+    def vm_record(self, vm: str) -> Record:
+        """One VM's state hash."""
+        return self.vm_records([vm])[0]
+
+    def judge_context(self, vms: Sequence[str], hosts: Iterable[str], window_start_ms: int) -> tuple[
+        list[int], dict[str, bool], list[str | None], set[str], bool
+    ]:
+        """For silent VMs: restarts in window, host liveness, last replies, keyed VMs, kill switch."""
+        k = self.keys
+        host_list = sorted(set(hosts))
+        with translate_errors("judge context"):
+            pipe = self.r.pipeline(transaction=False)
+            for vm in vms:
+                pipe.zcount(k.vm_restarts(vm), window_start_ms, "+inf")
+            for host in host_list:
+                pipe.exists(k.host_heartbeat(host))
+            pipe.hmget(k.last_reply, list(vms)) if vms else pipe.ping()
+            pipe.hmget(k.secrets, list(vms)) if vms else pipe.ping()
+            pipe.exists(k.restarts_suspended)
+            out = pipe.execute()
+        restarts = [int(x) for x in out[: len(vms)]]
+        alive = {h: bool(x) for h, x in zip(host_list, out[len(vms): len(vms) + len(host_list)])}
+        last = out[len(vms) + len(host_list)]
+        last_replies = [(_text(x) if x else None) for x in last] if vms else []
+        keyed_raw = out[len(vms) + len(host_list) + 1]
+        keyed = {vm for vm, x in zip(vms, keyed_raw) if x} if vms else set()
+        return restarts, alive, last_replies, keyed, bool(out[-1])
+
+    def transition(
+        self,
+        vm: str,
+        from_states: Iterable[VmState],
+        to_state: VmState,
+        now_ms: int,
+        event: Mapping[str, Any],
+        fields: Mapping[str, Any] | None = None,
+        expected_generation: int | None = None,
+        count_restart: bool = False,
+        restart_window_ms: int = 3_600_000,
+    ) -> tuple[bool, str, int]:
+        """Atomic compare-and-set of a VM's state plus its audit event: (applied, previous_state, generation)."""
+        k = self.keys
+        field_args: list[str] = []
+        for name, value in (fields or {}).items():
+            field_args += [name, str(value)]
+        event_args: list[str] = []
+        for name, value in {"vm": vm, "time": now_ms, **event}.items():
+            event_args += [name, value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
+        with translate_errors(f"transition {vm}"):
+            ok, state, gen = self._transition(
+                keys=[k.vm(vm), k.events, k.attention, k.vm_restarts(vm)],
+                args=[vm, ",".join(s.value for s in from_states), to_state.value, now_ms,
+                      "" if expected_generation is None else expected_generation,
+                      "1" if count_restart else "0", self.events_maxlen, restart_window_ms,
+                      len(field_args) // 2, *field_args, *event_args],
+            )
+        return bool(ok), _text(state), int(gen)
+
+    def claim_restart(self, vm: str, generation: int, incident: str, claimant: str) -> bool:
+        """Take the per-attempt idempotency claim; False if closed, changed or taken."""
+        with translate_errors(f"claim {vm}"):
+            return bool(self._claim(keys=[self.keys.vm(vm)], args=[generation, claimant, incident]))
+
+    def set_fields(self, vm: str, fields: Mapping[str, Any]) -> None:
+        """Write informational fields of a VM record (never state or generation)."""
+        with translate_errors(f"HSET {vm}"):
+            self.r.hset(self.keys.vm(vm), mapping={a: str(b) for a, b in fields.items()})
+
+    def audit(self, event_type: str, vm: str, host: str, now_ms: int, **data: Any) -> None:
+        """Append an event that is not a state transition (skipped actions, migrations, inventory)."""
+        entry = {"type": event_type, "vm": vm, "host": host, "time": str(now_ms)}
+        for name, value in data.items():
+            entry[name] = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        with translate_errors("XADD events"):
+            self.r.xadd(self.keys.events, entry, maxlen=self.events_maxlen, approximate=True)
+
+    def incr_stat(self, name: str, amount: int = 1) -> None:
+        """Bump one counter in the stats hash."""
+        with translate_errors("HINCRBY stats"):
+            self.r.hincrby(self.keys.stats, name, amount)
+
+    # ------------------------------------------------------------------ keys (secrets)
+    def set_secret(self, vm: str, secret_hex: str) -> None:
+        """Install or replace a VM's responder key; workers pick it up on their next batch."""
+        with translate_errors("set secret"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self.keys.secrets, vm, secret_hex)
+            pipe.incr(self.keys.secrets_version)
+            pipe.execute()
+
+    def delete_secret(self, vm: str) -> bool:
+        """Remove a VM's key; its replies are refused from then on."""
+        with translate_errors("delete secret"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(self.keys.secrets, vm)
+            pipe.incr(self.keys.secrets_version)
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def start_monitoring(self, vm: str, now_ms: int) -> None:
+        """(Re)start judging a VM from the next round on, with its grace period counted from now."""
+        mark = self.current_round() - 0.5
+        with translate_errors("start monitoring"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.zadd(self.keys.last_round, {vm: mark})
+            pipe.hset(self.keys.vm(vm), "monitored_since_ms", now_ms)
+            pipe.execute()
+
+    def reset_budget(self, vm: str) -> None:
+        """Forget a VM's past restarts (operator clear)."""
+        with translate_errors("reset budget"):
+            self.r.delete(self.keys.vm_restarts(vm))
+
+    # ------------------------------------------------------------------ hosts and inventory
+    def heartbeat(self, host: str, info: Mapping[str, Any], ttl_ms: int) -> None:
+        """Register/refresh a host worker: info hash, membership and a heartbeat key with a TTL."""
+        k = self.keys
+        with translate_errors("heartbeat"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.sadd(k.hosts, host)
+            pipe.hset(k.host(host), mapping={a: str(b) for a, b in info.items()})
+            pipe.set(k.host_heartbeat(host), "1", px=ttl_ms)
+            pipe.execute()
+
+    def drop_heartbeat(self, host: str) -> None:
+        """A host worker that stops cleanly says so at once instead of waiting for the TTL."""
+        with translate_errors("drop heartbeat"):
+            self.r.delete(self.keys.host_heartbeat(host))
+
+    def hosts_overview(self) -> list[tuple[str, bool, Record]]:
+        """Every registered host: (name, alive, info)."""
+        with translate_errors("hosts"):
+            names = sorted(_text(h) for h in self.r.smembers(self.keys.hosts))
+            pipe = self.r.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(self.keys.host_heartbeat(name))
+                pipe.hgetall(self.keys.host(name))
+            out = pipe.execute()
+        return [(name, bool(out[2 * i]), {_text(a): _text(b) for a, b in out[2 * i + 1].items()})
+                for i, name in enumerate(names)]
+
+    def host_alive(self, host: str) -> bool:
+        """Whether ``host``'s heartbeat is fresh."""
+        with translate_errors("host alive"):
+            return bool(self.r.exists(self.keys.host_heartbeat(host)))
+
+    def all_vms(self) -> list[str]:
+        """Every known VM id, sorted."""
+        with translate_errors("SMEMBERS vms"):
+            return sorted(_text(vm) for vm in self.r.smembers(self.keys.vms))
+
+    def register_vm(self, vm: str, now_ms: int) -> bool:
+        """Add a VM first seen by a host as `unknown`; False if it was known already."""
+        k = self.keys
+        with translate_errors("register vm"):
+            if not self.r.sadd(k.vms, vm):
+                return False
+            mark = self.current_round() - 0.5
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hsetnx(k.vm(vm), "state", VmState.UNKNOWN.value)
+            pipe.hsetnx(k.vm(vm), "generation", 0)
+            pipe.hsetnx(k.vm(vm), "state_since_ms", now_ms)
+            pipe.hset(k.vm(vm), "monitored_since_ms", now_ms)
+            pipe.zadd(k.last_round, {vm: mark}, nx=True)
+            pipe.sadd(k.attention, vm)
+            pipe.execute()
+        return True
+
+    def domain_names(self, host: str) -> set[str]:
+        """Names in the host's last domain listing."""
+        with translate_errors("HKEYS domains"):
+            return {_text(n) for n in self.r.hkeys(self.keys.host_domains(host))}
+
+    def store_domains(self, host: str, domains: Mapping[str, str]) -> None:
+        """Replace the host's domain listing (name -> JSON)."""
+        key = self.keys.host_domains(host)
+        with translate_errors("store domains"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.delete(key)
+            if domains:
+                pipe.hset(key, mapping=dict(domains))
+            pipe.execute()
+
+    def vm_placements(self, vms: Sequence[str]) -> list[tuple[str, str]]:
+        """(host, domain_status) of each VM as last recorded."""
+        with translate_errors("placements"):
+            pipe = self.r.pipeline(transaction=False)
+            for vm in vms:
+                pipe.hmget(self.keys.vm(vm), ["host", "domain_status"])
+            rows = pipe.execute()
+        return [(_text(h or b""), _text(s or DomainStatus.ABSENT.value.encode())) for h, s in rows]
+
+    def write_many(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
+        """Write informational fields of many VM records in one round trip."""
+        if not updates:
+            return
+        with translate_errors("HSET many"):
+            pipe = self.r.pipeline(transaction=False)
+            for vm, fields in updates.items():
+                pipe.hset(self.keys.vm(vm), mapping={a: str(b) for a, b in fields.items()})
+            pipe.execute()
+
+    # ------------------------------------------------------------------ reading for operators
+    def events(self, after: str = "-", count: int = 1000, block_ms: int | None = None) -> list[tuple[str, Record]]:
+        """Audit entries after ``after`` (exclusive unless "-"), optionally blocking for new ones."""
+        with translate_errors("read events"):
+            if block_ms is not None:
+                got = self.r.xread({self.keys.events: after if after != "-" else "0-0"}, count=count,
+                                   block=block_ms)
+                rows = got[0][1] if got else []
+            else:
+                start = after if after == "-" else f"({after}"
+                rows = self.r.xrange(self.keys.events, start, "+", count=count)
+        return [(_text(i), {_text(a): _text(b) for a, b in f.items()}) for i, f in rows]
+
+    def last_seen_many(self, vms: Sequence[str]) -> list[float | None]:
+        """Arrival ms of each VM's latest valid reply."""
+        if not vms:
+            return []
+        with translate_errors("ZMSCORE last seen"):
+            return list(self.r.zmscore(self.keys.last_seen, vms))
+
+    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(stats, rejects by reason)."""
+        with translate_errors("counters"):
+            stats = self.r.hgetall(self.keys.stats)
+            rejects = self.r.hgetall(self.keys.rejects)
+        return ({_text(a): int(b) for a, b in stats.items()}, {_text(a): int(b) for a, b in rejects.items()})

@@ -1,0 +1,69 @@
+"""The Celery app: ``celery -A workers.app worker|beat``. JSON only, explicit task names, one router.
+
+Queues: ``vmq.monitor`` (probe rounds), ``vmq.timeouts`` (round judging), ``host.<name>`` (restarts, consumed
+only by that host's worker). Settings are read once here, at the entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from beat_schedule import MONITOR_QUEUE, beat_schedule
+from vmq.config import Settings, load_settings
+from vmq.errors import ConfigError
+from vmq.keys import host_queue
+
+TIMEOUT_QUEUE = "vmq.timeouts"
+RESTART_TASK = "vmq.host.restart_vm"
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Celery:
+    """Build the Celery app for ``settings``; tasks live in workers.monitor and workers.host."""
+    app = Celery("vmq", broker=settings.redis_url, include=["workers.monitor", "workers.host"])
+    names = [MONITOR_QUEUE, TIMEOUT_QUEUE] + ([host_queue(settings.host_name)] if settings.host_name else [])
+    # One direct exchange per queue, named like it: a message for host.node1 can only land in host.node1.
+    queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        task_queues=queues,
+        task_default_queue=MONITOR_QUEUE,
+        task_create_missing_queues=True,
+        task_routes={
+            "vmq.monitor.*": {"queue": MONITOR_QUEUE},
+            "vmq.timeouts.*": {"queue": TIMEOUT_QUEUE},
+            # vmq.host.* tasks carry their queue (host.<name>) at send time: the VM's host decides.
+        },
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        beat_schedule=beat_schedule(settings),
+        timezone="UTC",
+        enable_utc=True,
+    )
+    app.vmq_settings = settings  # read by tasks through self.app, never through a global
+    return app
+
+
+def _app_from_environment() -> Celery:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"vmq: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return create_app(settings)
+
+
+app = _app_from_environment()

@@ -1,0 +1,58 @@
+"""Per-process objects the tasks use (built lazily after fork, from the app's Settings)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from celery import Celery
+
+from vmq.config import Settings
+from vmq.keys import host_queue
+from vmq.monitor import Monitor, RestartRequest
+from vmq.ports import Hypervisor
+from vmq.store.redis import RedisStore
+
+_lock = threading.RLock()  # builders nest (the monitor needs the store)
+_cache: dict[tuple[int, str], Any] = {}
+
+
+def _once(app: Celery, name: str, build: Any) -> Any:
+    key = (os.getpid(), name)
+    with _lock:
+        if key not in _cache:
+            _cache[key] = build()
+        return _cache[key]
+
+
+def settings_of(app: Celery) -> Settings:
+    """The Settings the app was created with."""
+    settings: Settings = app.vmq_settings
+    return settings
+
+
+def store_of(app: Celery) -> RedisStore:
+    """This process's RedisStore."""
+    s = settings_of(app)
+    return _once(app, "store", lambda: RedisStore.from_url(s.redis_url, s.keys, s.events_maxlen))  # type: ignore[no-any-return]
+
+
+def monitor_of(app: Celery) -> Monitor:
+    """This process's Monitor, dispatching restarts into ``host.<name>`` queues."""
+    s = settings_of(app)
+
+    def dispatch(request: RestartRequest) -> None:
+        app.send_task("vmq.host.restart_vm", args=[asdict(request)], queue=host_queue(request.host),
+                      expires=s.restart_task_expires_s)
+
+    return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch))  # type: ignore[no-any-return]
+
+
+def hypervisor_of(app: Celery) -> Hypervisor:
+    """This process's hypervisor connection (one per process: libvirt's test driver lives in-process)."""
+    from vmq.hypervisor import open_hypervisor
+
+    s = settings_of(app)
+    return _once(app, "hypervisor", lambda: open_hypervisor(s.libvirt_uri))  # type: ignore[no-any-return]

@@ -1,0 +1,40 @@
+"""Monitor tasks: one probe round per beat tick, one judge per round at its deadline. Thin by design."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from celery import Task, shared_task
+
+from workers.context import monitor_of, settings_of, store_of
+
+log = logging.getLogger(__name__)
+
+#: Judges run this long after the deadline so every reply stamped at the deadline's millisecond is in.
+JUDGE_SLACK_S = 0.02
+
+
+@shared_task(bind=True, name="vmq.monitor.probe_round", ignore_result=True)
+def probe_round(self: Task) -> dict[str, Any]:
+    """Judge what is due, broadcast a new probe round, and schedule its judge at the deadline."""
+    settings = settings_of(self.app)
+    round_id, sent_ms = monitor_of(self.app).probe()
+    judge_round.apply_async(args=[round_id], countdown=settings.reply_timeout_s + JUDGE_SLACK_S)
+    return {"round": round_id, "sent_ms": sent_ms}
+
+
+@shared_task(bind=True, name="vmq.timeouts.judge_round", ignore_result=True)
+def judge_round(self: Task, round_id: int) -> dict[str, Any]:
+    """Judge every due round (this one included, however late); re-queue if it ran before its deadline."""
+    report = monitor_of(self.app).tick()
+    if round_id not in report.judged_rounds and not report.locked_out:
+        store = store_of(self.app)
+        sent = store.round_sent_ms(round_id)
+        deadline = None if sent is None else sent + int(settings_of(self.app).reply_timeout_s * 1000)
+        pending = {r for r, _ in store.due_rounds(2**62)}
+        if deadline is not None and round_id in pending:
+            wait_s = max(0.0, (deadline - store.time_ms()) / 1000.0) + JUDGE_SLACK_S
+            judge_round.apply_async(args=[round_id], countdown=wait_s)  # our clock ran ahead of Redis'
+    return asdict(report)
