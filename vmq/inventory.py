@@ -59,10 +59,10 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
     placements = store.vm_placements(names)
     hosts_alive = {name: alive for name, alive, _ in store.hosts_overview()}
     updates: dict[str, dict[str, object]] = {}
-    for info, (owner, old_status) in zip(domains, placements):
+    for info, (owner, old_status, ran_before) in zip(domains, placements):
         if store.register_vm(info.name, now_ms):
             report.new_vms.append(info.name)
-            owner, old_status = "", DomainStatus.ABSENT.value
+            owner, old_status, ran_before = "", DomainStatus.ABSENT.value, False
         active_here = info.status in ACTIVE
         owner_elsewhere = bool(owner) and owner != host and hosts_alive.get(owner, False) \
             and old_status in {s.value for s in ACTIVE}
@@ -70,7 +70,8 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
             continue  # a stale definition left behind by a migration: the VM lives on `owner`
         fields: dict[str, object] = {"host": host, "domain_uuid": info.uuid, "domain_status": info.status.value,
                                      "domain_reason": info.reason}
-        if owner and owner != host and active_here:
+        # A move of a VM that ran before; a never-started definition claimed first at startup is no migration.
+        if owner and owner != host and active_here and ran_before:
             report.migrated.append(info.name)
             store.audit("migrated", info.name, host, now_ms, previous_host=owner)
             log.info("vm=%s migrated %s -> %s", info.name, owner, host)
@@ -84,7 +85,7 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
             updates.setdefault(info.name, {"domain_reason": info.reason})
     # VMs recorded on this host whose domain vanished from it.
     vanished = sorted(previously_listed - set(names))
-    for vm, (owner, status) in zip(vanished, store.vm_placements(vanished)):
+    for vm, (owner, status, _) in zip(vanished, store.vm_placements(vanished)):
         if owner == host and status != DomainStatus.ABSENT.value:
             updates[vm] = {"domain_status": DomainStatus.ABSENT.value, "domain_reason": f"not defined on {host}"}
     store.write_many(updates)

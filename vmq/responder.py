@@ -71,8 +71,9 @@ def parse_probe(raw: bytes) -> tuple[int, str, int]:
         probe = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"not_json: probe is not UTF-8 JSON ({exc})") from None
-    if not isinstance(probe, dict):
-        raise ValueError(f"not_object: probe must be a JSON object, got {type(probe).__name__}")  # noqa: TRY004
+    if not isinstance(probe, dict):  # ValueError, not TypeError: callers catch one error for any bad probe
+        kind = type(probe).__name__
+        raise ValueError(f"not_object: probe must be a JSON object, not {kind}")  # noqa: TRY004
     if not _is_int(probe.get("v")) or probe["v"] != WIRE_VERSION:
         raise ValueError(f"bad_version: unsupported probe version {probe.get('v')!r}")
     if probe.get("type") != "probe":
@@ -97,7 +98,8 @@ def _read_text(path: str) -> str:
 
 def collect_params(disk_path: str = "/", health: dict | None = None) -> dict:
     """State parameters of protocol.md (kB, bytes, seconds); a value that cannot be read is None."""
-    meminfo = {k: int(v) for k, v in re.findall(r"^(\w+):\s*(\d+)", _read_text("/proc/meminfo"), re.MULTILINE)}
+    meminfo_lines = re.findall(r"^(\w+):\s*(\d+)", _read_text("/proc/meminfo"), re.MULTILINE)
+    meminfo = {name: int(value) for name, value in meminfo_lines}
     uptime = re.match(r"\s*(\d+(?:\.\d+)?)", _read_text("/proc/uptime"))
     params: dict[str, Any] = {"load": None, "mem_total_kb": meminfo.get("MemTotal"),
                               "mem_available_kb": meminfo.get("MemAvailable"), "disk_total_b": None,
@@ -204,8 +206,9 @@ def _health_commands(entries: Any) -> tuple[HealthCommand, ...]:
     commands: list[HealthCommand] = []
     for index, entry in enumerate(entries):
         where = f"health[{index}]."
-        for key in sorted(set(entry) - {"name", "command", "timeout_s", "interval_s"}):
-            raise ConfigProblem(f"{where}{key}: unknown key")
+        unknown = sorted(set(entry) - {"name", "command", "timeout_s", "interval_s"})
+        if unknown:
+            raise ConfigProblem(f"{where}{unknown[0]}: unknown key")
         name = _get(entry, "name", str, "", where)
         if not _NAME.fullmatch(name) or name in {command.name for command in commands}:
             raise ConfigProblem(f"{where}name: must be a unique name of A-Z a-z 0-9 _ . -")
@@ -238,8 +241,9 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
                 raw = parse_toml_subset(text)
         except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError and UnicodeDecodeError are ValueErrors
             raise ConfigProblem(f"config: cannot load {path}: {exc}") from None
-    for key in sorted(set(raw) - set(_KEYS) - {"health"}):
-        raise ConfigProblem(f"{key}: unknown key")
+    unknown = sorted(set(raw) - set(_KEYS) - {"health"})
+    if unknown:
+        raise ConfigProblem(f"{unknown[0]}: unknown key")
     for key in _KEYS:
         text = environ.get(f"VMQ_{key.upper()}")
         if text is not None:  # environment values are strings: convert the two that are not
@@ -257,12 +261,15 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
     maxlen = _get(raw, "reply_stream_maxlen", int, 200_000)
     if maxlen < 1:
         raise ConfigProblem("reply_stream_maxlen: must be a positive integer")
+    ca_file = _get(raw, "tls_ca_file", str) or None
+    if ca_file and not os.path.isfile(ca_file):
+        raise ConfigProblem(f"tls_ca_file: no such file {ca_file}")
     log_level = _get(raw, "log_level", str, "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigProblem("log_level: must be DEBUG, INFO, WARNING or ERROR")
     return ResponderConfig(
         vm_id=vm_id, redis_url=url, secret_key=bytes.fromhex(secret), namespace=namespace,
-        reply_stream_maxlen=maxlen, tls_ca_file=_get(raw, "tls_ca_file", str) or None,
+        reply_stream_maxlen=maxlen, tls_ca_file=ca_file,
         tls_insecure=_get(raw, "tls_insecure", bool, False), boot_id=_get(raw, "boot_id", str) or None,
         disk_path=_get(raw, "disk_path", str, "/"), log_level=log_level,
         health=_health_commands(raw.get("health", [])))
@@ -481,7 +488,7 @@ class Responder:
                     name = type(exc).__name__
                     self._log_limited(f"redis:{name}", logging.WARNING,
                                       "redis unavailable (%s: %s), retrying in %.1fs", name, exc, delay)
-                    raise
+                    stop.wait(delay)
         finally:
             self._health_stop.set()
             log.info("responder stopped vm=%s replies_sent=%d", self.config.vm_id, self.replies_sent)
@@ -509,6 +516,8 @@ class Responder:
                 last_heard, ping_sent = time.monotonic(), None
                 if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
                     self._answer(message[2], stop)
+                elif isinstance(message, RedisReplyError):  # e.g. an ACL without +ping
+                    self._log_limited("subscriber", logging.WARNING, "probe connection error: %s", message)
         finally:
             subscriber.sock.close()
             if self.publisher is not None:

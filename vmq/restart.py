@@ -107,3 +107,21 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
     log.warning("vm=%s host=%s restarted action=%s took_ms=%s incident=%s", vm, host, action.value, took_ms,
                 incident)
     return RestartOutcome(vm, host, True, action.value, "ok")
+
+
+OPERATIONS = ("start", "destroy", "suspend", "resume")
+
+
+def operate_domain(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, operation: str) -> str:
+    """An operator's lifecycle action on a domain of this host (audited); returns the new domain status.
+
+    Raises ValueError for an unknown operation and HypervisorError when libvirt refuses.
+    """
+    if operation not in OPERATIONS:
+        raise ValueError(f"unknown operation {operation!r}; expected one of {OPERATIONS}")
+    getattr(hypervisor, operation)(vm)
+    info = hypervisor.domain_info(vm)
+    store.audit("operator_action", vm, host, store.time_ms(), operation=operation,
+                domain_status=info.status.value)
+    log.info("vm=%s host=%s operator %s -> %s", vm, host, operation, info.status.value)
+    return info.status.value

@@ -38,6 +38,7 @@ class Guest:
     boot_id: str = ""
     process: subprocess.Popen[bytes] | None = None
     hung: bool = False
+    boots: bool = True  # False: the guest never comes back from a reboot (a broken image)
     reboots: int = 0
     events: list[str] = field(default_factory=list)
 
@@ -92,12 +93,15 @@ class GuestFleet:
         guest.process.send_signal(signal.SIGSTOP)
         guest.hung = True
 
+    def break_boot(self, vm: str) -> None:
+        """From now on this guest stays silent after every reboot (for budget tests)."""
+        self.guests[vm].boots = False
+
     def _power_off(self, guest: Guest) -> None:
         proc = guest.process
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
+        proc.kill()  # SIGKILL reaches a stopped process too; a SIGCONT first would let it answer once more
         proc.wait(timeout=10)
 
     def _reboot_later(self, vm: str) -> None:
@@ -105,7 +109,7 @@ class GuestFleet:
         with self._lock:
             self._power_off(guest)
             guest.reboots += 1
-        if not self._stop.wait(self.boot_delay_s):
+        if not self._stop.wait(self.boot_delay_s) and guest.boots:
             with self._lock:
                 self.boot(vm)
 

@@ -35,7 +35,9 @@ def create_app(settings: Settings) -> Celery:
         event_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_ignore_result=True,
+        task_ignore_result=True,  # only operator tasks (vmq.host.domain_op) keep a result
+        result_backend=settings.redis_url,
+        result_expires=3600,
         task_queues=queues,
         task_default_queue=MONITOR_QUEUE,
         task_create_missing_queues=True,

@@ -18,6 +18,7 @@ from celery.signals import worker_ready, worker_shutdown
 from vmq.errors import HypervisorError, StoreError, VmqError
 from vmq.inventory import sync_inventory
 from vmq.keys import host_queue
+from vmq.restart import operate_domain
 from vmq.restart import restart_vm as restart_use_case
 from workers.context import hypervisor_of, settings_of, store_of
 
@@ -41,6 +42,20 @@ def restart_vm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     except StoreError as exc:
         raise self.retry(exc=exc, countdown=1.0) from exc
     return asdict(outcome)
+
+
+@shared_task(bind=True, name="vmq.host.domain_op", ignore_result=False)
+def domain_op(self: Task, vm: str, operation: str) -> dict[str, Any]:
+    """Operator lifecycle action (start/destroy/suspend/resume) on a domain of this host, then resync."""
+    settings = settings_of(self.app)
+    host = settings.require_host()
+    try:
+        status = operate_domain(store_of(self.app), hypervisor_of(self.app), host, vm, operation)
+    except (ValueError, HypervisorError) as exc:
+        return {"ok": False, "vm": vm, "host": host, "error": str(exc)}
+    if _agent is not None:
+        _agent.sync_once()  # the inventory follows at once, not at the next period
+    return {"ok": True, "vm": vm, "host": host, "domain_status": status}
 
 
 class InventoryAgent(threading.Thread):

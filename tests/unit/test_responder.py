@@ -154,7 +154,8 @@ def test_guest_ms_defaults_to_the_guest_clock() -> None:
 
 
 # ---------------------------------------------------------------- state parameters
-STATE_FIELDS = {"load", "mem_total_kb", "mem_available_kb", "disk_total_b", "disk_free_b", "uptime_s", "health"}
+STATE_FIELDS = {"load", "mem_total_kb", "mem_available_kb", "disk_total_b", "disk_free_b", "uptime_s",
+                "health"}
 
 
 def test_collect_params_returns_the_documented_fields_with_their_types() -> None:
@@ -255,7 +256,7 @@ redis_url = 'redis://vmqguest:pw@10.0.0.1:6379/2'
 secret_key = "{SECRET_HEX}"   # 32 bytes
 namespace = "prod"
 reply_stream_maxlen = 5_000
-tls_ca_file = "/etc/vmq/ca.pem"
+tls_ca_file = "{__file__}"
 tls_insecure = false
 disk_path = "/var"
 log_level = "debug"
@@ -291,7 +292,7 @@ def test_a_full_toml_file_loads_into_a_config(tmp_path: Path) -> None:
     assert config.redis_url == "redis://vmqguest:pw@10.0.0.1:6379/2"
     assert config.secret_key == KEY
     assert (config.namespace, config.reply_stream_maxlen, config.disk_path) == ("prod", 5000, "/var")
-    assert (config.tls_ca_file, config.tls_insecure, config.log_level) == ("/etc/vmq/ca.pem", False, "DEBUG")
+    assert (config.tls_ca_file, config.tls_insecure, config.log_level) == (__file__, False, "DEBUG")
     assert config.boot_id is None
     assert config.health == (
         HealthCommand("sshd", ("systemctl", "is-active", "ssh d"), 5.0, 2.5),
@@ -301,13 +302,16 @@ def test_a_full_toml_file_loads_into_a_config(tmp_path: Path) -> None:
 
 def test_environment_variables_override_the_file(tmp_path: Path) -> None:
     other_secret = "ab" * 32
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("not checked before connecting\n")
     config = load_config(write(tmp_path, FULL_TOML), {
         "VMQ_VM_ID": "web-2", "VMQ_REDIS_URL": "rediss://h:6380", "VMQ_SECRET_KEY": other_secret,
-        "VMQ_NAMESPACE": "test", "VMQ_REPLY_STREAM_MAXLEN": "7000", "VMQ_TLS_CA_FILE": "/ca.pem",
+        "VMQ_NAMESPACE": "test", "VMQ_REPLY_STREAM_MAXLEN": "7000", "VMQ_TLS_CA_FILE": str(ca_file),
         "VMQ_TLS_INSECURE": "true", "VMQ_BOOT_ID": "sim-boot-1", "UNRELATED": "x",
     })
-    assert (config.vm_id, config.redis_url, config.secret_key) == ("web-2", "rediss://h:6380", bytes.fromhex(other_secret))
-    assert (config.namespace, config.reply_stream_maxlen, config.tls_ca_file) == ("test", 7000, "/ca.pem")
+    assert (config.vm_id, config.redis_url) == ("web-2", "rediss://h:6380")
+    assert config.secret_key == bytes.fromhex(other_secret)
+    assert (config.namespace, config.reply_stream_maxlen, config.tls_ca_file) == ("test", 7000, str(ca_file))
     assert config.tls_insecure is True
     assert config.boot_id == "sim-boot-1"
     assert config.disk_path == "/var"
@@ -315,7 +319,8 @@ def test_environment_variables_override_the_file(tmp_path: Path) -> None:
 
 
 def test_environment_alone_is_enough_and_defaults_apply() -> None:
-    config = load_config(None, {"VMQ_VM_ID": "db-3", "VMQ_REDIS_URL": "redis://r", "VMQ_SECRET_KEY": SECRET_HEX})
+    config = load_config(None, {"VMQ_VM_ID": "db-3", "VMQ_REDIS_URL": "redis://r",
+                                "VMQ_SECRET_KEY": SECRET_HEX})
     assert (config.namespace, config.reply_stream_maxlen, config.disk_path) == ("vmq", 200_000, "/")
     assert (config.tls_ca_file, config.tls_insecure, config.boot_id, config.health) == (None, False, None, ())
     assert config.log_level == "INFO"
@@ -345,6 +350,7 @@ GOOD_ENV = {"VMQ_VM_ID": "web-1", "VMQ_REDIS_URL": "redis://r", "VMQ_SECRET_KEY"
         ({"VMQ_REPLY_STREAM_MAXLEN": "0"}, "reply_stream_maxlen"),
         ({"VMQ_REPLY_STREAM_MAXLEN": "lots"}, "reply_stream_maxlen"),
         ({"VMQ_TLS_INSECURE": "maybe"}, "tls_insecure"),
+        ({"VMQ_TLS_CA_FILE": "/no/such/ca.pem"}, "tls_ca_file"),
         ({"VMQ_LOG_LEVEL": "LOUD"}, "log_level"),
     ],
 )
@@ -395,7 +401,9 @@ def test_an_unreadable_or_invalid_file_is_a_config_problem(tmp_path: Path) -> No
         load_config(write(tmp_path, "vm_id = \n"), {})
 
 
-def test_the_fallback_parser_is_used_before_python_3_11(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_fallback_parser_is_used_before_python_3_11(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(tmp_path, FULL_TOML)
     expected = load_config(path, {})
     monkeypatch.setattr(responder.sys, "version_info", (3, 9, 18))
@@ -469,7 +477,9 @@ def test_the_fallback_parser_reads_the_full_example_like_tomllib() -> None:
         ("a.b = 1\n", "line 1"),
     ],
 )
-def test_the_fallback_parser_rejects_what_it_does_not_support_with_a_line_number(text: str, where: str) -> None:
+def test_the_fallback_parser_rejects_what_it_does_not_support_with_a_line_number(
+    text: str, where: str
+) -> None:
     with pytest.raises(ValueError, match=rf"^{where.replace('(', '[(]').replace(')', '[)]')}: "):
         parse_toml_subset(text)
 

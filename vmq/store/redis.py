@@ -390,14 +390,14 @@ class RedisStore:
                 pipe.hset(key, mapping=dict(domains))
             pipe.execute()
 
-    def vm_placements(self, vms: Sequence[str]) -> list[tuple[str, str]]:
-        """(host, domain_status) of each VM as last recorded."""
+    def vm_placements(self, vms: Sequence[str]) -> list[tuple[str, str, bool]]:
+        """(host, domain_status, ever seen active) of each VM as last recorded."""
         with translate_errors("placements"):
             pipe = self.r.pipeline(transaction=False)
             for vm in vms:
-                pipe.hmget(self.keys.vm(vm), ["host", "domain_status"])
+                pipe.hmget(self.keys.vm(vm), ["host", "domain_status", "booted_at_ms"])
             rows = pipe.execute()
-        return [(_text(h or b""), _text(s or DomainStatus.ABSENT.value.encode())) for h, s in rows]
+        return [(_text(h or b""), _text(s or DomainStatus.ABSENT.value.encode()), bool(b)) for h, s, b in rows]
 
     def write_many(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Write informational fields of many VM records in one round trip."""

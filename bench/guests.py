@@ -1,0 +1,98 @@
+"""Simulated guests for loop_bench.py: one process answers every probe for a slice of the VMs.
+
+Each process holds one redis-py pub/sub subscription to ``<ns>:probes`` and, per probe, XADDs one fresh
+reply per VM it owns, built and signed by the real ``vmq.responder.encode_reply`` with that round's nonce,
+pipelined in batches with ``MAXLEN ~``. What it precomputes per VM: the key bytes, the boot id and the
+state parameters (a guest's own values change slowly; reading /proc 10,000 times per second would benchmark
+the simulator, not vmq).
+
+Control (a multiprocessing queue, read between probes):
+  ("silence", vm)  the VM stops answering from now on (a hang); the instant is recorded in Redis server time
+                   (TIME) as ``<injected_key>[vm] = ms``, so detection latency uses Redis' clock throughout.
+  ("revive", vm)   the VM answers again with a new boot id (what a restart looks like to the monitor).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from multiprocessing.synchronize import Event
+from typing import Any
+
+import redis
+
+from vmq.responder import encode_reply, parse_probe
+
+
+def state_params(i: int) -> dict[str, Any]:
+    """Plausible state parameters of protocol.md, a little different per VM (~330-byte replies)."""
+    return {"load": [0.12, 0.08, 0.01], "mem_total_kb": 2048000, "mem_available_kb": 1500000 - 37 * (i % 1000),
+            "disk_total_b": 10737418240, "disk_free_b": 5368709120 - 4096 * i, "uptime_s": 8123.4 + i,
+            "health": {"sshd": {"status": 0, "age_s": 1.2}, "db": {"status": 0, "age_s": 3.4}}}
+
+
+def _redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def serve(url: str, channel: str, stream: str, maxlen: int, batch: int, vms: list[str], secrets: list[str],
+          injected_key: str, control: Any, ready: Event, stop: Event, results: Any) -> None:
+    """Process entry point (spawn): answer probes for ``vms`` until ``stop`` is set, then report counters."""
+    client = redis.Redis.from_url(url, socket_timeout=30)
+    keys = [bytes.fromhex(s) for s in secrets]
+    boots = [str(uuid.uuid4()) for _ in vms]
+    seqs = [0] * len(vms)
+    params = [state_params(i) for i in range(len(vms))]
+    index = {vm: i for i, vm in enumerate(vms)}
+    silent: set[int] = set()
+    replies = rounds = bad_probes = 0
+    pubsub = client.pubsub()
+    pubsub.subscribe(channel)
+    while (msg := pubsub.get_message(timeout=5.0)) is None or msg["type"] != "subscribe":
+        pass
+    ready.set()
+    pipe = client.pipeline(transaction=False)
+    while not stop.is_set():
+        while True:  # control first: a silence that arrives with a probe already applies to it
+            try:
+                command, vm = control.get_nowait()
+            except queue.Empty:
+                break
+            i = index[vm]
+            if command == "silence":
+                silent.add(i)
+                client.hset(injected_key, vm, _redis_ms(client))
+            elif command == "revive":
+                silent.discard(i)
+                boots[i] = str(uuid.uuid4())
+        msg = pubsub.get_message(timeout=0.02)
+        if msg is None or msg["type"] != "message":
+            continue
+        try:
+            round_id, nonce, _sent_ms = parse_probe(msg["data"])
+        except ValueError:
+            bad_probes += 1
+            continue
+        rounds += 1
+        guest_ms = int(time.time() * 1000)
+        pending = 0
+        for i, vm in enumerate(vms):
+            if i in silent:
+                continue
+            seqs[i] += 1
+            message, signature = encode_reply(vm, round_id, nonce, boots[i], seqs[i], params[i], keys[i], guest_ms)
+            pipe.xadd(stream, {"m": message, "s": signature}, maxlen=maxlen, approximate=True)
+            pending += 1
+            if pending == batch:
+                pipe.execute()
+                replies += pending
+                pending = 0
+        if pending:
+            pipe.execute()
+            replies += pending
+    pubsub.close()
+    results.put({"vms": len(vms), "rounds": rounds, "replies": replies, "bad_probes": bad_probes,
+                 "cpu_s": time.process_time()})
+    client.close()
