@@ -20,16 +20,16 @@ from vmq.model import Probe, RejectReason, Reply
 from vmq.responder import REPLY_MAC_PREFIX, WIRE_VERSION, encode_reply, reply_signature
 
 __all__ = [
-    "WIRE_VERSION",
     "REPLY_MAC_PREFIX",
+    "WIRE_VERSION",
+    "RoundBook",
+    "decode_reply",
     "encode_probe",
+    "encode_reply",
     "new_nonce",
     "new_secret",
-    "encode_reply",
     "reply_signature",
     "stream_id_ms",
-    "decode_reply",
-    "RoundBook",
 ]
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")

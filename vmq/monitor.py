@@ -217,7 +217,7 @@ class Monitor:
                            last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i],
                            restarts_suspended=suspended)
             decision = decide(view, self.policy, now_ms)
-            evidence = {"round": round_id, "deadline_ms": deadline_ms, "last_reply": last_replies[i]}
+            evidence: dict[str, object] = {"round": round_id, "deadline_ms": deadline_ms, "last_reply": last_replies[i]}
             self._act(view, rec, decision, evidence, round_id, now_ms, report)
 
     def _act(self, view: VmView, rec: Record, decision: Decision, evidence: dict[str, object],

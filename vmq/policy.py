@@ -91,13 +91,13 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
     if not view.host_alive:
         return Decision(Action.FLAG, (*reasons, f"host {view.host or '?'} heartbeat is stale: not restarting"))
     if not view.last_valid_ms:
-        return Decision(Action.FLAG, (*reasons, "never answered since monitoring started: silence alone is "
-                                                "no evidence of a hang, not restarting"))
+        return Decision(Action.FLAG, (*reasons, ("never answered since monitoring started: silence alone is "
+                                                "no evidence of a hang, not restarting")))
     if view.restarts_in_window >= cfg.max_restarts:
         return Decision(
             Action.FAIL,
-            (*reasons, f"restart budget exhausted: {view.restarts_in_window} of {cfg.max_restarts} "
-                       f"in {cfg.restart_window_s:g} s"),
+            (*reasons, (f"restart budget exhausted: {view.restarts_in_window} of {cfg.max_restarts} "
+                       f"in {cfg.restart_window_s:g} s")),
         )
     if view.restarts_suspended:
         return Decision(Action.FLAG, (*reasons, "restarts are suspended by the kill switch"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from vmq.config import Settings
@@ -61,7 +61,7 @@ def event_json(entry_id: str, fields: Record) -> dict[str, Any]:
             out[name] = raw
     time_ms = int(fields.get("time", entry_id.split("-")[0]))
     out["time_ms"] = time_ms
-    out["time"] = datetime.fromtimestamp(time_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+    out["time"] = datetime.fromtimestamp(time_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
     out.setdefault("host", "")
     out.setdefault("vm", "")
     return out

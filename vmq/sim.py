@@ -14,10 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -71,7 +71,9 @@ class GuestFleet:
         """Start (or start again) a guest's responder with a fresh boot id."""
         guest = self.guests[vm]
         guest.boot_id = str(uuid.uuid4())
-        env = {**os.environ, "VMQ_BOOT_ID": guest.boot_id}
+        # The guest's config file is the whole truth: no VMQ_* of ours may leak into it, but its boot id.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
+        env["VMQ_BOOT_ID"] = guest.boot_id
         log_file = open(self.workdir / f"responder-{vm}.log", "ab")  # noqa: SIM115 - owned by the child
         guest.process = subprocess.Popen(
             [sys.executable, str(RESPONDER_FILE), "--config", str(self._config(guest))],
@@ -114,7 +116,7 @@ class GuestFleet:
                 self.boot(vm)
 
     def _watch(self) -> None:
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        client: Any = redis.Redis.from_url(self.redis_url, socket_timeout=5)
         last = "$"
         while not self._stop.is_set():
             try:

@@ -48,7 +48,8 @@ class RedisStore:
     """All state of vmq in one Redis; safe to share between threads of one process."""
 
     def __init__(self, client: redis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
-        self.r = client
+        # redis-py types every reply as `Awaitable | Any`; the parsing below is where the shapes are checked.
+        self.r: Any = client
         self.keys = keys
         self.events_maxlen = events_maxlen
         self._start_round: Script = client.register_script(_load_lua("start_round.lua"))
