@@ -26,8 +26,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from typing import TypeGuard  # Python 3.10+, needed only by type checkers
 
 __version__ = "0.1.0"
 WIRE_VERSION = 1
@@ -50,7 +53,7 @@ def reply_signature(key: bytes, message: bytes) -> str:
     return hmac.new(key, REPLY_MAC_PREFIX + message, hashlib.sha256).hexdigest()
 
 
-def encode_reply(vm_id: str, round_id: int, nonce: str, boot_id: str, seq: int, params: dict,
+def encode_reply(vm_id: str, round_id: int, nonce: str, boot_id: str, seq: int, params: dict[str, Any],
                  key: bytes, guest_ms: int | None = None) -> tuple[bytes, str]:
     """Compact JSON reply (field order of protocol.md) and its signature; guest_ms defaults to now."""
     body = {"v": WIRE_VERSION, "vm": vm_id, "round": round_id, "nonce": nonce, "boot_id": boot_id, "seq": seq,
@@ -59,7 +62,7 @@ def encode_reply(vm_id: str, round_id: int, nonce: str, boot_id: str, seq: int, 
     return message, reply_signature(key, message)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -96,7 +99,7 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def collect_params(disk_path: str = "/", health: dict | None = None) -> dict:
+def collect_params(disk_path: str = "/", health: dict[str, Any] | None = None) -> dict[str, Any]:
     """State parameters of protocol.md (kB, bytes, seconds); a value that cannot be read is None."""
     meminfo_lines = re.findall(r"^(\w+):\s*(\d+)", _read_text("/proc/meminfo"), re.MULTILINE)
     meminfo = {name: int(value) for name, value in meminfo_lines}
@@ -245,10 +248,10 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
     if unknown:
         raise ConfigProblem(f"{unknown[0]}: unknown key")
     for key in _KEYS:
-        text = environ.get(f"VMQ_{key.upper()}")
-        if text is not None:  # environment values are strings: convert the two that are not
-            raw[key] = (_BOOLS.get(text.strip().lower(), text) if key == "tls_insecure" else
-                        int(text) if key == "reply_stream_maxlen" and text.strip().isdigit() else text)
+        value = environ.get(f"VMQ_{key.upper()}")
+        if value is not None:  # environment values are strings: convert the two that are not
+            raw[key] = (_BOOLS.get(value.strip().lower(), value) if key == "tls_insecure" else
+                        int(value) if key == "reply_stream_maxlen" and value.strip().isdigit() else value)
     vm_id, namespace = _get(raw, "vm_id", str, ""), _get(raw, "namespace", str, "vmq")
     for key, value in (("vm_id", vm_id), ("namespace", namespace)):
         if not _NAME.fullmatch(value):
@@ -337,21 +340,22 @@ def _parse_resp(buf: bytearray, pos: int) -> tuple[Any, int]:
     end = buf.find(b"\r\n", pos)
     if end < 0:
         return _INCOMPLETE, pos
-    kind, line, after = buf[pos:pos + 1], bytes(buf[pos + 1:end]), end + 2
+    kind, line, after = bytes(buf[pos:pos + 1]), bytes(buf[pos + 1:end]), end + 2
     if kind == b"+":
         return line, after
     if kind == b"-":
         return RedisReplyError(line.decode("utf-8", "replace")), after
-    if kind == b":" or kind in (b"$", b"*") and int(line) < 0:
-        return (int(line) if kind == b":" else None), after
+    if kind not in (b":", b"$", b"*"):
+        raise ConnectionError(f"RESP protocol error: unexpected type byte {kind!r}")
+    number = int(line)  # a ValueError here is a protocol error too: read() reports it as ConnectionError
+    if kind == b":" or number < 0:  # an integer, or the null bulk string / null array
+        return (number if kind == b":" else None), after
     if kind == b"$":
-        if len(buf) < after + int(line) + 2:
+        if len(buf) < after + number + 2:
             return _INCOMPLETE, pos
-        return bytes(buf[after:after + int(line)]), after + int(line) + 2
-    if kind != b"*":
-        raise ConnectionError(f"RESP protocol error: unexpected type byte {bytes(kind)!r}")
+        return bytes(buf[after:after + number]), after + number + 2
     items: list[Any] = []
-    for _ in range(int(line)):
+    for _ in range(number):
         item, after = _parse_resp(buf, after)
         if item is _INCOMPLETE:
             return _INCOMPLETE, pos
@@ -388,7 +392,10 @@ class RespConnection:
         """Read one reply; raises socket.timeout (keeping partial input), ConnectionError on EOF."""
         self.sock.settimeout(CONNECT_TIMEOUT_S if timeout_s is None else timeout_s)
         while True:
-            value, used = _parse_resp(self.buffer, 0)
+            try:
+                value, used = _parse_resp(self.buffer, 0)
+            except ValueError as exc:
+                raise ConnectionError(f"RESP protocol error: {exc}") from exc
             if value is not _INCOMPLETE:
                 del self.buffer[:used]
                 return value
@@ -460,12 +467,21 @@ class Responder:
         self._health_stop = threading.Event()
         self.health = [HealthRunner(command, self._health_stop) for command in config.health]
 
-    def _log_limited(self, reason: str, level: int, message: str, *args: object) -> None:
+    def _log_limited(self, reason: str, level: int, message: str, *args: object,
+                     exc_info: bool = False) -> None:
         """Log at most once per LOG_EVERY_S per reason, so a flood of bad probes cannot fill the disk."""
         now = time.monotonic()
         if now - self._last_logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._last_logged[reason] = now
-            log.log(level, message, *args)
+            log.log(level, message, *args, exc_info=exc_info)
+
+    def _back_off(self, stop: threading.Event, reason: str, why: str, exc_info: bool = False) -> None:
+        """Wait 0.2 s doubling to 10 s, jittered so that many guests do not reconnect in lockstep."""
+        delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(self.failures, 16)) * random.uniform(0.5, 1.0)
+        self.failures += 1
+        level = logging.ERROR if exc_info else logging.WARNING
+        self._log_limited(reason, level, "%s, retrying in %.1fs", why, delay, exc_info=exc_info)
+        stop.wait(delay)
 
     def _connect(self) -> RespConnection:
         return RespConnection(self.url, self.config.tls_ca_file, self.config.tls_insecure)
@@ -482,13 +498,11 @@ class Responder:
                 try:
                     self._serve(stop)
                 except (OSError, RedisReplyError) as exc:  # OSError: refused, reset, timed out, TLS failures
-                    delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(self.failures, 16))
-                    delay *= random.uniform(0.5, 1.0)
-                    self.failures += 1
                     name = type(exc).__name__
-                    self._log_limited(f"redis:{name}", logging.WARNING,
-                                      "redis unavailable (%s: %s), retrying in %.1fs", name, exc, delay)
-                    stop.wait(delay)
+                    self._back_off(stop, f"redis:{name}", f"redis unavailable ({name}: {exc})")
+                except Exception as exc:  # noqa: BLE001 - a bug must not silence the guest: log, carry on
+                    name = type(exc).__name__
+                    self._back_off(stop, f"bug:{name}", f"unexpected error {exc!r}", exc_info=True)
         finally:
             self._health_stop.set()
             log.info("responder stopped vm=%s replies_sent=%d", self.config.vm_id, self.replies_sent)

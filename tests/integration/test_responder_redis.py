@@ -148,7 +148,7 @@ def publish_probe(client: redis.Redis, round_id: int, channel: str = PROBES) -> 
     return nonce, sent_ms
 
 
-def wait_replies(client: redis.Redis, count: int, stream: str = REPLIES, timeout_s: float = 10) -> list:
+def wait_replies(client: redis.Redis, count: int, stream: str = REPLIES, timeout_s: float = 10) -> list[Any]:
     deadline = time.monotonic() + timeout_s
     while len(entries := client.xrange(stream)) < count:
         assert time.monotonic() < deadline, f"only {len(entries)} of {count} replies within {timeout_s}s"
@@ -156,14 +156,14 @@ def wait_replies(client: redis.Redis, count: int, stream: str = REPLIES, timeout
     return entries
 
 
-def verified(entry: tuple[bytes, dict[bytes, bytes]], key: bytes = KEY) -> dict:
+def verified(entry: tuple[bytes, dict[bytes, bytes]], key: bytes = KEY) -> dict[str, Any]:
     """The reply body, after checking its signature independently of the responder's own helper."""
     _, fields = entry
     assert set(fields) == {b"m", b"s"}
     expected = hmac.new(key, b"vmq-reply-v1\n" + fields[b"m"], hashlib.sha256).hexdigest()
     assert hmac.compare_digest(fields[b"s"].decode(), expected)
     assert reply_signature(key, fields[b"m"]) == expected
-    body: dict = json.loads(fields[b"m"])
+    body: dict[str, Any] = json.loads(fields[b"m"])
     return body
 
 
@@ -308,6 +308,31 @@ def test_an_unresponsive_server_is_noticed_by_ping_and_left_for_a_fresh_connecti
         assert verified(client.xrange(REPLIES)[0])["round"] >= 1
 
 
+def test_an_unexpected_error_is_logged_with_its_traceback_and_the_responder_carries_on(
+    server: RedisServer, client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real_collect_params, calls = responder_module.collect_params, []
+
+    def collect_params_failing_once(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("simulated bug")
+        return real_collect_params(*args, **kwargs)
+
+    monkeypatch.setattr(responder_module, "collect_params", collect_params_failing_once)
+    with serving(make_config(server.url, tmp_path)):
+        deadline, round_id = time.monotonic() + 20, 0
+        while client.xlen(REPLIES) == 0:
+            assert time.monotonic() < deadline, "the responder did not recover from an unexpected error"
+            wait_subscribed(client)
+            round_id += 1
+            publish_probe(client, round_id)
+            time.sleep(0.2)
+    assert verified(client.xrange(REPLIES)[0])["round"] >= 2
+    assert "RuntimeError: simulated bug" in caplog.text  # the traceback is logged
+
+
 HEALTH_TOML = """
 [[health]]
 name = "slow"
@@ -331,7 +356,10 @@ def test_a_hanging_health_command_never_delays_a_reply(
 ) -> None:
     with serving(make_config(server.url, tmp_path, HEALTH_TOML)):
         wait_subscribed(client)
-        sent = [publish_probe(client, round_id)[1] for round_id in range(1, 9) if not time.sleep(0.25)]
+        sent = []
+        for round_id in range(1, 9):
+            time.sleep(0.25)
+            sent.append(publish_probe(client, round_id)[1])
         entries = wait_replies(client, len(sent))
     delays_ms = [int(entry_id.split(b"-")[0]) - sent_ms for (entry_id, _), sent_ms in zip(entries, sent)]
     assert max(delays_ms) < 1000, delays_ms
@@ -424,7 +452,7 @@ def test_the_file_runs_in_an_isolated_interpreter_without_site_packages() -> Non
 
 
 def run_guest_once(python: str, script: Path, server: RedisServer, client: redis.Redis, args: list[str],
-                   env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict]:
+                   env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     process = subprocess.Popen([python, "-I", "-S", str(script), *args, "--once"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -58,6 +58,13 @@ def test_a_silent_guest_is_flagged_in_time_restarted_on_its_own_host_only_and_re
     assert {e["vm"] for e in events_of(cluster, type="restart_dispatched")} == {"vm-1"}
     cluster.wait_for(lambda: cluster.states() == {f"vm-{i}": "healthy" for i in range(1, 5)}, 10, "all healthy")
 
+    # The operator's view of the same story: `vmq events --json --vm vm-1`, one object per line.
+    out = subprocess.run([sys.executable, "-m", "vmq.cli", "events", "--json", "--vm", "vm-1"], check=True,
+                         capture_output=True, text=True, env=cluster.env).stdout
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in lines] == ["healthy", "faulty", "restart_dispatched", "restarted", "recovered"]
+    assert all({"type", "vm", "host", "time"} <= e.keys() and e["vm"] == "vm-1" for e in lines)
+
 
 def test_a_healthy_cluster_over_many_rounds_has_zero_faults(make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster({"node1": ["vm-1", "vm-2", "vm-3"], "node2": ["vm-4", "vm-5", "vm-6"]})

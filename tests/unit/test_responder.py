@@ -6,7 +6,9 @@ import ast
 import hashlib
 import hmac
 import json
+import os
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -104,9 +106,9 @@ PARAMS = {"load": [0.1, 0.2, 0.3], "mem_total_kb": 2048000, "mem_available_kb": 
 
 
 def encode(**changes: object) -> tuple[bytes, str]:
-    args: dict = {"vm_id": "web-1", "round_id": 1234, "nonce": NONCE, "boot_id": "boot-a", "seq": 17,
-                  "params": PARAMS, "key": KEY, "guest_ms": 1764102345130, **changes}
-    return encode_reply(**args)
+    args: dict[str, object] = {"vm_id": "web-1", "round_id": 1234, "nonce": NONCE, "boot_id": "boot-a",
+                               "seq": 17, "params": PARAMS, "key": KEY, "guest_ms": 1764102345130, **changes}
+    return encode_reply(**args)  # type: ignore[arg-type]
 
 
 def test_a_reply_is_compact_json_with_the_protocol_field_order() -> None:
@@ -178,13 +180,13 @@ def test_missing_proc_files_and_disks_give_null_fields_not_a_crash(monkeypatch: 
     def no_load() -> tuple[float, float, float]:
         raise OSError("no load average here")
 
-    monkeypatch.setattr(responder.os, "getloadavg", no_load)
+    monkeypatch.setattr(os, "getloadavg", no_load)
     params = collect_params("/no/such/disk")
     assert params == dict.fromkeys(STATE_FIELDS - {"health"}) | {"health": {}}
 
 
 def test_health_runner_reports_status_timeout_and_unrunnable_commands() -> None:
-    stop_event = responder.threading.Event()
+    stop_event = threading.Event()
     ok = HealthRunner(HealthCommand("ok", (sys.executable, "-c", "raise SystemExit(3)"), 5, 10), stop_event)
     slow = HealthRunner(HealthCommand("slow", (sys.executable, "-c", "import time; time.sleep(30)"), 0.3, 10),
                         stop_event)
@@ -223,6 +225,24 @@ def test_resp_values_decode(wire: bytes, value: object) -> None:
 
 
 def test_resp_error_replies_become_exceptions_and_garbage_is_a_connection_error() -> None:
+    class FakeSocket:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def settimeout(self, timeout_s: float) -> None:
+            pass
+
+        def recv(self, size: int) -> bytes:
+            data, self.data = self.data, b""
+            return data
+
+    connection = object.__new__(responder.RespConnection)
+    connection.sock, connection.buffer = FakeSocket(b"$x\r\n"), bytearray()  # type: ignore[assignment]
+    with pytest.raises(ConnectionError, match="protocol error"):
+        connection.read()
+    connection.sock, connection.buffer = FakeSocket(b"+O"), bytearray()  # type: ignore[assignment]
+    with pytest.raises(ConnectionError, match="closed"):
+        connection.read()
     error, _ = responder._parse_resp(bytearray(b"-NOPERM no permissions\r\n"), 0)
     assert isinstance(error, RedisReplyError)
     assert "NOPERM" in str(error)
@@ -275,7 +295,7 @@ command = "pg_isready -q"
 
 @pytest.fixture
 def no_vmq_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(responder.os.environ):
+    for name in list(os.environ):
         if name.startswith("VMQ_"):
             monkeypatch.delenv(name)
 
@@ -354,7 +374,9 @@ GOOD_ENV = {"VMQ_VM_ID": "web-1", "VMQ_REDIS_URL": "redis://r", "VMQ_SECRET_KEY"
         ({"VMQ_LOG_LEVEL": "LOUD"}, "log_level"),
     ],
 )
-def test_bad_environment_values_raise_config_problem_naming_the_key(environ: dict, key: str) -> None:
+def test_bad_environment_values_raise_config_problem_naming_the_key(
+    environ: dict[str, str], key: str
+) -> None:
     with pytest.raises(ConfigProblem, match=f"^{key}: ") as caught:
         load_config(None, {**GOOD_ENV, **environ})
     assert SECRET_HEX not in str(caught.value)
@@ -406,7 +428,7 @@ def test_the_fallback_parser_is_used_before_python_3_11(
 ) -> None:
     path = write(tmp_path, FULL_TOML)
     expected = load_config(path, {})
-    monkeypatch.setattr(responder.sys, "version_info", (3, 9, 18))
+    monkeypatch.setattr(sys, "version_info", (3, 9, 18))
     assert load_config(path, {}) == expected
 
 
@@ -513,7 +535,7 @@ def test_main_prints_its_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_module_is_python_3_9_syntax_and_imports_only_the_standard_library() -> None:
     source = Path(responder.__file__).read_text()
     tree = ast.parse(source, feature_version=(3, 9))
-    top_level = set()
+    top_level: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             top_level.update(alias.name.split(".")[0] for alias in node.names)
