@@ -32,8 +32,8 @@ __all__ = [
     "stream_id_ms",
 ]
 
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def new_nonce() -> str:
@@ -48,7 +48,7 @@ def new_secret() -> str:
 
 def valid_secret(text: str) -> bool:
     """True when ``text`` is a well-formed VM secret (64 lowercase hex characters)."""
-    return bool(_HEX64.match(text))
+    return bool(_HEX64.fullmatch(text))
 
 
 def encode_probe(probe: Probe) -> bytes:
@@ -121,12 +121,13 @@ def decode_reply(
         raise CodecError(RejectReason.OVERSIZED.value, f"reply of {len(message)} bytes exceeds {max_bytes}")
     signature = _field(fields, b"s")
     try:
-        body = json.loads(message)
+        body = json.loads(message.decode("utf-8"))  # bytes to json.loads would also accept UTF-16/32
     except (UnicodeDecodeError, ValueError) as exc:
         raise CodecError(RejectReason.MALFORMED.value, f"not UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
         raise CodecError(RejectReason.MALFORMED.value, "reply is not a JSON object")
-    if body.get("v") != WIRE_VERSION:
+    version = body.get("v")
+    if type(version) is not int or version != WIRE_VERSION:  # not True, not 1.0
         raise CodecError(RejectReason.MALFORMED.value, f"unsupported version {body.get('v')!r}")
     vm = _str(body, "vm")
     key = secrets.get(vm)
@@ -140,7 +141,7 @@ def decode_reply(
         raise CodecError(RejectReason.BAD_SIGNATURE.value, f"vm {vm}: signature does not verify")
     round_id = _int(body, "round")
     nonce = _str(body, "nonce", 32)
-    if not _HEX32.match(nonce):
+    if not _HEX32.fullmatch(nonce):
         raise CodecError(RejectReason.MALFORMED.value, "nonce must be 32 lowercase hex characters")
     boot_id = _str(body, "boot_id")
     params = body.get("params", {})

@@ -189,10 +189,12 @@ class Monitor:
                 opened = int(rec.get("incident_opened_ms") or arrival_ms)
                 event["incident"] = incident
                 event["recovered_after_s"] = round((arrival_ms - opened) / 1000.0, 3)
-                event["restarted"] = state in (VmState.RECOVERING, VmState.RESTARTING)
+                # An unclaimed `restarting` attempt that heals never reached libvirt.
+                event["restarted"] = state is VmState.RECOVERING
             ok, _, _ = self.store.transition(
                 vm, [state], VmState.HEALTHY, arrival_ms, event,
-                fields={"incident": "", "boot_id": boot_id, "decision": "", "decision_action": ""},
+                fields={"incident": "", "boot_id": boot_id, "decision": "", "decision_action": "",
+                        "decision_grounds": ""},
                 expected_generation=int(rec.get("generation") or 0),
             )
             if ok:
@@ -232,21 +234,29 @@ class Monitor:
         base = {"host": view.host, "reasons": list(decision.reasons), "action": decision.action.value}
         if view.state is not VmState.FAULTY:
             # unknown/healthy/recovering/restarting -> faulty: open (or continue) the incident.
+            opened_ms = int(rec.get("incident_opened_ms") or now_ms) if incident else now_ms
             incident = incident or f"{view.vm}:{round_id}:{uuid.uuid4().hex[:8]}"
             ok, _, generation = self.store.transition(
                 view.vm, [view.state], VmState.FAULTY, now_ms, {"type": "faulty", "incident": incident,
                                                                    **base, "evidence": evidence},
-                fields={"incident": incident, "incident_opened_ms": rec.get("incident_opened_ms") or now_ms,
-                        "decision": reasons, "decision_action": decision.action.value},
+                fields={"incident": incident, "incident_opened_ms": opened_ms, "decision": reasons,
+                        "decision_action": decision.action.value,
+                        "decision_grounds": "; ".join((decision.action.value, *decision.reasons[1:]))},
                 expected_generation=generation,
             )
             if not ok:
                 return  # someone else moved it: their verdict stands
             report.flagged.append(view.vm)
             log.warning("vm=%s host=%s round=%s faulty: %s", view.vm, view.host, round_id, reasons)
-        elif rec.get("decision") != reasons:
-            self.store.set_fields(view.vm, {"decision": reasons, "decision_action": decision.action.value})
-            self.store.audit("decision", view.vm, view.host, now_ms, incident=incident, **base)
+        else:
+            # The first reason states the silence and changes every round; the grounds after it do not,
+            # so only a change of grounds is an audit event.
+            grounds = "; ".join((decision.action.value, *decision.reasons[1:]))
+            if rec.get("decision_grounds") != grounds:
+                self.store.audit("decision", view.vm, view.host, now_ms, incident=incident,
+                                 reasons=list(decision.reasons), action=decision.action.value)
+            self.store.set_fields(view.vm, {"decision": reasons, "decision_action": decision.action.value,
+                                            "decision_grounds": grounds})
         if decision.action is Action.FAIL:
             self.store.transition(view.vm, [VmState.FAULTY], VmState.FAILED, now_ms,
                                   {"type": "failed", "incident": incident, **base},
@@ -274,6 +284,7 @@ class Monitor:
             self.store.transition(view.vm, [VmState.RESTARTING], VmState.FAULTY, now_ms,
                                   {"type": "dispatch_failed", "incident": incident, "host": view.host,
                                    "error": str(exc)}, expected_generation=new_gen)
+            self.store.uncount_restart(view.vm, new_gen, now_ms)  # nothing was restarted: budget untouched
             return
         report.dispatched.append(view.vm)
         self.store.incr_stat("restarts_dispatched")

@@ -72,6 +72,9 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
     if rec.get("state") != VmState.RESTARTING.value or rec.get("generation") != str(generation) \
             or rec.get("incident") != incident:
         return skip(f"attempt closed (state {rec.get('state', 'absent')}, generation {rec.get('generation')})")
+    # Claim first: from here on only this delivery may act on, or give back, this attempt.
+    if not store.claim_restart(vm, generation, incident, claimant):
+        return skip("attempt already claimed by another delivery of this task")
     if rec.get("host") != host:
         return back_to_faulty("restart_misrouted", f"vm now runs on {rec.get('host') or 'no host'}, not {host}")
     try:
@@ -80,8 +83,6 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
         return back_to_faulty("restart_failed", f"domain {vm} is not defined on {host}")
     except HypervisorError as exc:
         return back_to_faulty("restart_failed", f"hypervisor unavailable: {exc}")
-    if not store.claim_restart(vm, generation, incident, claimant):
-        return skip("attempt already claimed by another delivery of this task")
     action = _action_for(info.status)
     if action is RestartAction.LEFT_ALONE:
         result = f"domain is {info.status.value} ({info.reason or 'no reason'}): left alone"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 import importlib.util
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -146,9 +148,6 @@ def test_a_non_ascii_signature_is_a_bad_signature_not_a_crash() -> None:
 
 
 def test_a_signature_over_the_message_without_the_domain_prefix_is_a_bad_signature() -> None:
-    import hashlib
-    import hmac
-
     fields = guest_fields()
     bare = hmac.new(KEY_WEB1, fields[b"m"], hashlib.sha256).hexdigest().encode()
     assert rejection({**fields, b"s": bare}) == RejectReason.BAD_SIGNATURE.value
@@ -170,8 +169,6 @@ def test_a_message_that_is_not_utf8_is_malformed() -> None:
     assert rejection({b"m": raw, b"s": reply_signature(KEY_WEB1, raw).encode()}) == RejectReason.MALFORMED.value
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_reply hands bytes to json.loads, which auto-detects "
-                                       "UTF-16/UTF-32 (and a UTF-8 BOM); protocol.md says m is UTF-8 JSON")
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
 def test_a_validly_signed_message_in_another_unicode_encoding_is_malformed(encoding: str) -> None:
     raw = json.dumps(good_body(), separators=(",", ":")).encode(encoding)
@@ -209,9 +206,6 @@ def test_a_validly_signed_reply_of_the_wrong_shape_is_malformed(body: Any) -> No
     assert rejection(signed(body)) == RejectReason.MALFORMED.value
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: codec.decode_reply checks `body.get('v') != WIRE_VERSION`, "
-                                       "so true and 1.0 pass as version 1 (the responder's parse_probe "
-                                       "rejects both for probes)")
 @pytest.mark.parametrize("version", [True, 1.0], ids=["version true", "version 1.0"])
 def test_a_version_that_only_compares_equal_to_1_is_malformed(version: object) -> None:
     assert rejection(signed(good_body(v=version))) == RejectReason.MALFORMED.value

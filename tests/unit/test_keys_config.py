@@ -80,8 +80,6 @@ def test_an_unusable_name_is_invalid(name: str) -> None:
     assert not valid_name(name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: keys._NAME uses re.match with '$', which also matches before a "
-                                       "trailing newline, so 'web-1\\n' is a valid name (use fullmatch or \\Z)")
 def test_a_name_with_a_trailing_newline_is_invalid() -> None:
     assert not valid_name("web-1\n")
 

@@ -266,6 +266,11 @@ class RedisStore:
             )
         return bool(ok), _text(state), int(gen)
 
+    def uncount_restart(self, vm: str, generation: int, at_ms: int) -> None:
+        """Take back the budget entry of an attempt that never reached a host (same member transition.lua adds)."""
+        with translate_errors(f"uncount {vm}"):
+            self.r.zrem(self.keys.vm_restarts(vm), f"{generation}:{at_ms}")
+
     def claim_restart(self, vm: str, generation: int, incident: str, claimant: str) -> bool:
         """Take the per-attempt idempotency claim; False if closed, changed or taken."""
         with translate_errors(f"claim {vm}"):
