@@ -128,7 +128,7 @@ def test_a_vm_over_its_budget_becomes_failed_and_is_not_restarted_again(
     assert row["state"] == "failed" and row["restarts_in_window"] == 2 and row["since_last_reply_s"] > 2
 
 
-def test_vmq_demo_json_detects_restarts_and_recovers(tmp_path: Path, redis_server: LocalRedis) -> None:
+def test_vmq_demo_json_detects_restarts_and_recovers(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "vmq.cli", "demo", "--json", "--probe-interval", "0.5", "--reply-timeout", "1.5",
          "--fault", "vm-4", "--timeout", "60"],
