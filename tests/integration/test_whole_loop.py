@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import events_of
-from vmq.localcluster import LocalCluster, LocalRedis
+from vmq.localcluster import LocalCluster
 from workers.app import create_app
 
 pytestmark = pytest.mark.integration
