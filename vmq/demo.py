@@ -66,7 +66,7 @@ def _spec(hosts: int, vms: int, probe_interval_s: float, reply_timeout_s: float)
 def run_demo(hosts: int, vms: int, fault: str | None, probe_interval_s: float, reply_timeout_s: float,
              as_json: bool, timeout_s: float = 120.0) -> tuple[int, DemoResult]:
     """Run the demo; returns (exit status, result). Every process it starts is stopped before return."""
-    console = Console(stderr=as_json, quiet=False)
+    console = Console(stderr=as_json, soft_wrap=True)
     workdir = Path(tempfile.mkdtemp(prefix="vmq-demo-"))
     spec = _spec(hosts, vms, probe_interval_s, reply_timeout_s)
     all_vms = [vm for group in spec.placement.values() for vm in group]

@@ -15,7 +15,8 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     VmState.UNKNOWN: frozenset({VmState.HEALTHY, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
     VmState.HEALTHY: frozenset({VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
     VmState.FAULTY: frozenset(
-        {VmState.HEALTHY, VmState.RESTARTING, VmState.FAILED, VmState.MAINTENANCE, VmState.DISABLED}
+        {VmState.HEALTHY, VmState.RESTARTING, VmState.FAILED, VmState.UNKNOWN, VmState.MAINTENANCE,
+         VmState.DISABLED}
     ),
     VmState.RESTARTING: frozenset(
         {VmState.RECOVERING, VmState.HEALTHY, VmState.FAULTY, VmState.UNKNOWN, VmState.MAINTENANCE,

@@ -19,6 +19,7 @@ from vmq.codec import RoundBook
 from vmq.errors import StoreError, StoreUnavailable
 from vmq.keys import Keys
 from vmq.model import DomainStatus, VmState
+from vmq.policy import can_transition
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,14 @@ class RedisStore:
         count_restart: bool = False,
         restart_window_ms: int = 3_600_000,
     ) -> tuple[bool, str, int]:
-        """Atomic compare-and-set of a VM's state plus its audit event: (applied, previous_state, generation)."""
+        """Atomic compare-and-set of a VM's state plus its audit event: (applied, previous_state, generation).
+
+        Raises ValueError for a transition the state machine (vmq.policy.TRANSITIONS) does not allow.
+        """
+        sources = list(from_states)
+        illegal = [s.value for s in sources if not can_transition(s, to_state)]
+        if illegal:
+            raise ValueError(f"state machine forbids {illegal} -> {to_state.value}")
         k = self.keys
         field_args: list[str] = []
         for name, value in (fields or {}).items():
@@ -259,7 +267,7 @@ class RedisStore:
         with translate_errors(f"transition {vm}"):
             ok, state, gen = self._transition(
                 keys=[k.vm(vm), k.events, k.attention, k.vm_restarts(vm)],
-                args=[vm, ",".join(s.value for s in from_states), to_state.value, now_ms,
+                args=[vm, ",".join(s.value for s in sources), to_state.value, now_ms,
                       "" if expected_generation is None else expected_generation,
                       "1" if count_restart else "0", self.events_maxlen, restart_window_ms,
                       len(field_args) // 2, *field_args, *event_args],
