@@ -27,8 +27,9 @@ from vmq.responder import encode_reply, parse_probe
 
 def state_params(i: int) -> dict[str, Any]:
     """Plausible state parameters of protocol.md, a little different per VM (~330-byte replies)."""
-    return {"load": [0.12, 0.08, 0.01], "mem_total_kb": 2048000, "mem_available_kb": 1500000 - 37 * (i % 1000),
-            "disk_total_b": 10737418240, "disk_free_b": 5368709120 - 4096 * i, "uptime_s": 8123.4 + i,
+    return {"load": [0.12, 0.08, 0.01], "mem_total_kb": 2048000,
+            "mem_available_kb": 1500000 - 37 * (i % 1000), "disk_total_b": 10737418240,
+            "disk_free_b": 5368709120 - 4096 * i, "uptime_s": 8123.4 + i,
             "health": {"sshd": {"status": 0, "age_s": 1.2}, "db": {"status": 0, "age_s": 3.4}}}
 
 
@@ -82,7 +83,8 @@ def serve(url: str, channel: str, stream: str, maxlen: int, batch: int, vms: lis
             if i in silent:
                 continue
             seqs[i] += 1
-            message, signature = encode_reply(vm, round_id, nonce, boots[i], seqs[i], params[i], keys[i], guest_ms)
+            message, signature = encode_reply(vm, round_id, nonce, boots[i], seqs[i], params[i], keys[i],
+                                              guest_ms)
             pipe.xadd(stream, {"m": message, "s": signature}, maxlen=maxlen, approximate=True)
             pending += 1
             if pending == batch:

