@@ -148,7 +148,8 @@ def decode_reply(
     if not isinstance(params, dict):
         raise CodecError(RejectReason.MALFORMED.value, "'params' must be an object")
     rounds.check(round_id, nonce, arrival_ms)
-    return Reply(vm=vm, round=round_id, nonce=nonce, boot_id=boot_id, arrival_ms=arrival_ms, params=params)
+    return Reply(vm=vm, round=round_id, nonce=nonce, boot_id=boot_id, arrival_ms=arrival_ms, params=params,
+                 message=message)
 
 
 

@@ -89,6 +89,7 @@ class Reply:
     boot_id: str
     arrival_ms: int
     params: dict[str, Any] = field(default_factory=dict)
+    message: bytes = b""  # the verified wire bytes, stored as-is (re-encoding costs more than decoding)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from vmq.config import Settings
 from vmq.errors import CodecError
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 from vmq.policy import ANSWER_HEALS, PolicyConfig, decide
-from vmq.store.redis import Record, RedisStore
+from vmq.store.redis import Record, RedisStore, Transition
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,15 @@ class Monitor:
 
     # ---------------------------------------------------------------- probe
     def probe(self) -> tuple[int, int]:
-        """Judge what is due, then broadcast a new round; returns (round, sent_ms)."""
-        self.tick()
+        """Broadcast a new round, then judge what is due; returns (round, sent_ms).
+
+        The round goes out first: its send time starts every guest's deadline, so catching up on replies
+        must never delay it.
+        """
         round_id, sent_ms = self.store.start_round(new_nonce(), self._t2_ms, self.settings.rounds_kept,
                                                    WIRE_VERSION)
-        self.store.incr_stat("rounds")
         log.debug("probe round=%s sent_ms=%s", round_id, sent_ms)
+        self.tick()
         return round_id, sent_ms
 
     # ---------------------------------------------------------------- tick
@@ -135,7 +138,7 @@ class Monitor:
         secrets = self.store.secrets()
         book = self.store.round_book()
         rejects: Counter[str] = Counter()
-        accepted: dict[str, tuple[int, int, str, str]] = {}  # vm -> round, arrival, boot_id, payload
+        accepted: dict[str, tuple[int, int, str, bytes]] = {}  # vm -> round, arrival, boot_id, message
         for entry_id, fields in entries:
             try:
                 reply = decode_reply(entry_id, fields, secrets, book, self.settings.max_reply_bytes)
@@ -147,9 +150,7 @@ class Monitor:
             if previous is not None and reply.round <= previous[0]:
                 rejects["replayed"] += 1
                 continue
-            payload = json.dumps({"round": reply.round, "boot_id": reply.boot_id, "arrival_ms": reply.arrival_ms,
-                                  "params": reply.params}, separators=(",", ":"))
-            accepted[reply.vm] = (reply.round, reply.arrival_ms, reply.boot_id, payload)
+            accepted[reply.vm] = (reply.round, reply.arrival_ms, reply.boot_id, reply.message)
         # A reply to a round the VM already answered (or older) is a replay of a captured message.
         vms = list(accepted)
         for vm, stored in zip(vms, self.store.last_rounds(vms)):
@@ -174,8 +175,12 @@ class Monitor:
         if healing:
             self._heal(healing, {vm: accepted[vm] for vm in healing}, report)
 
-    def _heal(self, vms: list[str], answers: dict[str, tuple[int, int, str, str]], report: TickReport) -> None:
-        """A valid reply ends silence: unknown/faulty/recovering (and unclaimed restarting) -> healthy."""
+    def _heal(self, vms: list[str], answers: dict[str, tuple[int, int, str, bytes]], report: TickReport) -> None:
+        """A valid reply ends silence: unknown/faulty/recovering (and unclaimed restarting) -> healthy.
+
+        All transitions of a batch go in one pipeline: after a mass outage every VM heals in one tick.
+        """
+        batch: list[Transition] = []
         for vm, rec in zip(vms, self.store.vm_records(vms)):
             state = VmState(rec.get("state", VmState.UNKNOWN.value))
             if state not in ANSWER_HEALS:
@@ -191,15 +196,16 @@ class Monitor:
                 event["recovered_after_s"] = round((arrival_ms - opened) / 1000.0, 3)
                 # An unclaimed `restarting` attempt that heals never reached libvirt.
                 event["restarted"] = state is VmState.RECOVERING
-            ok, _, _ = self.store.transition(
-                vm, [state], VmState.HEALTHY, arrival_ms, event,
+            batch.append(Transition(
+                vm, (state,), VmState.HEALTHY, arrival_ms, event,
                 fields={"incident": "", "boot_id": boot_id, "decision": "", "decision_action": "",
                         "decision_grounds": ""},
                 expected_generation=int(rec.get("generation") or 0),
-            )
+            ))
+        for spec, (ok, _, _) in zip(batch, self.store.transition_many(batch)):
             if ok:
-                report.healed.append(vm)
-                log.info("vm=%s %s round=%s", vm, event["type"], round_id)
+                report.healed.append(spec.vm)
+                log.info("vm=%s %s", spec.vm, spec.event["type"])
 
     # ---------------------------------------------------------------- judge
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport) -> None:
@@ -219,7 +225,10 @@ class Monitor:
                            last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i],
                            restarts_suspended=suspended)
             decision = decide(view, self.policy, now_ms)
-            evidence: dict[str, object] = {"round": round_id, "deadline_ms": deadline_ms, "last_reply": last_replies[i]}
+            last = last_replies[i]
+            evidence: dict[str, object] = {"round": round_id, "deadline_ms": deadline_ms,
+                                           "last_valid_ms": view.last_valid_ms,
+                                           "last_reply": json.loads(last) if last else None}
             self._act(view, rec, decision, evidence, round_id, now_ms, report)
 
     def _act(self, view: VmView, rec: Record, decision: Decision, evidence: dict[str, object],

@@ -75,9 +75,10 @@ def rejection(fields: dict[bytes, bytes], **kwargs: Any) -> str:
 
 # ---------------------------------------------------------------- valid replies
 def test_a_valid_reply_decodes_to_a_reply_whose_arrival_is_the_stream_id_time() -> None:
-    reply = decode(guest_fields())
+    fields = guest_fields()
+    reply = decode(fields)
     assert reply == Reply(vm="web-1", round=7, nonce=NONCE_7, boot_id=BOOT_ID, arrival_ms=ARRIVAL_MS,
-                          params=PARAMS)
+                          params=PARAMS, message=fields[b"m"])
 
 
 def test_the_guest_clock_does_not_change_the_arrival_time() -> None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -24,6 +25,21 @@ from vmq.policy import can_transition
 log = logging.getLogger(__name__)
 
 Record = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One compare-and-set of a VM's state (see vmq/lua/transition.lua)."""
+
+    vm: str
+    from_states: tuple[VmState, ...]
+    to_state: VmState
+    now_ms: int
+    event: Mapping[str, Any]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    expected_generation: int | None = None
+    count_restart: bool = False
+    restart_window_ms: int = 3_600_000
 
 
 def _load_lua(name: str) -> str:
@@ -169,7 +185,7 @@ class RedisStore:
         self,
         rounds: Mapping[str, int],
         arrivals: Mapping[str, int],
-        payloads: Mapping[str, str],
+        payloads: Mapping[str, bytes],
         rejects: Mapping[str, int],
         valid_count: int,
         cursor: str,
@@ -253,26 +269,41 @@ class RedisStore:
 
         Raises ValueError for a transition the state machine (vmq.policy.TRANSITIONS) does not allow.
         """
-        sources = list(from_states)
-        illegal = [s.value for s in sources if not can_transition(s, to_state)]
-        if illegal:
-            raise ValueError(f"state machine forbids {illegal} -> {to_state.value}")
+        spec = Transition(vm, tuple(from_states), to_state, now_ms, event, fields or {}, expected_generation,
+                          count_restart, restart_window_ms)
+        with translate_errors(f"transition {vm}"):
+            ok, state, gen = self._transition(keys=self._transition_keys(spec), args=self._transition_args(spec))
+        return bool(ok), _text(state), int(gen)
+
+    def transition_many(self, specs: Sequence[Transition]) -> list[tuple[bool, str, int]]:
+        """Several independent transitions in one pipeline (each still atomic on its own)."""
+        if not specs:
+            return []
+        with translate_errors("transition many"):
+            pipe = self.r.pipeline(transaction=False)
+            for spec in specs:
+                self._transition(keys=self._transition_keys(spec), args=self._transition_args(spec), client=pipe)
+            rows = pipe.execute()
+        return [(bool(ok), _text(state), int(gen)) for ok, state, gen in rows]
+
+    def _transition_keys(self, spec: Transition) -> list[str]:
         k = self.keys
+        return [k.vm(spec.vm), k.events, k.attention, k.vm_restarts(spec.vm)]
+
+    def _transition_args(self, spec: Transition) -> list[Any]:
+        illegal = [s.value for s in spec.from_states if not can_transition(s, spec.to_state)]
+        if illegal:
+            raise ValueError(f"state machine forbids {illegal} -> {spec.to_state.value}")
         field_args: list[str] = []
-        for name, value in (fields or {}).items():
+        for name, value in spec.fields.items():
             field_args += [name, str(value)]
         event_args: list[str] = []
-        for name, value in {"vm": vm, "time": now_ms, **event}.items():
+        for name, value in {"vm": spec.vm, "time": spec.now_ms, **spec.event}.items():
             event_args += [name, value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
-        with translate_errors(f"transition {vm}"):
-            ok, state, gen = self._transition(
-                keys=[k.vm(vm), k.events, k.attention, k.vm_restarts(vm)],
-                args=[vm, ",".join(s.value for s in sources), to_state.value, now_ms,
-                      "" if expected_generation is None else expected_generation,
-                      "1" if count_restart else "0", self.events_maxlen, restart_window_ms,
-                      len(field_args) // 2, *field_args, *event_args],
-            )
-        return bool(ok), _text(state), int(gen)
+        return [spec.vm, ",".join(s.value for s in spec.from_states), spec.to_state.value, spec.now_ms,
+                "" if spec.expected_generation is None else spec.expected_generation,
+                "1" if spec.count_restart else "0", self.events_maxlen, spec.restart_window_ms,
+                len(field_args) // 2, *field_args, *event_args]
 
     def uncount_restart(self, vm: str, generation: int, at_ms: int) -> None:
         """Take back the budget entry of an attempt that never reached a host (same member transition.lua adds)."""
