@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     restart_task_expires_s: float = Field(30.0, gt=0)
     max_restarts: int = Field(3, ge=0)
     restart_window_s: float = Field(3600.0, gt=0)
+    backoff_base_s: float = Field(10.0, ge=0)  # wait base * 2^(n-1) between attempts of one incident
+    backoff_max_s: float = Field(300.0, ge=0)
+    max_concurrent_restarts_per_host: int = Field(2, ge=1)
+    storm_fraction: float = Field(0.3, gt=0, le=1)  # more silent than this in one round: suspect ourselves
+    storm_min_vms: int = Field(3, ge=1)
+    activity_blocks_reset: bool = True  # a silent guest whose CPU/disk/net counters move is not reset
+    activity_window_s: float = Field(1.0, gt=0, le=30)
+    webhook_url: str = ""  # escalations are POSTed here as JSON (retried with back-off)
     host_name: str = ""
     libvirt_uri: str = "qemu:///system"
     host_heartbeat_ttl_s: float = Field(15.0, gt=0)

@@ -34,10 +34,21 @@ class SyncReport:
 
 
 def heartbeat(store: RedisStore, host: str, uri: str, ttl_s: float, domains: int) -> None:
-    """Refresh this host's registration and heartbeat (liveness by TTL)."""
+    """Refresh this host's registration and heartbeat (liveness by TTL); libvirt answered."""
+    if store.host_info(host).get("libvirt_ok") == "0":
+        store.audit("host_recovered", "", host, store.time_ms(), reason="libvirt answers again")
     store.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "hostname": socket.gethostname(),
-                           "pid": os.getpid(), "domains": domains, "seen_ms": store.time_ms()},
+                           "pid": os.getpid(), "domains": domains, "seen_ms": store.time_ms(),
+                           "libvirt_ok": 1, "libvirt_error": ""},
                     int(ttl_s * 1000))
+
+
+def mark_degraded(store: RedisStore, host: str, uri: str, ttl_s: float, error: str) -> None:
+    """The worker lives but libvirt does not answer: keep the heartbeat, flag the host `degraded` once."""
+    if store.host_info(host).get("libvirt_ok") != "0":
+        store.audit("host_degraded", "", host, store.time_ms(), reason=error)
+    store.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "libvirt_ok": 0,
+                           "libvirt_error": error[:500], "seen_ms": store.time_ms()}, int(ttl_s * 1000))
 
 
 def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: float) -> SyncReport:

@@ -149,6 +149,11 @@ class Keys:
         return self._k("stats")
 
     @property
+    def storm(self) -> str:
+        """Hash of guard episodes in progress ("cluster" or "host:<name>" -> since ms)."""
+        return self._k("storm")
+
+    @property
     def restarts_suspended(self) -> str:
         """Kill switch: while this key exists no restart is dispatched."""
         return self._k("suspend")

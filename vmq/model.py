@@ -18,6 +18,7 @@ class VmState(str, Enum):
     FAILED = "failed"
     MAINTENANCE = "maintenance"
     DISABLED = "disabled"
+    UNREACHABLE = "unreachable"  # its host's worker is gone: nothing vmq can see or do until it returns
 
 
 class DomainStatus(str, Enum):
@@ -57,6 +58,7 @@ class RestartAction(str, Enum):
     RESET = "reset"
     RESUME_RESET = "resume+reset"
     CREATE = "create"
+    DESTROY_CREATE = "destroy+create"  # the ladder's second rung, when a reset did not bring it back
     LEFT_ALONE = "left_alone"
 
 
@@ -94,10 +96,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class Decision:
-    """Outcome of the restart condition, with the human-readable reasons that led to it."""
+    """Outcome of the restart condition, with the human-readable reasons that led to it.
+
+    ``hard`` asks for the second rung of the ladder: destroy + create instead of a reset.
+    """
 
     action: Action
     reasons: tuple[str, ...]
+    hard: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,3 +122,9 @@ class VmView:
     last_valid_ms: int = 0
     restarts_in_window: int = 0
     restarts_suspended: bool = False
+    host_degraded: bool = False  # the host worker lives but cannot reach libvirt
+    host_maintenance: bool = False
+    incident_attempts: int = 0  # restarts already tried in this incident (the ladder's rung)
+    last_restart_ms: int = 0
+    host_restarts_in_flight: int = 0
+    storm: str = ""  # why the storm/partition guard holds this round, "" when it does not

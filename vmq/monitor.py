@@ -12,14 +12,15 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from vmq.codec import WIRE_VERSION, decode_reply, new_nonce
 from vmq.config import Settings
 from vmq.errors import CodecError
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
-from vmq.policy import ANSWER_HEALS, PolicyConfig, decide
+from vmq.policy import ANSWER_HEALS, PolicyConfig, decide, storm_guard
 from vmq.store.redis import Record, RedisStore, Transition
+from vmq.sweeps import expire_maintenance, sweep_hosts
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class RestartRequest:
     incident: str
     round: int
     issued_ms: int
+    hard: bool = False  # destroy + create instead of reset (second rung of the ladder)
+    crashed: bool = False  # the hypervisor reported a crash: no activity check needed
 
 
 @dataclass
@@ -60,6 +63,9 @@ def policy_config(settings: Settings) -> PolicyConfig:
         restart_timeout_s=settings.restart_timeout_s,
         max_restarts=settings.max_restarts,
         restart_window_s=settings.restart_window_s,
+        backoff_base_s=settings.backoff_base_s,
+        backoff_max_s=settings.backoff_max_s,
+        max_concurrent_restarts_per_host=settings.max_concurrent_restarts_per_host,
     )
 
 
@@ -81,11 +87,12 @@ def view_of(vm: str, rec: Record, **extra: object) -> VmView:
 class Monitor:
     """The central half of vmq: probe, ingest, judge, dispatch."""
 
-    def __init__(self, store: RedisStore, settings: Settings,
-                 dispatch: Callable[[RestartRequest], None]) -> None:
+    def __init__(self, store: RedisStore, settings: Settings, dispatch: Callable[[RestartRequest], None],
+                 notify: Callable[[dict[str, object]], None] | None = None) -> None:
         self.store = store
         self.settings = settings
         self.dispatch = dispatch
+        self.notify = notify
         self.policy = policy_config(settings)
         self._t2_ms = int(settings.reply_timeout_s * 1000)
 
@@ -112,6 +119,8 @@ class Monitor:
                 report.locked_out = True
                 return report
             now_ms = self.store.time_ms()
+            sweep_hosts(self.store, now_ms)
+            expire_maintenance(self.store, now_ms)
             for round_id, deadline_ms in self.store.due_rounds(now_ms):
                 self._ingest(deadline_ms, report)
                 self._judge(round_id, deadline_ms, now_ms, report)
@@ -199,7 +208,7 @@ class Monitor:
             batch.append(Transition(
                 vm, (state,), VmState.HEALTHY, arrival_ms, event,
                 fields={"incident": "", "boot_id": boot_id, "decision": "", "decision_action": "",
-                        "decision_grounds": ""},
+                        "decision_grounds": "", "attempts": 0},
                 expected_generation=int(rec.get("generation") or 0),
             ))
         for spec, (ok, _, _) in zip(batch, self.store.transition_many(batch)):
@@ -211,35 +220,93 @@ class Monitor:
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport) -> None:
         silent = self.store.silent_since(round_id)
         if not silent:
+            self._end_guard_episodes(set(), now_ms)
             return
         records = self.store.vm_records(silent)
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
-        restarts, alive, last_replies, keyed, suspended = self.store.judge_context(
-            silent, (r.get("host", "") for r in records), window_start)
+        restarts, _, last_replies, keyed, suspended = self.store.judge_context(silent, [], window_start)
+        hosts = self.store.host_context(r.get("host", "") for r in records if r.get("host"))
+        in_flight = self.store.restarting_by_host()
         seen = self.store.last_seen_many(silent)
+        views: list[tuple[int, VmView]] = []
         for i, vm in enumerate(silent):
             rec = records[i]
             if not rec:
                 continue  # listed in last_round but no record: removed VM
-            view = view_of(vm, rec, has_key=vm in keyed, host_alive=alive.get(rec.get("host", ""), False),
-                           last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i],
-                           restarts_suspended=suspended)
+            host = hosts.get(rec.get("host", ""))
+            views.append((i, view_of(
+                vm, rec, has_key=vm in keyed, host_alive=bool(host and host.alive),
+                host_degraded=bool(host and host.degraded),
+                host_maintenance=bool(host and host.in_maintenance(now_ms)),
+                last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i], restarts_suspended=suspended,
+                incident_attempts=int(rec.get("attempts") or 0),
+                last_restart_ms=int(rec.get("last_restart_ms") or 0),
+                host_restarts_in_flight=in_flight.get(rec.get("host", ""), 0))))
+        decisions = {view.vm: decide(view, self.policy, now_ms) for _, view in views}
+        # Storm and partition guard: count this round's judged silence per host before acting on any of it.
+        silent_by_host: dict[str, int] = {}
+        for _, view in views:
+            if decisions[view.vm].action is not Action.NONE and view.domain_status is not DomainStatus.CRASHED:
+                silent_by_host[view.host] = silent_by_host.get(view.host, 0) + 1
+        cluster, by_host = storm_guard(silent_by_host, {h: c.vm_count for h, c in hosts.items()},
+                                       self.store.monitored_count(), self.settings.storm_fraction,
+                                       self.settings.storm_min_vms)
+        self._record_guard_episodes(cluster, by_host, silent_by_host, round_id, now_ms)
+        answered = self.store.last_rounds(silent)
+        for i, view in views:
+            # Decide again with the guard and with the restarts this very round has already dispatched.
+            storm = cluster or by_host.get(view.host, "")
+            view = replace(view, storm=storm, host_restarts_in_flight=in_flight.get(view.host, 0))
             decision = decide(view, self.policy, now_ms)
             last = last_replies[i]
-            evidence: dict[str, object] = {"round": round_id, "deadline_ms": deadline_ms,
-                                           "last_valid_ms": view.last_valid_ms,
-                                           "last_reply": json.loads(last) if last else None}
-            self._act(view, rec, decision, evidence, round_id, now_ms, report)
+            evidence: dict[str, object] = {
+                "round": round_id, "deadline_ms": deadline_ms, "last_valid_ms": view.last_valid_ms,
+                "rounds_missed": round_id - int(answered[i] or 0),
+                "domain": {"status": view.domain_status.value, "reason": view.domain_reason},
+                "budget": {"used": view.restarts_in_window, "max": self.policy.max_restarts,
+                           "attempts_this_incident": view.incident_attempts},
+                "guards": {"host_alive": view.host_alive, "host_degraded": view.host_degraded,
+                           "kill_switch": view.restarts_suspended, "storm": storm,
+                           "host_restarts_in_flight": view.host_restarts_in_flight},
+                "last_reply": json.loads(last) if last else None}
+            if self._act(view, records[i], decision, evidence, round_id, now_ms, report) and view.host:
+                in_flight[view.host] = in_flight.get(view.host, 0) + 1  # the per-host limit counts this one
+
+    def _record_guard_episodes(self, cluster: str, by_host: dict[str, str], silent_by_host: dict[str, int],
+                               round_id: int, now_ms: int) -> None:
+        """Raise `storm` / `host_suspect` once when an episode starts; `storm_over` when it ends."""
+        active = {"cluster": cluster} if cluster else {}
+        active.update({f"host:{h}": reason for h, reason in by_host.items()})
+        known = self.store.guard_episodes()
+        started = {name: now_ms for name in active if name not in known}
+        for name in started:
+            host = name.partition(":")[2]
+            self.store.audit("storm" if name == "cluster" else "host_suspect", "", host, now_ms,
+                             round=round_id, reason=active[name], silent=silent_by_host)
+            log.error("%s: %s", name, active[name])
+        self.store.set_guard_episodes(started, [])
+        self._end_guard_episodes(set(active), now_ms, known)
+
+    def _end_guard_episodes(self, active: set[str], now_ms: int, known: dict[str, int] | None = None) -> None:
+        known = self.store.guard_episodes() if known is None else known
+        ended = [name for name in known if name not in active]
+        for name in ended:
+            self.store.audit("storm_over", "", name.partition(":")[2], now_ms, episode=name,
+                             lasted_s=round((now_ms - known[name]) / 1000, 3))
+        if ended:
+            self.store.set_guard_episodes({}, ended)
 
     def _act(self, view: VmView, rec: Record, decision: Decision, evidence: dict[str, object],
-             round_id: int, now_ms: int, report: TickReport) -> None:
+             round_id: int, now_ms: int, report: TickReport) -> bool:
+        """Carry out one decision; True when a restart was dispatched."""
         reasons = "; ".join(decision.reasons)
         if decision.action is Action.NONE:
             if rec.get("decision") != reasons:
                 self.store.set_fields(view.vm, {"decision": reasons, "decision_action": decision.action.value})
-            return
+            return False
         generation = int(rec.get("generation") or 0)
         incident = rec.get("incident", "")
+        grounds = "; ".join((decision.action.value, *decision.reasons[1:]))
         base = {"host": view.host, "reasons": list(decision.reasons), "action": decision.action.value}
         if view.state is not VmState.FAULTY:
             # unknown/healthy/recovering/restarting -> faulty: open (or continue) the incident.
@@ -249,57 +316,72 @@ class Monitor:
                 view.vm, [view.state], VmState.FAULTY, now_ms, {"type": "faulty", "incident": incident,
                                                                    **base, "evidence": evidence},
                 fields={"incident": incident, "incident_opened_ms": opened_ms, "decision": reasons,
-                        "decision_action": decision.action.value,
-                        "decision_grounds": "; ".join((decision.action.value, *decision.reasons[1:]))},
+                        "decision_action": decision.action.value, "decision_grounds": grounds},
                 expected_generation=generation,
             )
             if not ok:
-                return  # someone else moved it: their verdict stands
+                return False  # someone else moved it: their verdict stands
             report.flagged.append(view.vm)
             log.warning("vm=%s host=%s round=%s faulty: %s", view.vm, view.host, round_id, reasons)
         else:
             # The first reason states the silence and changes every round; the grounds after it do not,
             # so only a change of grounds is an audit event.
-            grounds = "; ".join((decision.action.value, *decision.reasons[1:]))
             if rec.get("decision_grounds") != grounds:
                 self.store.audit("decision", view.vm, view.host, now_ms, incident=incident,
-                                 reasons=list(decision.reasons), action=decision.action.value)
+                                 reasons=list(decision.reasons), action=decision.action.value,
+                                 evidence=evidence)
             self.store.set_fields(view.vm, {"decision": reasons, "decision_action": decision.action.value,
                                             "decision_grounds": grounds})
         if decision.action is Action.FAIL:
-            self.store.transition(view.vm, [VmState.FAULTY], VmState.FAILED, now_ms,
-                                  {"type": "failed", "incident": incident, **base},
-                                  expected_generation=generation)
-            log.error("vm=%s failed: %s", view.vm, reasons)
-        elif decision.action is Action.RESTART:
-            self._dispatch(view, incident, generation, round_id, now_ms, base, report)
+            self._fail(view, incident, generation, now_ms, base, evidence)
+            return False
+        if decision.action is Action.RESTART:
+            return self._dispatch(view, decision, incident, generation, round_id, now_ms, base, report)
+        return False
 
-    def _dispatch(self, view: VmView, incident: str, generation: int, round_id: int, now_ms: int,
-                  base: dict[str, object], report: TickReport) -> None:
+    def _fail(self, view: VmView, incident: str, generation: int, now_ms: int, base: dict[str, object],
+              evidence: dict[str, object]) -> None:
+        ok, _, _ = self.store.transition(view.vm, [VmState.FAULTY], VmState.FAILED, now_ms,
+                                         {"type": "failed", "incident": incident, **base},
+                                         expected_generation=generation)
+        if not ok:
+            return
+        log.error("vm=%s failed: %s", view.vm, "; ".join(base["reasons"]))  # type: ignore[arg-type]
+        escalation: dict[str, object] = {"type": "escalated", "vm": view.vm, "host": view.host,
+                                         "incident": incident, "time_ms": now_ms, "reasons": base["reasons"],
+                                         "evidence": evidence}
+        self.store.audit("escalated", view.vm, view.host, now_ms, incident=incident, reasons=base["reasons"])
+        if self.notify is not None:
+            try:
+                self.notify(escalation)  # a Celery task with retries: never blocks the judge
+            except Exception:
+                log.exception("vm=%s escalation could not be queued", view.vm)
+
+    def _dispatch(self, view: VmView, decision: Decision, incident: str, generation: int, round_id: int,
+                  now_ms: int, base: dict[str, object], report: TickReport) -> bool:
         queue = f"host.{view.host}"
         ok, _, new_gen = self.store.transition(
             view.vm, [VmState.FAULTY], VmState.RESTARTING, now_ms,
-            {"type": "restart_dispatched", "incident": incident, "queue": queue, **base},
+            {"type": "restart_dispatched", "incident": incident, "queue": queue, "hard": decision.hard, **base},
+            fields={"attempts": view.incident_attempts + 1, "last_restart_ms": now_ms},
             expected_generation=generation, count_restart=True,
             restart_window_ms=int(self.settings.restart_window_s * 1000),
         )
         if not ok:
-            return
-        request = RestartRequest(view.vm, view.host, new_gen, incident, round_id, now_ms)
+            return False
+        request = RestartRequest(view.vm, view.host, new_gen, incident, round_id, now_ms, hard=decision.hard,
+                                 crashed=view.domain_status is DomainStatus.CRASHED)
         try:
             self.dispatch(request)
         except Exception as exc:  # the broker refused: give the verdict back to the next round
             log.exception("vm=%s restart dispatch to %s failed", view.vm, queue)
             self.store.transition(view.vm, [VmState.RESTARTING], VmState.FAULTY, now_ms,
                                   {"type": "dispatch_failed", "incident": incident, "host": view.host,
-                                   "error": str(exc)}, expected_generation=new_gen)
+                                   "error": str(exc)},
+                                  fields={"attempts": view.incident_attempts}, expected_generation=new_gen)
             self.store.uncount_restart(view.vm, new_gen, now_ms)  # nothing was restarted: budget untouched
-            return
+            return False
         report.dispatched.append(view.vm)
         self.store.incr_stat("restarts_dispatched")
-        log.warning("vm=%s restart dispatched to %s incident=%s", view.vm, queue, incident)
-
-
-def request_as_dict(request: RestartRequest) -> dict[str, object]:
-    """The task payload for a restart request."""
-    return asdict(request)
+        log.warning("vm=%s restart dispatched to %s incident=%s hard=%s", view.vm, queue, incident, decision.hard)
+        return True

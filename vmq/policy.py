@@ -6,27 +6,33 @@ audit stream verbatim, so they are sentences an operator can act on.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 
 #: Every transition the state machine allows (from -> possible to). Anything else is a bug.
 TRANSITIONS: dict[VmState, frozenset[VmState]] = {
-    VmState.UNKNOWN: frozenset({VmState.HEALTHY, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
-    VmState.HEALTHY: frozenset({VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
+    VmState.UNKNOWN: frozenset({VmState.UNREACHABLE, VmState.HEALTHY, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
+    VmState.HEALTHY: frozenset({VmState.UNREACHABLE, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
     VmState.FAULTY: frozenset(
         {VmState.HEALTHY, VmState.RESTARTING, VmState.FAILED, VmState.UNKNOWN, VmState.MAINTENANCE,
-         VmState.DISABLED}
+         VmState.DISABLED, VmState.UNREACHABLE}
     ),
     VmState.RESTARTING: frozenset(
         {VmState.RECOVERING, VmState.HEALTHY, VmState.FAULTY, VmState.UNKNOWN, VmState.MAINTENANCE,
-         VmState.DISABLED}
+         VmState.DISABLED, VmState.UNREACHABLE}
     ),
-    VmState.RECOVERING: frozenset({VmState.HEALTHY, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
+    VmState.RECOVERING: frozenset({VmState.UNREACHABLE, VmState.HEALTHY, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED}),
     VmState.FAILED: frozenset({VmState.UNKNOWN, VmState.MAINTENANCE, VmState.DISABLED}),
     VmState.MAINTENANCE: frozenset({VmState.UNKNOWN, VmState.DISABLED}),
     VmState.DISABLED: frozenset({VmState.UNKNOWN, VmState.MAINTENANCE}),
+    VmState.UNREACHABLE: frozenset({VmState.UNKNOWN, VmState.MAINTENANCE, VmState.DISABLED}),
 }
+
+#: States a VM on a host whose worker vanished moves out of, into `unreachable`.
+REACHABLE = frozenset({VmState.UNKNOWN, VmState.HEALTHY, VmState.FAULTY, VmState.RESTARTING,
+                       VmState.RECOVERING})
 
 #: States in which a valid reply makes the VM healthy again.
 ANSWER_HEALS = frozenset({VmState.UNKNOWN, VmState.FAULTY, VmState.RESTARTING, VmState.RECOVERING})
@@ -49,6 +55,25 @@ class PolicyConfig:
     restart_timeout_s: float = 60.0
     max_restarts: int = 3
     restart_window_s: float = 3600.0
+    backoff_base_s: float = 10.0  # wait base * 2^(n-1) after the n-th restart of an incident ...
+    backoff_max_s: float = 300.0  # ... capped here ...
+    backoff_jitter: float = 0.2  # ... spread by +-20 % so VMs restarted together do not retry together
+    max_concurrent_restarts_per_host: int = 2
+    ladder_rungs: int = 2  # reset, then destroy + create; then `failed`
+
+
+#: Pause reasons that mean an operator or libvirt itself holds the domain on purpose.
+DELIBERATE_PAUSE = frozenset({"user", "migration", "snapshot", "save", "from_snapshot", "shutting_down",
+                              "starting_up", "postcopy", "api_error_hold"})
+
+
+def backoff_s(vm: str, attempts: int, cfg: PolicyConfig) -> float:
+    """Seconds to wait after the ``attempts``-th restart of an incident; jitter derived from the VM (pure)."""
+    if attempts <= 0:
+        return 0.0
+    base = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempts - 1))
+    spread = (zlib.crc32(f"{vm}:{attempts}".encode()) % 2001 - 1000) / 1000.0  # in [-1, 1]
+    return max(0.0, float(base) * (1 + cfg.backoff_jitter * spread))
 
 
 def _age_s(now_ms: int, since_ms: int) -> float:
@@ -65,6 +90,10 @@ def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
         return "domain not found on any live host"
     if view.domain_status is DomainStatus.SHUTOFF:
         return f"domain is shut off on purpose ({view.domain_reason or 'unknown reason'}): left alone"
+    if view.domain_status is DomainStatus.PAUSED and view.domain_reason in DELIBERATE_PAUSE:
+        return f"domain is paused on purpose ({view.domain_reason}): not judged while that lasts"
+    if view.host_maintenance:
+        return f"host {view.host} is in maintenance"
     state_age = _age_s(now_ms, view.state_since_ms)
     if view.state is VmState.RESTARTING and state_age < cfg.restart_timeout_s:
         return f"restart in progress for {state_age:.1f} s"
@@ -85,7 +114,10 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
     skip = _not_judged(view, cfg, now_ms)
     if skip is not None:
         return Decision(Action.NONE, (skip,))
-    if view.last_valid_ms:
+    crashed = view.domain_status is DomainStatus.CRASHED
+    if crashed:
+        reasons = [f"the hypervisor reports the domain crashed ({view.domain_reason or 'crashed'})"]
+    elif view.last_valid_ms:
         reasons = [f"no valid reply for {_age_s(now_ms, view.last_valid_ms):.1f} s"]
     else:
         reasons = ["no valid reply since monitoring started"]
@@ -93,20 +125,60 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
         reasons.append(f"restart task did not complete within {cfg.restart_timeout_s:g} s")
     elif view.state is VmState.RECOVERING:
         reasons.append(f"no answer within the recovery timeout ({cfg.recovery_timeout_s:g} s)")
+    hold = _hold(view, cfg, now_ms, crashed)
+    if hold is not None:
+        action, reason = hold
+        return Decision(action, (*reasons, reason))
+    hard = view.incident_attempts >= 1
+    rung = "destroy + create" if hard else "reset"
+    reasons.append(f"{rung} (rung {view.incident_attempts + 1} of {cfg.ladder_rungs}); budget "
+                   f"{view.restarts_in_window + 1} of {cfg.max_restarts} in {cfg.restart_window_s:g} s")
+    return Decision(Action.RESTART, tuple(reasons), hard=hard)
+
+
+def _hold(view: VmView, cfg: PolicyConfig, now_ms: int, crashed: bool) -> tuple[Action, str] | None:
+    """Why a judged VM is flagged or failed instead of restarted, in order of precedence; None to restart."""
     if not view.host_alive:
-        return Decision(Action.FLAG, (*reasons, f"host {view.host or '?'} heartbeat is stale: not restarting"))
-    if not view.last_valid_ms:
-        return Decision(Action.FLAG, (*reasons, ("never answered since monitoring started: silence alone is "
-                                                "no evidence of a hang, not restarting")))
+        return Action.FLAG, f"host {view.host or '?'} heartbeat is stale: not restarting"
+    if view.host_degraded:
+        return Action.FLAG, f"host {view.host} cannot reach libvirt (degraded): not restarting"
+    if not crashed and not view.last_valid_ms:
+        return Action.FLAG, "never answered since monitoring started: silence alone is no evidence of a hang"
     if view.restarts_in_window >= cfg.max_restarts:
-        return Decision(
-            Action.FAIL,
-            (*reasons, (f"restart budget exhausted: {view.restarts_in_window} of {cfg.max_restarts} "
-                       f"in {cfg.restart_window_s:g} s")),
-        )
+        return Action.FAIL, (f"restart budget exhausted: {view.restarts_in_window} of {cfg.max_restarts} "
+                             f"in {cfg.restart_window_s:g} s")
+    if view.incident_attempts >= cfg.ladder_rungs:
+        return Action.FAIL, f"every rung of the ladder was tried ({view.incident_attempts}): quarantined"
     if view.restarts_suspended:
-        return Decision(Action.FLAG, (*reasons, "restarts are suspended by the kill switch"))
+        return Action.FLAG, "restarts are suspended by the kill switch"
+    if view.storm and not crashed:
+        return Action.FLAG, view.storm
     if view.domain_status is DomainStatus.OTHER:
-        return Decision(Action.FLAG, (*reasons, f"domain state {view.domain_reason or 'other'}: no safe action"))
-    reasons.append(f"budget {view.restarts_in_window + 1} of {cfg.max_restarts} in {cfg.restart_window_s:g} s")
-    return Decision(Action.RESTART, tuple(reasons))
+        return Action.FLAG, f"domain state {view.domain_reason or 'other'}: no safe action"
+    wait_s = backoff_s(view.vm, view.incident_attempts, cfg) - _age_s(now_ms, view.last_restart_ms)
+    if view.incident_attempts and wait_s > 0:
+        return Action.FLAG, f"back-off: next attempt allowed in {wait_s:.1f} s"
+    if view.host_restarts_in_flight >= cfg.max_concurrent_restarts_per_host:
+        return Action.FLAG, (f"host {view.host} already has {view.host_restarts_in_flight} restarts in flight "
+                             f"(limit {cfg.max_concurrent_restarts_per_host})")
+    return None
+
+
+def storm_guard(silent_by_host: dict[str, int], vms_by_host: dict[str, int], total_vms: int,
+                fraction: float, min_host_vms: int = 3) -> tuple[str, dict[str, str]]:
+    """Whether this round's silence looks like vmq's, the network's or a host's fault, not the guests'.
+
+    Returns (cluster-wide reason or "", {host: reason}) for the hosts whose own VMs went silent together.
+    """
+    silent = sum(silent_by_host.values())
+    cluster = ""
+    if total_vms and silent >= min_host_vms and silent / total_vms > fraction:
+        cluster = (f"storm guard: {silent} of {total_vms} VMs silent in one round (> {fraction:.0%}): "
+                   "suspecting the monitor or the network, not the guests")
+    hosts: dict[str, str] = {}
+    for host, count in silent_by_host.items():
+        size = vms_by_host.get(host, 0)
+        if size and count >= min_host_vms and count / size > fraction:
+            hosts[host] = (f"host guard: {count} of {size} VMs on {host} silent in one round "
+                           f"(> {fraction:.0%}): suspecting the host or its network, not the guests")
+    return cluster, hosts

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmq.model import DomainInfo
+
+if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
+    from vmq.hypervisor.types import ActivitySample
 
 
 class Hypervisor(Protocol):
@@ -22,6 +25,10 @@ class Hypervisor(Protocol):
 
     def domain_info(self, name: str) -> DomainInfo:
         """One domain's status; raises DomainNotFound."""
+        ...
+
+    def activity(self, name: str) -> ActivitySample:
+        """Cumulative CPU, disk and network counters of one domain (None where unknown); raises DomainNotFound."""
         ...
 
     def reset(self, name: str) -> None:

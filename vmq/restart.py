@@ -30,7 +30,9 @@ class RestartOutcome:
     result: str
 
 
-def _action_for(status: DomainStatus) -> RestartAction:
+def _action_for(status: DomainStatus, hard: bool = False) -> RestartAction:
+    if hard and status in (DomainStatus.RUNNING, DomainStatus.PAUSED):
+        return RestartAction.DESTROY_CREATE
     if status is DomainStatus.RUNNING:
         return RestartAction.RESET
     if status is DomainStatus.PAUSED:
@@ -48,10 +50,13 @@ def _perform(hypervisor: Hypervisor, vm: str, action: RestartAction) -> None:
         hypervisor.reset(vm)
     elif action is RestartAction.CREATE:
         hypervisor.start(vm)
+    elif action is RestartAction.DESTROY_CREATE:
+        hypervisor.destroy(vm)
+        hypervisor.start(vm)
 
 
 def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
-               incident: str, claimant: str) -> RestartOutcome:
+               incident: str, claimant: str, hard: bool = False) -> RestartOutcome:
     """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted."""
     rec = store.vm_record(vm)
     now_ms = store.time_ms()
@@ -83,7 +88,7 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
         return back_to_faulty("restart_failed", f"domain {vm} is not defined on {host}")
     except HypervisorError as exc:
         return back_to_faulty("restart_failed", f"hypervisor unavailable: {exc}")
-    action = _action_for(info.status)
+    action = _action_for(info.status, hard)
     if action is RestartAction.LEFT_ALONE:
         result = f"domain is {info.status.value} ({info.reason or 'no reason'}): left alone"
         store.transition(vm, [VmState.RESTARTING], VmState.UNKNOWN, now_ms,

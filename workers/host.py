@@ -16,7 +16,7 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from vmq.errors import HypervisorError, StoreError, VmqError
-from vmq.inventory import sync_inventory
+from vmq.inventory import mark_degraded, sync_inventory
 from vmq.keys import host_queue
 from vmq.restart import operate_domain
 from vmq.restart import restart_vm as restart_use_case
@@ -38,7 +38,8 @@ def restart_vm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     try:
         outcome = restart_use_case(store_of(self.app), hypervisor_of(self.app), host, str(request["vm"]),
                                    int(request["generation"]), str(request["incident"]),
-                                   claimant=f"{host}:{os.getpid()}:{self.request.id}")
+                                   claimant=f"{host}:{os.getpid()}:{self.request.id}",
+                                   hard=bool(request.get("hard", False)))
     except StoreError as exc:
         raise self.retry(exc=exc, countdown=1.0) from exc
     return asdict(outcome)
@@ -82,7 +83,10 @@ class InventoryAgent(threading.Thread):
             try:
                 self.sync_once()
             except HypervisorError as exc:
-                log.error("host=%s libvirt unavailable, heartbeat not renewed: %s", settings.host_name, exc)
+                # Alive but blind: the host is `degraded`; its VMs are flagged, never restarted on silence.
+                log.error("host=%s libvirt unavailable (degraded): %s", settings.host_name, exc)
+                mark_degraded(store_of(self.app), settings.require_host(), settings.libvirt_uri,
+                              settings.host_heartbeat_ttl_s, str(exc))
             except VmqError as exc:
                 log.error("host=%s inventory sync failed: %s", settings.host_name, exc)
             except Exception:  # the agent must outlive any single failure

@@ -28,6 +28,20 @@ Record = dict[str, str]
 
 
 @dataclass(frozen=True)
+class HostContext:
+    """What the judge needs to know about a host."""
+
+    alive: bool
+    degraded: bool
+    maintenance_until_ms: int  # 0: none; -1: until lifted
+    vm_count: int
+
+    def in_maintenance(self, now_ms: int) -> bool:
+        """True while the host's maintenance window lasts."""
+        return self.maintenance_until_ms == -1 or self.maintenance_until_ms > now_ms
+
+
+@dataclass(frozen=True)
 class Transition:
     """One compare-and-set of a VM's state (see vmq/lua/transition.lua)."""
 
@@ -365,6 +379,64 @@ class RedisStore:
         with translate_errors("reset budget"):
             self.r.delete(self.keys.vm_restarts(vm))
 
+    # ------------------------------------------------------------------ guards
+    def host_context(self, hosts: Iterable[str]) -> dict[str, HostContext]:
+        """Liveness, libvirt health, maintenance and size of each host, in one round trip."""
+        names = sorted(set(hosts))
+        with translate_errors("host context"):
+            pipe = self.r.pipeline(transaction=False)
+            for host in names:
+                pipe.exists(self.keys.host_heartbeat(host))
+                pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms"])
+                pipe.hlen(self.keys.host_domains(host))
+            out = pipe.execute()
+        result = {}
+        for i, host in enumerate(names):
+            alive, (libvirt_ok, until), size = out[3 * i], out[3 * i + 1], out[3 * i + 2]
+            result[host] = HostContext(bool(alive), _text(libvirt_ok or b"1") == "0",
+                                       int(_text(until or b"0")), int(size))
+        return result
+
+    def monitored_count(self) -> int:
+        """How many VMs have a responder key (the storm guard's denominator)."""
+        with translate_errors("HLEN secrets"):
+            return int(self.r.hlen(self.keys.secrets))
+
+    def restarting_by_host(self) -> dict[str, int]:
+        """Restarts in flight per host (VMs in `restarting`), read from the small attention set."""
+        vms = sorted(self.attention())
+        counts: dict[str, int] = {}
+        for rec in self.vm_records(vms):
+            if rec.get("state") == VmState.RESTARTING.value:
+                counts[rec.get("host", "")] = counts.get(rec.get("host", ""), 0) + 1
+        return counts
+
+    def guard_episodes(self) -> dict[str, int]:
+        """Storm/host guard episodes in progress: name -> since ms."""
+        with translate_errors("HGETALL storm"):
+            return {_text(a): int(b) for a, b in self.r.hgetall(self.keys.storm).items()}
+
+    def set_guard_episodes(self, start: Mapping[str, int], end: Iterable[str]) -> None:
+        """Record guard episodes that begin and end."""
+        ended = list(end)
+        with translate_errors("storm episodes"):
+            pipe = self.r.pipeline(transaction=False)
+            if start:
+                pipe.hset(self.keys.storm, mapping=dict(start))
+            if ended:
+                pipe.hdel(self.keys.storm, *ended)
+            pipe.execute()
+
+    def set_host_fields(self, host: str, fields: Mapping[str, Any]) -> None:
+        """Write fields of a host's registration hash (maintenance, libvirt health, down since)."""
+        with translate_errors(f"HSET host {host}"):
+            self.r.hset(self.keys.host(host), mapping={a: str(b) for a, b in fields.items()})
+
+    def vms_on_host(self, host: str) -> list[str]:
+        """VMs whose record places them on ``host``."""
+        names = sorted(self.domain_names(host))
+        return [vm for vm, (owner, _, _) in zip(names, self.vm_placements(names)) if owner == host]
+
     # ------------------------------------------------------------------ hosts and inventory
     def heartbeat(self, host: str, info: Mapping[str, Any], ttl_ms: int) -> None:
         """Register/refresh a host worker: info hash, membership and a heartbeat key with a TTL."""
@@ -392,6 +464,11 @@ class RedisStore:
             out = pipe.execute()
         return [(name, bool(out[2 * i]), {_text(a): _text(b) for a, b in out[2 * i + 1].items()})
                 for i, name in enumerate(names)]
+
+    def host_info(self, host: str) -> Record:
+        """A host's registration hash."""
+        with translate_errors("host info"):
+            return {_text(a): _text(b) for a, b in self.r.hgetall(self.keys.host(host)).items()}
 
     def host_alive(self, host: str) -> bool:
         """Whether ``host``'s heartbeat is fresh."""
