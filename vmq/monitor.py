@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from vmq.codec import WIRE_VERSION, decode_reply, new_nonce
 from vmq.config import Settings
@@ -25,6 +25,16 @@ from vmq.sweeps import expire_maintenance, sweep_hosts
 log = logging.getLogger(__name__)
 
 BATCH = 5000
+
+#: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
+EVENT_STATUS = {
+    "crash": DomainStatus.CRASHED,
+    "operator_stop": DomainStatus.SHUTOFF,
+    "migrating_away": DomainStatus.PAUSED,
+    "paused": DomainStatus.PAUSED,
+    "resumed": DomainStatus.RUNNING,
+    "started": DomainStatus.RUNNING,
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ class Monitor:
         self.notify = notify
         self.policy = policy_config(settings)
         self._t2_ms = int(settings.reply_timeout_s * 1000)
+        self._host_fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
 
     # ---------------------------------------------------------------- probe
     def probe(self) -> tuple[int, int]:
@@ -130,6 +141,54 @@ class Monitor:
             upcoming = self.store.next_deadline()
             self._ingest(now_ms - 1 if upcoming is None else min(now_ms - 1, upcoming), report)
         return report
+
+    # ---------------------------------------------------------------- hypervisor events
+    def on_domain_event(self, vm: str, host: str, kind: str, event: str, detail: str) -> TickReport:
+        """Record a libvirt lifecycle event from ``host``; a crash is judged now, without waiting for T2.
+
+        ``kind`` is vmq.hypervisor.events.classify's word: crash, operator_stop, migrating_away, paused,
+        resumed, started or other.
+        """
+        report = TickReport()
+        with self.store.judge_lock(lease_s=30.0, wait_s=max(1.0, self.settings.probe_interval_s)) as acquired:
+            now_ms = self.store.time_ms()
+            rec = self.store.vm_record(vm)
+            if not rec or rec.get("host") != host:
+                self.store.audit("domain_event_ignored", vm, host, now_ms, kind=kind, event=event, detail=detail,
+                                 reason=f"vm is on {rec.get('host') or 'no host'}" if rec else "unknown vm")
+                return report
+            status = EVENT_STATUS.get(kind)
+            fields: dict[str, object] = {}
+            if status is not None:
+                fields = {"domain_status": status.value, "domain_reason": detail}
+            if kind == "started":
+                fields["booted_at_ms"] = now_ms
+            if fields:
+                self.store.set_fields(vm, fields)
+                rec.update({k: str(v) for k, v in fields.items()})
+            self.store.audit("domain_event", vm, host, now_ms, kind=kind, event=event, detail=detail)
+            if kind != "crash" or not acquired:
+                return report
+            view = self._single_view(vm, rec, now_ms)
+            decision = decide(view, self.policy, now_ms)
+            evidence: dict[str, object] = {"hypervisor_event": {"event": event, "detail": detail},
+                                           "last_valid_ms": view.last_valid_ms,
+                                           "budget": {"used": view.restarts_in_window,
+                                                      "max": self.policy.max_restarts}}
+            self._act(view, rec, decision, evidence, self.store.current_round(), now_ms, report)
+        return report
+
+    def _single_view(self, vm: str, rec: Record, now_ms: int) -> VmView:
+        window_start = now_ms - int(self.settings.restart_window_s * 1000)
+        restarts, _, _, keyed, suspended = self.store.judge_context([vm], [], window_start)
+        host = self.store.host_context([rec.get("host", "")], now_ms, self._host_fresh_ms).get(rec.get("host", ""))
+        return view_of(
+            vm, rec, has_key=vm in keyed, host_alive=bool(host and host.alive),
+            host_degraded=bool(host and host.degraded), host_maintenance=bool(host and host.in_maintenance(now_ms)),
+            last_valid_ms=int(self.store.last_seen_many([vm])[0] or 0), restarts_in_window=restarts[0],
+            restarts_suspended=suspended, incident_attempts=int(rec.get("attempts") or 0),
+            last_restart_ms=int(rec.get("last_restart_ms") or 0),
+            host_restarts_in_flight=self.store.restarting_by_host().get(rec.get("host", ""), 0))
 
     # ---------------------------------------------------------------- ingest
     def _ingest(self, up_to_ms: int, report: TickReport) -> None:
@@ -225,7 +284,8 @@ class Monitor:
         records = self.store.vm_records(silent)
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
         restarts, _, last_replies, keyed, suspended = self.store.judge_context(silent, [], window_start)
-        hosts = self.store.host_context(r.get("host", "") for r in records if r.get("host"))
+        hosts = self.store.host_context((r.get("host", "") for r in records if r.get("host")), now_ms,
+                                        self._host_fresh_ms)
         in_flight = self.store.restarting_by_host()
         seen = self.store.last_seen_many(silent)
         views: list[tuple[int, VmView]] = []

@@ -63,8 +63,8 @@ class PolicyConfig:
 
 
 #: Pause reasons that mean an operator or libvirt itself holds the domain on purpose.
-DELIBERATE_PAUSE = frozenset({"user", "migration", "snapshot", "save", "from_snapshot", "shutting_down",
-                              "starting_up", "postcopy", "api_error_hold"})
+DELIBERATE_PAUSE = frozenset({"user", "paused", "migration", "migrated", "snapshot", "save", "from_snapshot",
+                              "shutting_down", "starting_up", "postcopy"})
 
 
 def backoff_s(vm: str, attempts: int, cfg: PolicyConfig) -> float:
@@ -139,7 +139,7 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
 def _hold(view: VmView, cfg: PolicyConfig, now_ms: int, crashed: bool) -> tuple[Action, str] | None:
     """Why a judged VM is flagged or failed instead of restarted, in order of precedence; None to restart."""
     if not view.host_alive:
-        return Action.FLAG, f"host {view.host or '?'} heartbeat is stale: not restarting"
+        return Action.FLAG, f"host {view.host or '?'} heartbeat is late or gone: not restarting"
     if view.host_degraded:
         return Action.FLAG, f"host {view.host} cannot reach libvirt (degraded): not restarting"
     if not crashed and not view.last_valid_ms:

@@ -28,7 +28,7 @@ class Hypervisor(Protocol):
         ...
 
     def activity(self, name: str) -> ActivitySample:
-        """Cumulative CPU, disk and network counters of one domain (None where unknown); raises DomainNotFound."""
+        """Cumulative CPU, disk and network counters of a domain (None: unknown); raises DomainNotFound."""
         ...
 
     def reset(self, name: str) -> None:

@@ -47,7 +47,11 @@ def monitor_of(app: Celery) -> Monitor:
         app.send_task("vmq.host.restart_vm", args=[asdict(request)], queue=host_queue(request.host),
                       expires=s.restart_task_expires_s)
 
-    return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch))  # type: ignore[no-any-return]
+    def notify(payload: dict[str, object]) -> None:
+        if s.webhook_url:
+            app.send_task("vmq.monitor.notify", args=[payload], queue="vmq.monitor")
+
+    return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch, notify))  # type: ignore[no-any-return]
 
 
 def hypervisor_of(app: Celery) -> Hypervisor:

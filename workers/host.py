@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -16,7 +17,7 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from vmq.errors import HypervisorError, StoreError, VmqError
-from vmq.inventory import mark_degraded, sync_inventory
+from vmq.inventory import mark_degraded, renew_heartbeat, sync_inventory
 from vmq.keys import host_queue
 from vmq.restart import operate_domain
 from vmq.restart import restart_vm as restart_use_case
@@ -78,10 +79,15 @@ class InventoryAgent(threading.Thread):
 
     def run(self) -> None:
         settings = settings_of(self.app)
-        period = min(settings.inventory_interval_s, settings.host_heartbeat_ttl_s / 3)
+        period = min(settings.host_heartbeat_interval_s, settings.host_heartbeat_ttl_s / 3)
+        next_sync = 0.0
         while not self.stop_event.is_set():
             try:
-                self.sync_once()
+                if time.monotonic() >= next_sync:
+                    self.sync_once()  # lists domains and renews the heartbeat
+                    next_sync = time.monotonic() + settings.inventory_interval_s
+                else:
+                    renew_heartbeat(store_of(self.app), settings.require_host(), settings.host_heartbeat_ttl_s)
             except HypervisorError as exc:
                 # Alive but blind: the host is `degraded`; its VMs are flagged, never restarted on silence.
                 log.error("host=%s libvirt unavailable (degraded): %s", settings.host_name, exc)

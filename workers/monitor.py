@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from vmq.notify import NotifyError, post_json
 from workers.context import monitor_of, settings_of, store_of
 
 log = logging.getLogger(__name__)
@@ -38,3 +39,20 @@ def judge_round(self: Task, round_id: int) -> dict[str, Any]:
             wait_s = max(0.0, (deadline - store.time_ms()) / 1000.0) + JUDGE_SLACK_S
             judge_round.apply_async(args=[round_id], countdown=wait_s)  # our clock ran ahead of Redis'
     return asdict(report)
+
+
+@shared_task(bind=True, name="vmq.monitor.domain_event", ignore_result=True)
+def domain_event(self: Task, vm: str, host: str, kind: str, event: str, detail: str) -> dict[str, Any]:
+    """A host's libvirt reported a lifecycle event: record it, and judge a crash at once (no wait for T2)."""
+    report = monitor_of(self.app).on_domain_event(vm, host, kind, event, detail)
+    return asdict(report)
+
+
+@shared_task(bind=True, name="vmq.monitor.notify", ignore_result=True, autoretry_for=(NotifyError,),
+             retry_backoff=2, retry_backoff_max=300, retry_jitter=True, max_retries=12)
+def notify(self: Task, payload: dict[str, Any]) -> int:
+    """POST an escalation to VMQ_WEBHOOK_URL, retried with exponential back-off; never runs in the judge."""
+    url = settings_of(self.app).webhook_url
+    if not url:
+        return 0
+    return post_json(url, payload)

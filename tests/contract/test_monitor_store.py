@@ -107,7 +107,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 # ---------------------------------------------------------------- the world a test drives
 def make_settings(**changes: Any) -> Settings:
     base: dict[str, Any] = {"namespace": NAMESPACE, "probe_interval_s": 1, "reply_timeout_s": 3,
-                            "boot_grace_s": 0, "max_restarts": 3, "restart_window_s": 3600}
+                            "boot_grace_s": 0, "max_restarts": 3, "restart_window_s": 3600,
+                            "host_heartbeat_interval_s": 20}
     return load_settings({**base, **changes})
 
 
@@ -131,7 +132,7 @@ class World:
         self.heartbeat(host)
 
     def heartbeat(self, host: str) -> None:
-        self.store.heartbeat(host, {"queue": host_queue(host)}, 60_000)
+        self.store.heartbeat(host, {"queue": host_queue(host), "seen_ms": self.store.time_ms()}, 60_000)
 
     def other_monitor(self) -> Monitor:
         """A second timeout worker: its own connection, the same data and the same dispatch recorder."""
@@ -430,7 +431,7 @@ def test_a_silent_vm_whose_host_heartbeat_expired_is_flagged_but_not_restarted(w
     report = world.monitor.tick()
     assert report.flagged == ["web-1"] and world.dispatched == []
     assert world.state("web-1") == VmState.FAULTY.value
-    assert "heartbeat is stale" in world.events("faulty")[0]["reasons"]
+    assert "heartbeat is late or gone" in world.events("faulty")[0]["reasons"]
 
 
 def test_a_recovering_vm_that_answers_is_healthy_with_a_recovered_event(world: World) -> None:
@@ -766,3 +767,14 @@ def test_a_vm_whose_domain_becomes_active_on_another_host_moves_there_and_stays(
     record = world.record("web-1")
     assert (record["host"], record["domain_status"]) == (HOST_B, "running")
     assert len(world.events("migrated")) == 1
+
+
+def test_a_host_whose_heartbeat_is_late_gets_no_restart_even_before_its_key_expires(world: World) -> None:
+    world.healthy("web-1")
+    # Renewed long ago, but the key's TTL has not run out yet: a host that just died looks like this.
+    world.store.heartbeat(HOST_A, {"seen_ms": world.store.time_ms() - 61_000}, 60_000)
+    round_2 = world.probe()
+    world.make_due(round_2)
+    assert world.monitor.tick().dispatched == []
+    assert world.state("web-1") == VmState.FAULTY.value
+    assert "heartbeat is late or gone" in world.events("faulty")[0]["reasons"]

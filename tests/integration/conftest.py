@@ -28,6 +28,7 @@ FAST = {
     "VMQ_RECOVERY_TIMEOUT_S": "10",
     "VMQ_INVENTORY_INTERVAL_S": "1",
     "VMQ_HOST_HEARTBEAT_TTL_S": "6",
+    "VMQ_HOST_HEARTBEAT_INTERVAL_S": "0.3",  # 3 missed renewals (0.9 s) must be shorter than T2
 }
 
 

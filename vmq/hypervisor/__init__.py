@@ -1,14 +1,16 @@
 """Hypervisor adapters: ``open_hypervisor`` picks the fake or libvirt one from the URI.
 
-Importing this package does not import libvirt; only building a LibvirtHypervisor does.
+Importing this package does not import libvirt; only building a LibvirtHypervisor (or starting a
+``vmq.hypervisor.events.LifecycleListener``) does.
 """
 
 from __future__ import annotations
 
 from vmq.hypervisor.fake import FakeHypervisor
+from vmq.hypervisor.types import ActivitySample, moving
 from vmq.ports import Hypervisor
 
-__all__ = ["FakeHypervisor", "open_hypervisor"]
+__all__ = ["ActivitySample", "FakeHypervisor", "moving", "open_hypervisor"]
 
 FAKE_SCHEME = "fake://"
 

@@ -10,19 +10,49 @@ Transitions, as measured on the test driver (and on QEMU for the reasons):
     destroy    active                    shutoff, reason "destroyed"
 
 Anything else raises DomainOperationFailed, like libvirt does. ``DomainStatus.OTHER`` counts as active.
+Activity counters start at zero for every domain and move only when a test says so (``set_activity``,
+``advance``); like libvirt, an inactive domain reports every counter as None.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import astuple, dataclass, replace
+from enum import Enum
 
 from vmq.errors import DomainNotFound, DomainOperationFailed, HypervisorUnavailable
+from vmq.hypervisor.types import ActivitySample
 from vmq.model import DomainInfo, DomainStatus
 
 _ACTIVE = frozenset({DomainStatus.RUNNING, DomainStatus.PAUSED, DomainStatus.OTHER})
 _INACTIVE = frozenset({DomainStatus.SHUTOFF, DomainStatus.CRASHED})
+
+
+class _Keep(Enum):
+    """Marker for "leave this counter as it is" in ``set_activity``."""
+
+    KEEP = "keep"
+
+
+_KEEP = _Keep.KEEP
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """One fake domain's cumulative counters; None is a counter the fake host "cannot give"."""
+
+    cpu_time_ns: int | None = 0
+    disk_read_bytes: int | None = 0
+    disk_write_bytes: int | None = 0
+    net_rx_bytes: int | None = 0
+    net_tx_bytes: int | None = 0
+
+
+def _grow(value: int | None, by: int) -> int | None:
+    """A counter advanced by ``by``; an unknown counter stays unknown."""
+    return None if value is None else value + by
 
 
 class FakeHypervisor:
@@ -35,6 +65,7 @@ class FakeHypervisor:
         self._lock = threading.Lock()
         self._unavailable = False
         self._domains: dict[str, DomainInfo] = {}
+        self._counters: dict[str, _Counters] = {}
         for info in domains:
             if info.status is DomainStatus.ABSENT:
                 raise ValueError(f"domain {info.name!r}: a defined domain cannot be {info.status.value}")
@@ -60,6 +91,23 @@ class FakeHypervisor:
             self._enter("domain_info", name)
             return self._get("domain_info", name)
 
+    def activity(self, name: str) -> ActivitySample:
+        """The domain's counters now (all None while it is not active); raises DomainNotFound."""
+        with self._lock:
+            self._enter("activity", name)
+            info = self._get("activity", name)
+            counters = self._counters.get(name, _Counters())
+            if info.status not in _ACTIVE:
+                counters = _Counters(None, None, None, None, None)
+            return ActivitySample(
+                counters.cpu_time_ns,
+                counters.disk_read_bytes,
+                counters.disk_write_bytes,
+                counters.net_rx_bytes,
+                counters.net_tx_bytes,
+                taken_monotonic_s=time.monotonic(),
+            )
+
     def reset(self, name: str) -> None:
         """Hard-reset an active domain (state unchanged); raises DomainOperationFailed if shut off."""
         self._transition("reset", name, _ACTIVE, None, "domain is not running")
@@ -71,10 +119,13 @@ class FakeHypervisor:
         )
 
     def start(self, name: str) -> None:
-        """Start a shut-off domain; raises DomainOperationFailed if it is already active."""
+        """Start a shut-off domain (counters restart from zero); raises DomainOperationFailed if active."""
         self._transition(
             "start", name, _INACTIVE, (DomainStatus.RUNNING, "booted"), "domain is already running"
         )
+        with self._lock:  # a new emulator process counts from zero; a counter it cannot give stays None
+            counters = self._counters.get(name, _Counters())
+            self._counters[name] = _Counters(*(None if value is None else 0 for value in astuple(counters)))
 
     def suspend(self, name: str) -> None:
         """Pause a running domain; raises DomainOperationFailed if it is not running."""
@@ -100,6 +151,42 @@ class FakeHypervisor:
         with self._lock:
             info = self._get("crash", name)
             self._domains[name] = replace(info, status=DomainStatus.CRASHED, reason="crashed")
+
+    def set_activity(
+        self,
+        name: str,
+        *,
+        cpu_time_ns: int | None | _Keep = _KEEP,
+        disk_read_bytes: int | None | _Keep = _KEEP,
+        disk_write_bytes: int | None | _Keep = _KEEP,
+        net_rx_bytes: int | None | _Keep = _KEEP,
+        net_tx_bytes: int | None | _Keep = _KEEP,
+    ) -> None:
+        """Set the given counters (None: "cannot give"), keep the others; not recorded; DomainNotFound."""
+        given = {
+            "cpu_time_ns": cpu_time_ns,
+            "disk_read_bytes": disk_read_bytes,
+            "disk_write_bytes": disk_write_bytes,
+            "net_rx_bytes": net_rx_bytes,
+            "net_tx_bytes": net_tx_bytes,
+        }
+        with self._lock:
+            self._get("set_activity", name)
+            changes = {counter: value for counter, value in given.items() if value is not _KEEP}
+            self._counters[name] = replace(self._counters.get(name, _Counters()), **changes)
+
+    def advance(self, name: str, cpu_ns: int = 0, disk_bytes: int = 0, net_bytes: int = 0) -> None:
+        """Grow CPU time, both disk and both network counters; not recorded; raises DomainNotFound."""
+        with self._lock:
+            self._get("advance", name)
+            counters = self._counters.get(name, _Counters())
+            self._counters[name] = _Counters(
+                _grow(counters.cpu_time_ns, cpu_ns),
+                _grow(counters.disk_read_bytes, disk_bytes),
+                _grow(counters.disk_write_bytes, disk_bytes),
+                _grow(counters.net_rx_bytes, net_bytes),
+                _grow(counters.net_tx_bytes, net_bytes),
+            )
 
     def set_unavailable(self, flag: bool = True) -> None:
         """While set, every port call (except close) raises HypervisorUnavailable, like a dead libvirtd."""

@@ -11,8 +11,11 @@ slot until libvirt returns. Consequences, accepted on purpose:
   never returns also does not exit cleanly; the supervisor's stop timeout (systemd, Celery) kills it.
 
 The connection is opened lazily, shared by all threads (libvirt connections are thread-safe), and
-forgotten when it dies or times out so the next call opens a fresh one. libvirt's own stderr printing
-is silenced; every ``libvirt.libvirtError`` is translated at this edge into the vmq error tree.
+forgotten when it dies or times out so the next call opens a fresh one. An open connection can be *lent*
+instead (``connection=``, ``use_connection``; ``LifecycleListener.hypervisor`` lends its own so actions
+and events share one): used while alive, never closed or forgotten here (its owner watches it), and
+while it is dead calls fall back to our own. libvirt's own stderr printing is silenced; every
+``libvirt.libvirtError`` is translated at this edge into the vmq error tree.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import libvirt
 
 from vmq.errors import DomainNotFound, DomainOperationFailed, HypervisorUnavailable
+from vmq.hypervisor.types import ActivitySample, device_targets, total
 from vmq.model import DomainInfo, DomainStatus
 
 log = logging.getLogger(__name__)
@@ -150,8 +155,8 @@ def _describe(operation: str, name: str | None) -> str:
 class LibvirtHypervisor:
     """The Hypervisor port over one libvirt connection; every call bounded by ``call_timeout_s``."""
 
-    def __init__(self, uri: str, call_timeout_s: float = 30.0) -> None:
-        """Remember the URI; nothing is opened until the first call. Raises ValueError on a bad timeout."""
+    def __init__(self, uri: str, call_timeout_s: float = 30.0, connection: Any = None) -> None:
+        """Remember the URI (and a lent open ``connection``); opens nothing. ValueError on a bad timeout."""
         if call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be > 0, got {call_timeout_s!r}")
         self.uri = uri
@@ -162,6 +167,7 @@ class LibvirtHypervisor:
         self._connection_lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._connection: Any = None
+        self._lent: Any = connection  # read without a lock: swapping one reference is atomic
         # Process-wide and idempotent: without it libvirt prints every error to stderr as well.
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
@@ -190,6 +196,10 @@ class LibvirtHypervisor:
     def domain_info(self, name: str) -> DomainInfo:
         """One domain's status and reason; raises DomainNotFound."""
         return self._call("domain_info", name, lambda connection: _domain_info(connection.lookupByName(name)))
+
+    def activity(self, name: str) -> ActivitySample:
+        """CPU time and bytes of every disk and interface; a counter libvirt cannot give is None."""
+        return self._call("activity", name, lambda connection: _activity(connection.lookupByName(name)))
 
     def reset(self, name: str) -> None:
         """Hard-reset an active domain; raises DomainOperationFailed if it is shut off."""
@@ -226,6 +236,10 @@ class LibvirtHypervisor:
                 "closing libvirt connection uri=%s took over %.3g s; abandoned", self.uri, self.call_timeout_s
             )
 
+    def use_connection(self, connection: Any) -> None:
+        """Borrow an open libvirt connection for later calls (None: use our own); never closes it."""
+        self._lent = connection
+
     # -- machinery ----------------------------------------------------------------------------------
 
     def _call(self, operation: str, name: str | None, action: Callable[[Any], T]) -> T:
@@ -256,7 +270,12 @@ class LibvirtHypervisor:
             ) from exc
 
     def _connect(self, operation: str, name: str | None) -> Any:
-        """Return the shared connection, opening or reopening it; raises HypervisorUnavailable."""
+        """Return the lent connection if alive, else our own, opening it; raises HypervisorUnavailable."""
+        lent = self._lent
+        if lent is not None:
+            if _is_alive(lent):
+                return lent
+            log.debug("lent libvirt connection is dead, using our own uri=%s", self.uri)
         with self._connection_lock:
             connection = self._connection
             if connection is not None:
@@ -322,3 +341,55 @@ def _domain_info(domain: Any) -> DomainInfo:
     state, reason = domain.state(0)
     status, word = domain_status(state, reason)
     return DomainInfo(name=domain.name(), uuid=domain.UUIDString(), status=status, reason=word)
+
+
+def _activity(domain: Any) -> ActivitySample:
+    """Read one domain's counters; refusals (not running, no such device) become None, the rest raises."""
+    cpu_time_ns = _cpu_time_ns(domain)
+    try:
+        xml = domain.XMLDesc(0)
+        disks, interfaces = device_targets(xml, "disk"), device_targets(xml, "interface")
+    except ValueError:
+        log.warning("domain XML of %r does not parse; disk and network counters unknown", domain.name())
+        disks, interfaces = [], []
+    # blockStats: (rd_req, rd_bytes, wr_req, wr_bytes, errs); interfaceStats: (rx_bytes, .., tx_bytes, ..)
+    block = [_counter(domain, "blockStats", disk) for disk in disks]
+    net = [_counter(domain, "interfaceStats", interface) for interface in interfaces]
+    return ActivitySample(
+        cpu_time_ns=cpu_time_ns,
+        disk_read_bytes=total(None if stats is None else stats[1] for stats in block),
+        disk_write_bytes=total(None if stats is None else stats[3] for stats in block),
+        net_rx_bytes=total(None if stats is None else stats[0] for stats in net),
+        net_tx_bytes=total(None if stats is None else stats[4] for stats in net),
+        taken_monotonic_s=time.monotonic(),
+    )
+
+
+def _cpu_time_ns(domain: Any) -> int | None:
+    """Total CPU time from ``getCPUStats``, else from ``info()``; None while the domain is not active."""
+    try:
+        return int(domain.getCPUStats(True)[0]["cpu_time"])
+    except libvirt.libvirtError as exc:
+        _raise_unless_refusal(domain, exc)
+        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+            return None  # not running: info() would report a stale (QEMU) or made-up (test driver) figure
+    except (IndexError, KeyError, TypeError, ValueError):
+        pass  # an answer of an unexpected shape: info() still has the total
+    info = _counter(domain, "info")
+    return None if info is None else int(info[4])
+
+
+def _counter(domain: Any, method: str, *args: Any) -> Any:
+    """``domain.method(*args)``, or None when libvirt refuses it for this domain or device."""
+    try:
+        return getattr(domain, method)(*args)
+    except libvirt.libvirtError as exc:
+        _raise_unless_refusal(domain, exc)
+        return None
+
+
+def _raise_unless_refusal(domain: Any, exc: Any) -> None:
+    """Re-raise errors that are not about one counter: no such domain, or the connection is broken."""
+    code = exc.get_error_code()
+    if code == libvirt.VIR_ERR_NO_DOMAIN or code in _UNAVAILABLE_CODES or not _is_alive(domain.connect()):
+        raise exc

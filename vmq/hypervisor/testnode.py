@@ -4,6 +4,15 @@ The test driver keeps its world inside the process that opened the URI and re-re
 new connection, so each connection starts from the states written here. It honours only three start
 states: any ``runstate`` other than paused (3) or shut off (5) comes up running, so CRASHED, OTHER and
 ABSENT cannot be expressed and are refused. Initial state reasons are always libvirt's "unknown".
+
+With ``devices=True`` every domain gets one file disk (target ``vda``) and one ``type='ethernet'``
+interface with target ``vmq-<first 8 hex digits of its UUID>``, so ``blockStats``/``interfaceStats``
+answer. Measured on libvirt 9.0's test driver: it accepts both without the image file or a network,
+reports made-up byte counters that grow with the wall clock, and a constant ``getCPUStats`` CPU time;
+it *drops* a target name starting with ``vnet`` (libvirt reserves that prefix for names it generates)
+and reports ``testnet0`` instead, hence the ``vmq-`` prefix. On a domain that is not running every
+statistics call fails with VIR_ERR_OPERATION_INVALID.
+
 Does not import libvirt (only vmq.hypervisor.libvirt does); the tests check the numbers against it.
 """
 
@@ -50,8 +59,19 @@ _DOMAIN = """  <domain type='test'>
     <os>
       <type arch='x86_64'>hvm</type>
     </os>
-    <test:runstate xmlns:test={namespace}>{runstate}</test:runstate>
+{devices}    <test:runstate xmlns:test={namespace}>{runstate}</test:runstate>
   </domain>
+"""
+
+_DEVICES = """    <devices>
+      <disk type='file' device='disk'>
+        <source file='/guest.img'/>
+        <target dev='vda'/>
+      </disk>
+      <interface type='ethernet'>
+        <target dev={interface}/>
+      </interface>
+    </devices>
 """
 
 
@@ -60,7 +80,12 @@ def stable_uuid(vm: str) -> str:
     return str(uuid.uuid5(_VM_NAMESPACE, vm))
 
 
-def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]]) -> str:
+def interface_target(domain_uuid: str) -> str:
+    """Target name of the interface ``node_xml(devices=True)`` gives a domain (15 characters at most)."""
+    return f"vmq-{uuid.UUID(domain_uuid).hex[:8]}"
+
+
+def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]], devices: bool = False) -> str:
     """A test-driver node document defining ``(name, uuid, status)`` domains; raises ValueError."""
     seen: set[str] = set()
     parts = [_NODE_HEAD.format(host=escape(host.replace("--", "- -")))]
@@ -81,6 +106,9 @@ def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]]) -> str
                 uuid=str(uuid.UUID(domain_uuid)),
                 namespace=quoteattr(_TEST_NAMESPACE),
                 runstate=runstate,
+                devices=_DEVICES.format(interface=quoteattr(interface_target(domain_uuid)))
+                if devices
+                else "",
             )
         )
     parts.append("</node>\n")
@@ -88,10 +116,13 @@ def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]]) -> str
 
 
 def write_node(
-    path: str | os.PathLike[str], host: str, domains: Sequence[tuple[str, str, DomainStatus]]
+    path: str | os.PathLike[str],
+    host: str,
+    domains: Sequence[tuple[str, str, DomainStatus]],
+    devices: bool = False,
 ) -> str:
-    """Write a node file for ``host`` and return its ``test:///ABS/PATH`` URI."""
+    """Write a node file for ``host`` (see ``node_xml``) and return its ``test:///ABS/PATH`` URI."""
     absolute = os.path.abspath(os.fspath(path))
     with open(absolute, "w", encoding="utf-8") as handle:
-        handle.write(node_xml(host, domains))
+        handle.write(node_xml(host, domains, devices))
     return f"test://{absolute}"

@@ -1,4 +1,6 @@
-"""Activity counters of one domain, and the pure arithmetic on them; no I/O, no libvirt.
+"""Pure nouns of the hypervisor layer and the decisions on them: activity samples and lifecycle events.
+
+No I/O and no libvirt: vmq.hypervisor.libvirt fills ActivitySample, vmq.hypervisor.events DomainEvent.
 
 A sample holds cumulative counters as libvirt reports them (CPU time since the domain started, bytes
 moved by all disks and all interfaces); only the difference between two samples means something, and
@@ -8,9 +10,10 @@ moved by all disks and all interfaces); only the difference between two samples 
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from typing import Literal
+from xml.etree import ElementTree
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ COUNTERS: tuple[str, ...] = tuple(
 
 
 def moving(a: ActivitySample, b: ActivitySample) -> list[str]:
-    """Names of the counters that grew from ``a`` to ``b``, in COUNTERS order; None on either side is ignored."""
+    """Names of the counters that grew from ``a`` to ``b``, in COUNTERS order; None counters are ignored."""
     grown: list[str] = []
     for name in COUNTERS:
         before, after = getattr(a, name), getattr(b, name)
@@ -42,11 +45,7 @@ def moving(a: ActivitySample, b: ActivitySample) -> list[str]:
 
 
 def device_targets(domain_xml: str, device: str) -> list[str]:
-    """Target names (``<target dev=...>``) of every ``<devices><device>`` in a domain's XML, in order.
-
-    Disks without a ``<source>`` (an empty CD-ROM tray) are left out: they have no statistics to give.
-    Raises ValueError on a document that is not XML.
-    """
+    """Target names (``<target dev=...>``) of every ``<devices><device>`` of a domain XML; ValueError."""
     try:
         root = ElementTree.fromstring(domain_xml)
     except ElementTree.ParseError as exc:
@@ -54,7 +53,7 @@ def device_targets(domain_xml: str, device: str) -> list[str]:
     targets: list[str] = []
     for element in root.findall(f"./devices/{device}"):
         if device == "disk" and element.find("source") is None:
-            continue
+            continue  # an empty CD-ROM tray: no statistics to give
         target = element.find("target")
         name = target.get("dev") if target is not None else None
         if name:
@@ -63,13 +62,62 @@ def device_targets(domain_xml: str, device: str) -> list[str]:
 
 
 def total(values: Iterable[int | None]) -> int | None:
-    """Sum of per-device counters, or None if there are none or any is unknown.
-
-    All or nothing on purpose: a partial sum would jump up when a device answers again and fake activity.
-    """
+    """Sum of per-device counters, or None if there are none or any is unknown (all or nothing)."""
+    # A partial sum would jump up when a device answers again, and fake activity.
     known: list[int] = []
     for value in values:
         if value is None or value < 0:  # libvirt reports -1 for a counter it does not keep
             return None
         known.append(value)
     return sum(known) if known else None
+
+
+# libvirt's lifecycle events, as the words DomainEvent.event carries (VIR_DOMAIN_EVENT_<WORD>).
+EVENTS: tuple[str, ...] = (
+    "defined",
+    "undefined",
+    "started",
+    "suspended",
+    "resumed",
+    "stopped",
+    "shutdown",
+    "pmsuspended",
+    "crashed",
+)
+
+EventKind = Literal["crash", "operator_stop", "migrating_away", "paused", "resumed", "started", "other"]
+
+# classify(): an exact (event, detail) entry wins over an entry for the whole event; else "other".
+_KIND_BY_DETAIL: dict[tuple[str, str], EventKind] = {
+    ("stopped", "crashed"): "crash",
+    ("stopped", "failed"): "crash",  # QEMU process killed or died
+    ("stopped", "destroyed"): "operator_stop",
+    ("stopped", "shutdown"): "operator_stop",
+    ("stopped", "saved"): "operator_stop",
+    ("stopped", "from_snapshot"): "operator_stop",
+    ("stopped", "migrated"): "migrating_away",
+    ("suspended", "migrated"): "migrating_away",
+    ("suspended", "postcopy"): "migrating_away",
+}
+_KIND_BY_EVENT: dict[str, EventKind] = {
+    "crashed": "crash",
+    "shutdown": "operator_stop",
+    "suspended": "paused",
+    "resumed": "resumed",
+    "started": "started",
+}
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """One lifecycle event in words, e.g. ``event="stopped", detail="destroyed"`` (see event_words)."""
+
+    name: str
+    uuid: str
+    event: str
+    detail: str
+
+
+def classify(event: DomainEvent) -> EventKind:
+    """What a lifecycle event means for vmq: crash, operator_stop, migrating_away, paused, ... or other."""
+    return _KIND_BY_DETAIL.get((event.event, event.detail)) or _KIND_BY_EVENT.get(event.event, "other")

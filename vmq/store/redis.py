@@ -380,22 +380,36 @@ class RedisStore:
             self.r.delete(self.keys.vm_restarts(vm))
 
     # ------------------------------------------------------------------ guards
-    def host_context(self, hosts: Iterable[str]) -> dict[str, HostContext]:
-        """Liveness, libvirt health, maintenance and size of each host, in one round trip."""
+    def host_context(self, hosts: Iterable[str], now_ms: int, fresh_ms: int) -> dict[str, HostContext]:
+        """Liveness, libvirt health, maintenance and size of each host, in one round trip.
+
+        A host counts as alive for restarts only if its heartbeat was renewed within ``fresh_ms``: the
+        key's TTL (which decides `host_down`) is too slow to stop a restart aimed at a host that just died.
+        """
         names = sorted(set(hosts))
         with translate_errors("host context"):
             pipe = self.r.pipeline(transaction=False)
             for host in names:
                 pipe.exists(self.keys.host_heartbeat(host))
-                pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms"])
+                pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms", "seen_ms"])
                 pipe.hlen(self.keys.host_domains(host))
             out = pipe.execute()
         result = {}
         for i, host in enumerate(names):
-            alive, (libvirt_ok, until), size = out[3 * i], out[3 * i + 1], out[3 * i + 2]
-            result[host] = HostContext(bool(alive), _text(libvirt_ok or b"1") == "0",
-                                       int(_text(until or b"0")), int(size))
+            alive, (libvirt_ok, until, seen), size = out[3 * i], out[3 * i + 1], out[3 * i + 2]
+            fresh = bool(alive) and now_ms - int(_text(seen or b"0")) <= fresh_ms
+            result[host] = HostContext(fresh, _text(libvirt_ok or b"1") == "0", int(_text(until or b"0")),
+                                       int(size))
         return result
+
+    def set_kill_switch(self, seconds: float | None, on: bool = True) -> None:
+        """Hold every restart (for ``seconds``, or until lifted), or lift the hold."""
+        with translate_errors("kill switch"):
+            if on:
+                self.r.set(self.keys.restarts_suspended, "1",
+                           px=None if seconds is None else int(seconds * 1000))
+            else:
+                self.r.delete(self.keys.restarts_suspended)
 
     def monitored_count(self) -> int:
         """How many VMs have a responder key (the storm guard's denominator)."""

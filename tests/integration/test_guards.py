@@ -1,0 +1,135 @@
+"""Issue 3's guards on real parts: redis-server, Celery beat + workers on libvirt test nodes, real guests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, ClassVar
+
+import pytest
+
+from tests.integration.conftest import events_of
+from vmq.localcluster import LocalCluster
+from workers.app import create_app
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(cluster: LocalCluster, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "vmq.cli", *args], check=True, capture_output=True, text=True,
+                          env=cluster.env, timeout=30).stdout
+
+
+def test_forty_percent_of_vms_silent_at_once_is_a_storm_and_nothing_is_restarted(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    placement = {"node1": [f"vm-{i}" for i in range(1, 6)], "node2": [f"vm-{i}" for i in range(6, 11)]}
+    cluster = make_cluster(placement)
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    for vm in ("vm-1", "vm-2", "vm-6", "vm-7"):  # 4 of 10, 2 per host: more than 30 % of the cluster
+        cluster.fleet.hang(vm)
+    cluster.wait_for(lambda: bool(events_of(cluster, type="storm")), 15, "storm event")
+    time.sleep(3)  # several more rounds under the guard
+    assert events_of(cluster, type="restart_dispatched") == []
+    faulty = events_of(cluster, type="faulty")
+    assert {e["vm"] for e in faulty} == {"vm-1", "vm-2", "vm-6", "vm-7"}
+    assert all(any("storm guard" in r for r in e["reasons"]) for e in faulty)
+    assert events_of(cluster, type="storm")[0]["reason"].startswith("storm guard: 4 of 10")
+
+
+def test_a_killed_host_worker_makes_its_host_down_and_its_vms_unreachable_not_restarted(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3", "vm-4"]})
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    cluster.kill_host("node1")  # the host (or its worker) is gone, without a goodbye
+    cluster.fleet.hang("vm-1")  # and a guest on it falls silent too
+    cluster.wait_for(lambda: bool(events_of(cluster, type="host_down", host="node1")), 20, "host_down")
+    cluster.wait_for(lambda: cluster.states()["vm-1"] == "unreachable", 10, "vm-1 unreachable")
+    time.sleep(2)
+    assert cluster.states()["vm-2"] == "unreachable"
+    assert events_of(cluster, type="restart_dispatched") == []
+    assert cluster.states()["vm-3"] == cluster.states()["vm-4"] == "healthy"
+
+    cluster.start_host("node1")  # it comes back: judged afresh, after the grace
+    cluster.wait_for(lambda: bool(events_of(cluster, type="host_up", host="node1")), 30, "host_up")
+    cluster.wait_for(lambda: cluster.states()["vm-2"] == "healthy", 20, "vm-2 healthy again")
+
+
+class _Webhook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Webhook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Webhook)
+    _Webhook.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def test_an_exhausted_budget_escalates_to_the_webhook(make_cluster: Callable[..., LocalCluster],
+                                                      webhook: str) -> None:
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]}, VMQ_MAX_RESTARTS="1",
+                           VMQ_RECOVERY_TIMEOUT_S="2", VMQ_WEBHOOK_URL=webhook)
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    cluster.fleet.break_boot("vm-2")
+    cluster.fleet.hang("vm-2")
+    cluster.wait_for(lambda: bool(_Webhook.received), 40, "the webhook call")
+    note = _Webhook.received[0]
+    assert (note["type"], note["vm"], note["host"]) == ("escalated", "vm-2", "node1")
+    assert any("budget exhausted" in r for r in note["reasons"])
+    assert cluster.states()["vm-2"] == "failed"
+    assert len(events_of(cluster, type="escalated", vm="vm-2")) == 1
+
+
+def test_maintenance_with_an_expiry_ends_by_itself(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]})
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    assert "maintenance" in _cli(cluster, "maintenance", "vm-1", "--for", "3s")
+    cluster.fleet.hang("vm-1")  # silence during maintenance is not judged
+    time.sleep(2)
+    assert cluster.states()["vm-1"] == "maintenance"
+    assert events_of(cluster, type="faulty") == []
+    cluster.wait_for(lambda: bool(events_of(cluster, type="maintenance_ended", vm="vm-1")), 10, "expiry")
+    assert "maintenance window expired" in events_of(cluster, type="maintenance_ended", vm="vm-1")[0]["reason"]
+    explained = _cli(cluster, "explain", "vm-1")
+    assert "maintenance_ended" in explained and "vm-1 on node1" in explained
+
+
+def test_a_crash_reported_by_libvirt_is_restarted_on_its_host_without_waiting_for_t2(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    # T2 = 20 s here: a restart within 2 s can only come from the event path.
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]}, VMQ_PROBE_INTERVAL_S="1",
+                           VMQ_REPLY_TIMEOUT_S="20")
+    cluster.wait_healthy(timeout_s=60)
+    app = create_app(cluster.settings)
+    t0 = cluster.store.time_ms()
+    # What node1's lifecycle listener sends when libvirt reports (stopped, crashed) for vm-1.
+    app.send_task("vmq.monitor.domain_event", args=["vm-1", "node1", "crash", "stopped", "crashed"],
+                  queue="vmq.monitor")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="restarted", vm="vm-1")), 5, "restart from the event")
+    restarted = events_of(cluster, type="restarted", vm="vm-1")[0]
+    assert restarted["host"] == "node1"
+    assert restarted["time_ms"] - t0 <= 2000
+    faulty = events_of(cluster, type="faulty", vm="vm-1")[0]
+    assert "crashed" in faulty["reasons"][0]
+    app.close()
