@@ -289,6 +289,31 @@ def maintenance(vm: str | None, host: str | None, for_: str | None, off: bool) -
     click.echo(f"{vm}: {previous} -> {'unknown' if off else 'maintenance'}")
 
 
+@main.command("set")
+@click.argument("vm")
+@click.argument("knobs", nargs=-1, required=True)
+@_one_line_errors
+def set_knobs(vm: str, knobs: tuple[str, ...]) -> None:
+    """Override restart-condition knobs for one VM: `vmq set web-1 max_restarts=5 boot_grace_s=120`
+    (`knob=` removes the override)."""
+    from vmq.policy import OVERRIDABLE, PolicyConfig, with_overrides
+
+    _, store = _store()
+    if not store.vm_record(vm):
+        raise click.UsageError(f"unknown VM {vm}")
+    fields: dict[str, str] = {}
+    for item in knobs:
+        knob, sep, value = item.partition("=")
+        if not sep or knob not in OVERRIDABLE:
+            raise click.BadParameter(f"{item!r}: expected KNOB=VALUE with KNOB one of {sorted(OVERRIDABLE)}")
+        if value and with_overrides(PolicyConfig(), {knob: value})[1]:
+            raise click.BadParameter(f"{item!r}: {knob} must be a non-negative {OVERRIDABLE[knob].__name__}")
+        fields[f"policy.{knob}"] = value
+    store.set_policy_overrides(vm, fields)
+    store.audit("overrides", vm, "", store.time_ms(), overrides=fields)
+    click.echo(f"{vm}: " + ", ".join(f"{k[7:]}={v or '(cluster default)'}" for k, v in fields.items()))
+
+
 DECISION_EVENTS = {"faulty", "decision", "restart_dispatched", "restarted", "restart_failed", "restart_skipped",
                    "restart_left_alone", "silent_but_active", "recovered", "failed", "escalated", "unreachable",
                    "domain_event", "maintenance", "maintenance_ended", "cleared", "healthy"}

@@ -18,7 +18,7 @@ from vmq.codec import WIRE_VERSION, decode_reply, new_nonce
 from vmq.config import Settings
 from vmq.errors import CodecError
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
-from vmq.policy import ANSWER_HEALS, PolicyConfig, decide, storm_guard
+from vmq.policy import ANSWER_HEALS, PolicyConfig, decide, storm_guard, with_overrides
 from vmq.store.redis import Record, RedisStore, Transition
 from vmq.sweeps import expire_maintenance, sweep_hosts
 
@@ -170,13 +170,23 @@ class Monitor:
             if kind != "crash" or not acquired:
                 return report
             view = self._single_view(vm, rec, now_ms)
-            decision = decide(view, self.policy, now_ms)
+            decision = decide(view, self._policy_for(rec), now_ms)
             evidence: dict[str, object] = {"hypervisor_event": {"event": event, "detail": detail},
                                            "last_valid_ms": view.last_valid_ms,
                                            "budget": {"used": view.restarts_in_window,
                                                       "max": self.policy.max_restarts}}
             self._act(view, rec, decision, evidence, self.store.current_round(), now_ms, report)
         return report
+
+    def _policy_for(self, rec: Record) -> PolicyConfig:
+        """The cluster's knobs with this VM's overrides (record fields ``policy.<knob>``) applied."""
+        overrides = {k[7:]: v for k, v in rec.items() if k.startswith("policy.")}
+        if not overrides:
+            return self.policy
+        cfg, refused = with_overrides(self.policy, overrides)
+        if refused:
+            log.warning("vm overrides refused: %s", refused)
+        return cfg
 
     def _single_view(self, vm: str, rec: Record, now_ms: int) -> VmView:
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
@@ -302,7 +312,7 @@ class Monitor:
                 incident_attempts=int(rec.get("attempts") or 0),
                 last_restart_ms=int(rec.get("last_restart_ms") or 0),
                 host_restarts_in_flight=in_flight.get(rec.get("host", ""), 0))))
-        decisions = {view.vm: decide(view, self.policy, now_ms) for _, view in views}
+        decisions = {view.vm: decide(view, self._policy_for(records[i]), now_ms) for i, view in views}
         # Storm and partition guard: count this round's judged silence per host before acting on any of it.
         silent_by_host: dict[str, int] = {}
         for _, view in views:
@@ -317,7 +327,7 @@ class Monitor:
             # Decide again with the guard and with the restarts this very round has already dispatched.
             storm = cluster or by_host.get(view.host, "")
             view = replace(view, storm=storm, host_restarts_in_flight=in_flight.get(view.host, 0))
-            decision = decide(view, self.policy, now_ms)
+            decision = decide(view, self._policy_for(records[i]), now_ms)
             last = last_replies[i]
             evidence: dict[str, object] = {
                 "round": round_id, "deadline_ms": deadline_ms, "last_valid_ms": view.last_valid_ms,

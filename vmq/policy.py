@@ -7,7 +7,8 @@ audit stream verbatim, so they are sentences an operator can act on.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 
@@ -182,3 +183,28 @@ def storm_guard(silent_by_host: dict[str, int], vms_by_host: dict[str, int], tot
             hosts[host] = (f"host guard: {count} of {size} VMs on {host} silent in one round "
                            f"(> {fraction:.0%}): suspecting the host or its network, not the guests")
     return cluster, hosts
+
+
+#: The knobs a VM may override (VM record fields ``policy.<knob>``), with their types.
+OVERRIDABLE: dict[str, type] = {
+    "boot_grace_s": float, "recovery_timeout_s": float, "restart_timeout_s": float, "max_restarts": int,
+    "restart_window_s": float, "backoff_base_s": float, "backoff_max_s": float,
+    "max_concurrent_restarts_per_host": int, "ladder_rungs": int,
+}
+
+
+def with_overrides(cfg: PolicyConfig, overrides: dict[str, str]) -> tuple[PolicyConfig, list[str]]:
+    """Apply a VM's overrides to the cluster's knobs; returns the result and the overrides it refused."""
+    changes: dict[str, Any] = {}
+    refused: list[str] = []
+    for knob, text in overrides.items():
+        kind = OVERRIDABLE.get(knob)
+        try:
+            value = kind(text) if kind is not None else None
+        except ValueError:
+            value = None
+        if value is None or value < 0:
+            refused.append(f"{knob}={text}")
+        else:
+            changes[knob] = value
+    return (replace(cfg, **changes) if changes else cfg), refused

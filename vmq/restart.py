@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from vmq.errors import DomainNotFound, HypervisorError
+from vmq.hypervisor.types import moving
 from vmq.model import DomainStatus, RestartAction, VmState
 from vmq.ports import Hypervisor
 from vmq.store.redis import RedisStore
@@ -55,9 +56,30 @@ def _perform(hypervisor: Hypervisor, vm: str, action: RestartAction) -> None:
         hypervisor.start(vm)
 
 
+@dataclass(frozen=True)
+class ActivityCheck:
+    """Corroboration before acting on silence: sample the domain's counters twice ``window_s`` apart."""
+
+    window_s: float = 1.0
+    blocks: bool = True  # a guest whose counters move is `silent-but-active`: hold instead of resetting
+
+
+def _sample_activity(hypervisor: Hypervisor, vm: str, window_s: float) -> dict[str, object]:
+    first = hypervisor.activity(vm)
+    time.sleep(window_s)
+    second = hypervisor.activity(vm)
+    return {"moving": moving(first, second), "window_s": window_s,
+            "first": asdict(first), "second": asdict(second)}
+
+
 def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
-               incident: str, claimant: str, hard: bool = False) -> RestartOutcome:
-    """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted."""
+               incident: str, claimant: str, hard: bool = False, crashed: bool = False,
+               activity: ActivityCheck | None = None) -> RestartOutcome:
+    """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted.
+
+    Unless libvirt reported a crash, silence is corroborated first (``activity``): a guest whose CPU,
+    disk or network counters still move is held, not reset, when ``activity.blocks``.
+    """
     rec = store.vm_record(vm)
     now_ms = store.time_ms()
 
@@ -67,10 +89,11 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
         log.info("vm=%s host=%s restart skipped: %s", vm, host, result)
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
-    def back_to_faulty(event_type: str, result: str, **data: object) -> RestartOutcome:
+    def back_to_faulty(event_type: str, result: str, undo: dict[str, object] | None = None,
+                       **data: object) -> RestartOutcome:
         store.transition(vm, [VmState.RESTARTING], VmState.FAULTY, now_ms,
                          {"type": event_type, "host": host, "incident": incident, "result": result, **data},
-                         fields={"decision": result}, expected_generation=generation)
+                         fields={"decision": result, **(undo or {})}, expected_generation=generation)
         log.warning("vm=%s host=%s %s: %s", vm, host, event_type, result)
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
@@ -97,6 +120,20 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
                          fields={"incident": "", "decision": result, "domain_status": info.status.value,
                                  "domain_reason": info.reason}, expected_generation=generation)
         return RestartOutcome(vm, host, False, action.value, result)
+    sample: dict[str, object] | None = None
+    if activity is not None and not crashed and action is not RestartAction.CREATE:
+        try:
+            sample = _sample_activity(hypervisor, vm, activity.window_s)
+        except HypervisorError as exc:
+            return back_to_faulty("restart_failed", f"could not sample activity: {exc}")
+        if sample["moving"] and activity.blocks:
+            result = f"silent but active: {', '.join(sample['moving'])} still moving"  # type: ignore[arg-type]
+            # Not an attempt: give back the budget entry, the ladder rung and the back-off it started.
+            attempts = max(0, int(rec.get("attempts") or 1) - 1)
+            outcome = back_to_faulty("silent_but_active", result, undo={"attempts": attempts, "last_restart_ms": 0},
+                                     activity=sample)
+            store.uncount_restart(vm, generation, int(rec.get("last_restart_ms") or 0))
+            return outcome
     started = time.monotonic()
     try:
         _perform(hypervisor, vm, action)
@@ -107,7 +144,8 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
     done_ms = store.time_ms()
     store.transition(vm, [VmState.RESTARTING], VmState.RECOVERING, done_ms,
                      {"type": "restarted", "host": host, "incident": incident, "action": action.value,
-                      "result": "ok", "domain_status": info.status.value, "took_ms": took_ms},
+                      "result": "ok", "domain_status": info.status.value, "took_ms": took_ms,
+                      "activity": sample},
                      fields={"booted_at_ms": done_ms, "last_action": action.value, "decision": ""},
                      expected_generation=generation)
     log.warning("vm=%s host=%s restarted action=%s took_ms=%s incident=%s", vm, host, action.value, took_ms,

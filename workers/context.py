@@ -55,8 +55,18 @@ def monitor_of(app: Celery) -> Monitor:
 
 
 def hypervisor_of(app: Celery) -> Hypervisor:
-    """This process's hypervisor connection (one per process: libvirt's test driver lives in-process)."""
+    """This process's hypervisor connection (one per process: libvirt's test driver lives in-process).
+
+    A host worker that runs a lifecycle listener acts through the listener's connection (see
+    workers.host.start_listener), so actions and events see the same libvirt.
+    """
     from vmq.hypervisor import open_hypervisor
 
     s = settings_of(app)
     return _once(app, "hypervisor", lambda: open_hypervisor(s.libvirt_uri))  # type: ignore[no-any-return]
+
+
+def set_hypervisor(app: Celery, hypervisor: Hypervisor) -> None:
+    """Install the hypervisor this process uses (before any task runs)."""
+    with _lock:
+        _cache[(os.getpid(), "hypervisor")] = hypervisor

@@ -19,11 +19,16 @@ from celery.signals import worker_ready, worker_shutdown
 from vmq.errors import HypervisorError, StoreError, VmqError
 from vmq.inventory import mark_degraded, renew_heartbeat, sync_inventory
 from vmq.keys import host_queue
-from vmq.restart import operate_domain
+from vmq.restart import ActivityCheck, operate_domain
 from vmq.restart import restart_vm as restart_use_case
-from workers.context import hypervisor_of, settings_of, store_of
+from workers.context import hypervisor_of, set_hypervisor, settings_of, store_of
 
 log = logging.getLogger(__name__)
+
+
+#: VMs this process is acting on right now -> until (monotonic s): their events are our own doing.
+_acting: dict[str, float] = {}
+_OWN_EVENTS_S = 5.0
 
 
 @shared_task(bind=True, name="vmq.host.restart_vm", acks_late=True, reject_on_worker_lost=True,
@@ -36,14 +41,56 @@ def restart_vm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         log.error("restart for vm=%s addressed to host %s reached %s: refused", request.get("vm"),
                   request.get("host"), host)
         return {"acted": False, "result": "misrouted"}
+    _acting[str(request["vm"])] = time.monotonic() + 3600
     try:
         outcome = restart_use_case(store_of(self.app), hypervisor_of(self.app), host, str(request["vm"]),
                                    int(request["generation"]), str(request["incident"]),
                                    claimant=f"{host}:{os.getpid()}:{self.request.id}",
-                                   hard=bool(request.get("hard", False)))
+                                   hard=bool(request.get("hard", False)),
+                                   crashed=bool(request.get("crashed", False)),
+                                   activity=ActivityCheck(settings.activity_window_s, settings.activity_blocks_reset))
     except StoreError as exc:
         raise self.retry(exc=exc, countdown=1.0) from exc
+    finally:
+        _acting[str(request["vm"])] = time.monotonic() + _OWN_EVENTS_S
     return asdict(outcome)
+
+
+#: Event kinds the monitor needs to hear about (the rest is noise: defined, undefined, ...).
+REPORTED = {"crash", "operator_stop", "migrating_away", "paused", "resumed", "started"}
+
+
+def start_listener(app: Celery) -> Any:
+    """Listen to this host's libvirt lifecycle events; report them to the monitor; act through its connection.
+
+    Returns the listener, or None when libvirt cannot deliver events here (the inventory still polls).
+    """
+    from vmq.hypervisor.events import LifecycleListener, classify
+
+    settings = settings_of(app)
+    host = settings.require_host()
+
+    def on_event(event: Any) -> None:
+        kind = classify(event)
+        if kind not in REPORTED or _acting.get(event.name, 0.0) > time.monotonic():
+            return
+        log.info("host=%s vm=%s libvirt event %s/%s -> %s", host, event.name, event.event, event.detail, kind)
+        app.send_task("vmq.monitor.domain_event", args=[event.name, host, kind, event.event, event.detail],
+                      queue="vmq.monitor")
+
+    def on_state(connected: bool) -> None:
+        log.log(logging.INFO if connected else logging.ERROR, "host=%s libvirt event connection %s", host,
+                "up" if connected else "lost")
+
+    try:
+        listener = LifecycleListener(settings.libvirt_uri, on_event, on_state, read_only=False)
+        set_hypervisor(app, listener.hypervisor())
+        listener.start()
+        listener.wait_connected(10)
+    except Exception:  # events are an accelerator; the inventory and silence judging work without them
+        log.exception("host=%s libvirt lifecycle events unavailable", host)
+        return None
+    return listener
 
 
 @shared_task(bind=True, name="vmq.host.domain_op", ignore_result=False)
@@ -67,6 +114,7 @@ class InventoryAgent(threading.Thread):
         super().__init__(name="vmq-inventory", daemon=True)
         self.app = app
         self.stop_event = threading.Event()
+        self.listener: Any = None
 
     def sync_once(self) -> None:
         """One heartbeat + inventory sync; the heartbeat is only renewed while libvirt answers."""
@@ -116,6 +164,7 @@ def _start_agent(sender: Any = None, **_: Any) -> None:
         log.error("host worker %s does not consume %s (consumes %s): restarts for its VMs will wait",
                   settings.host_name, host_queue(settings.host_name), sorted(consumed))
     _agent = InventoryAgent(app)
+    _agent.listener = start_listener(app)
     _agent.start()
 
 
@@ -125,6 +174,8 @@ def _stop_agent(sender: Any = None, **_: Any) -> None:
     if _agent is None:
         return
     _agent.stop_event.set()
+    if _agent.listener is not None:
+        _agent.listener.stop()
     settings = settings_of(_agent.app)
     try:
         store_of(_agent.app).drop_heartbeat(settings.require_host())

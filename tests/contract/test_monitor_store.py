@@ -24,12 +24,13 @@ import redis
 
 from vmq.codec import encode_reply, reply_signature
 from vmq.config import Settings, load_settings
+from vmq.errors import HypervisorError
 from vmq.hypervisor.fake import FakeHypervisor
-from vmq.inventory import sync_inventory
+from vmq.inventory import mark_degraded, sync_inventory
 from vmq.keys import Keys, host_queue
 from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
 from vmq.monitor import Monitor, RestartRequest, TickReport
-from vmq.restart import restart_vm
+from vmq.restart import ActivityCheck, restart_vm
 from vmq.store.redis import Record, RedisStore
 
 REDIS_SERVER = next((path for path in ("/usr/bin/redis-server", shutil.which("redis-server")) if path
@@ -778,3 +779,77 @@ def test_a_host_whose_heartbeat_is_late_gets_no_restart_even_before_its_key_expi
     assert world.monitor.tick().dispatched == []
     assert world.state("web-1") == VmState.FAULTY.value
     assert "heartbeat is late or gone" in world.events("faulty")[0]["reasons"]
+
+
+class _BusyGuest(FakeHypervisor):
+    """A silent guest whose disk keeps writing between the two samples (a long fsfreeze backup, say)."""
+
+    def activity(self, name: str) -> Any:
+        sample = super().activity(name)
+        self.advance(name, disk_bytes=4096)
+        return sample
+
+
+def test_a_silent_but_active_guest_is_held_not_reset_and_keeps_its_budget(world: World) -> None:
+    request = world.restarting("web-1")
+    hypervisor = _BusyGuest(f"fake://{HOST_A}", [DomainInfo("web-1", "u-1", DomainStatus.RUNNING, "booted")])
+    outcome = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1",
+                         activity=ActivityCheck(window_s=0.05, blocks=True))
+    assert not outcome.acted and "silent but active" in outcome.result
+    assert [c for c in hypervisor.calls if c[0] in ("reset", "destroy", "start")] == []
+    record = world.record("web-1")
+    assert (record["state"], record["attempts"], record["last_restart_ms"]) == ("faulty", "0", "0")
+    assert world.client.zcard(world.keys.vm_restarts("web-1")) == 0
+    held = world.events("silent_but_active")
+    assert len(held) == 1 and "disk_write_bytes" in held[0]["activity"]
+
+
+def test_a_silent_guest_whose_counters_stand_still_is_reset_with_the_sample_as_evidence(world: World) -> None:
+    request = world.restarting("web-1")
+    hypervisor = hypervisor_with(DomainStatus.RUNNING)
+    outcome = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1",
+                         activity=ActivityCheck(window_s=0.05, blocks=True))
+    assert outcome.acted and outcome.action == "reset"
+    assert '"moving":[]' in world.events("restarted")[0]["activity"]
+
+
+def test_an_active_guest_is_reset_anyway_when_activity_does_not_block(world: World) -> None:
+    request = world.restarting("web-1")
+    hypervisor = _BusyGuest(f"fake://{HOST_A}", [DomainInfo("web-1", "u-1", DomainStatus.RUNNING, "booted")])
+    outcome = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1",
+                         activity=ActivityCheck(window_s=0.05, blocks=False))
+    assert outcome.acted and outcome.action == "reset"
+
+
+def test_a_second_attempt_in_an_incident_destroys_and_creates(world: World) -> None:
+    request = world.restarting("web-1")
+    hypervisor = hypervisor_with(DomainStatus.RUNNING)
+    outcome = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1",
+                         hard=True)
+    assert outcome.action == "destroy+create"
+    assert [c for c in hypervisor.calls if c[0] in ("reset", "destroy", "start")] == [("destroy", "web-1"),
+                                                                                      ("start", "web-1")]
+
+
+def test_a_vm_override_of_its_budget_is_honoured_by_the_judge(world: World) -> None:
+    world.healthy("web-1")
+    world.store.set_policy_overrides("web-1", {"policy.max_restarts": "0"})
+    round_2 = world.probe()
+    world.make_due(round_2)
+    world.monitor.tick()
+    assert world.state("web-1") == VmState.FAILED.value
+    assert world.dispatched == []
+
+
+def test_a_host_whose_libvirt_fails_is_degraded_and_its_silent_vms_are_flagged_not_restarted(world: World) -> None:
+    world.healthy("web-1")
+    hypervisor = hypervisor_with(DomainStatus.RUNNING)
+    hypervisor.set_unavailable()
+    with pytest.raises(HypervisorError):
+        sync_inventory(world.store, hypervisor, HOST_A, 60)
+    mark_degraded(world.store, HOST_A, hypervisor.uri, 60, "libvirt did not answer within 30 s")
+    assert [e["host"] for e in world.events("host_degraded")] == [HOST_A]
+    round_2 = world.probe()
+    world.make_due(round_2)
+    assert world.monitor.tick().dispatched == []
+    assert "degraded" in world.events("faulty")[0]["reasons"]

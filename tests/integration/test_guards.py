@@ -133,3 +133,34 @@ def test_a_crash_reported_by_libvirt_is_restarted_on_its_host_without_waiting_fo
     faulty = events_of(cluster, type="faulty", vm="vm-1")[0]
     assert "crashed" in faulty["reasons"][0]
     app.close()
+
+
+def test_libvirt_events_keep_vmq_off_a_domain_an_operator_paused_or_destroyed(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]})
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    app = create_app(cluster.settings)
+
+    # An operator pauses vm-1 (its guest stops answering, of course): known at once from libvirt's event.
+    assert app.send_task("vmq.host.domain_op", args=["vm-1", "suspend"], queue="host.node1").get(timeout=20)["ok"]
+    cluster.fleet.hang("vm-1")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="domain_event", vm="vm-1", kind="paused")), 3,
+                     "the pause event")
+    time.sleep(3)  # several rounds past T2
+    assert events_of(cluster, type="restart_dispatched") == []
+    assert "paused on purpose" in cluster.store.vm_record("vm-1")["decision"]
+
+    # The operator destroys vm-2: shut off on purpose, left alone.
+    assert app.send_task("vmq.host.domain_op", args=["vm-2", "destroy"], queue="host.node1").get(timeout=20)["ok"]
+    cluster.fleet.hang("vm-2")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="domain_event", vm="vm-2", kind="operator_stop")), 3,
+                     "the destroy event")
+    time.sleep(3)
+    assert events_of(cluster, type="restart_dispatched") == []
+
+    # Resumed but still silent: now it is judged, and restarted on its host.
+    assert app.send_task("vmq.host.domain_op", args=["vm-1", "resume"], queue="host.node1").get(timeout=20)["ok"]
+    cluster.wait_for(lambda: bool(events_of(cluster, type="restarted", vm="vm-1")), 15, "vm-1 restarted")
+    assert [e["vm"] for e in events_of(cluster, type="restart_dispatched")] == ["vm-1"]
+    app.close()

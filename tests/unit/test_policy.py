@@ -8,7 +8,17 @@ from typing import Any
 import pytest
 
 from vmq.model import Action, DomainStatus, VmState, VmView
-from vmq.policy import ANSWER_HEALS, JUDGED, TRANSITIONS, PolicyConfig, can_transition, decide
+from vmq.policy import (
+    ANSWER_HEALS,
+    JUDGED,
+    TRANSITIONS,
+    PolicyConfig,
+    backoff_s,
+    can_transition,
+    decide,
+    storm_guard,
+    with_overrides,
+)
 
 NOW_MS = 1_764_000_000_000
 CFG = PolicyConfig(boot_grace_s=30.0, recovery_timeout_s=60.0, restart_timeout_s=90.0, max_restarts=3,
@@ -104,6 +114,33 @@ TABLE: list[tuple[str, dict[str, Any], dict[str, Any], Action, str]] = [
      "no answer within the recovery timeout (60 s)"),
     ("a VM booted exactly the boot grace ago is judged", {"booted_at_ms": NOW_MS - 30_000}, {}, R, "budget 1 of 3"),
     ("a VM with no boot time is judged without grace", {"booted_at_ms": 0}, {}, R, "budget 1 of 3"),
+    # -- issue 3's guards
+    ("a domain an operator paused is not judged while that lasts",
+     {"domain_status": DomainStatus.PAUSED, "domain_reason": "user"}, {}, N, "paused on purpose (user)"),
+    ("a domain paused by a migration is not judged", {"domain_status": DomainStatus.PAUSED,
+                                                      "domain_reason": "migrated"}, {}, N, "paused on purpose"),
+    ("a domain paused by an I/O error is judged and restarted",
+     {"domain_status": DomainStatus.PAUSED, "domain_reason": "ioerror"}, {}, R, "reset (rung 1 of 2)"),
+    ("a VM on a host in maintenance is not judged", {"host_maintenance": True}, {}, N, "host node1 is in maintenance"),
+    ("a host that cannot reach libvirt gets no restart on silence", {"host_degraded": True}, {}, F,
+     "cannot reach libvirt (degraded)"),
+    ("a crash reported by libvirt is restarted even if the VM never answered",
+     {"domain_status": DomainStatus.CRASHED, "domain_reason": "crashed", "last_valid_ms": 0}, {}, R,
+     "the hypervisor reports the domain crashed"),
+    ("a crash is restarted through the storm guard", {"domain_status": DomainStatus.CRASHED, "storm": "storm!"},
+     {}, R, "reset"),
+    ("silence during a storm is flagged, not restarted", {"storm": "storm guard: 4 of 10 VMs silent"}, {}, F,
+     "storm guard: 4 of 10"),
+    ("the second attempt of an incident waits out its back-off",
+     {"incident_attempts": 1, "last_restart_ms": NOW_MS - 5_000}, {"backoff_jitter": 0.0}, F,
+     "back-off: next attempt allowed in 5.0 s"),
+    ("after its back-off the second attempt destroys and creates",
+     {"incident_attempts": 1, "last_restart_ms": NOW_MS - 10_001, "restarts_in_window": 1},
+     {"backoff_jitter": 0.0}, R, "destroy + create (rung 2 of 2)"),
+    ("a VM whose reset and destroy + create both failed is quarantined", {"incident_attempts": 2}, {}, X,
+     "every rung of the ladder was tried"),
+    ("a host at its limit of concurrent restarts makes the next one wait", {"host_restarts_in_flight": 2}, {}, F,
+     "already has 2 restarts in flight (limit 2)"),
 ]
 
 
@@ -185,3 +222,42 @@ def test_every_judged_state_may_become_faulty_when_silent(state: VmState) -> Non
 def test_a_restart_task_may_end_recovering_faulty_or_unknown() -> None:
     assert {VmState.RECOVERING, VmState.FAULTY, VmState.UNKNOWN} <= TRANSITIONS[VmState.RESTARTING]
     assert can_transition(VmState.FAULTY, VmState.FAILED)
+
+
+def test_the_second_rung_is_asked_for_as_a_hard_restart() -> None:
+    decision = decide(silent_vm(incident_attempts=1, last_restart_ms=NOW_MS - 60_000), CFG, NOW_MS)
+    assert decision.action is Action.RESTART and decision.hard is True
+    assert decide(silent_vm(), CFG, NOW_MS).hard is False
+
+
+@pytest.mark.parametrize(("attempts", "expected_s"), [(0, 0.0), (1, 10.0), (2, 20.0), (3, 40.0), (9, 300.0)])
+def test_back_off_doubles_per_attempt_up_to_its_cap(attempts: int, expected_s: float) -> None:
+    assert backoff_s("web-1", attempts, replace(CFG, backoff_jitter=0.0)) == expected_s
+
+
+def test_back_off_jitter_stays_within_its_band_and_differs_between_vms() -> None:
+    values = {backoff_s(f"vm-{i}", 1, CFG) for i in range(50)}
+    assert all(8.0 <= v <= 12.0 for v in values)
+    assert len(values) > 10  # VMs restarted together do not retry together
+
+
+@pytest.mark.parametrize(("silent", "sizes", "total", "cluster", "hosts"), [
+    pytest.param({"a": 2, "b": 2}, {"a": 5, "b": 5}, 10, True, set(), id="40 percent of the cluster is a storm"),
+    pytest.param({"a": 3}, {"a": 5, "b": 15}, 20, False, {"a"}, id="3 of 5 on one host is a host suspect"),
+    pytest.param({"a": 2}, {"a": 2, "b": 18}, 20, False, set(), id="fewer than 3 silent is never a guard"),
+    pytest.param({"a": 1, "b": 1}, {"a": 50, "b": 50}, 100, False, set(), id="scattered hangs are judged"),
+    pytest.param({"a": 3}, {"a": 10}, 10, False, set(), id="exactly the fraction is not above it"),
+])
+def test_the_storm_and_host_guard(silent: dict[str, int], sizes: dict[str, int], total: int, cluster: bool,
+                                  hosts: set[str]) -> None:
+    reason, by_host = storm_guard(silent, sizes, total, 0.3, 3)
+    assert bool(reason) is cluster
+    assert set(by_host) == hosts
+
+
+def test_a_vms_overrides_replace_the_cluster_knobs_and_bad_ones_are_refused() -> None:
+    cfg, refused = with_overrides(CFG, {"max_restarts": "5", "boot_grace_s": "120.5", "ladder_rungs": "x",
+                                        "backoff_base_s": "-1", "no_such_knob": "1"})
+    assert (cfg.max_restarts, cfg.boot_grace_s, cfg.ladder_rungs, cfg.backoff_base_s) == (5, 120.5, 2, 10.0)
+    assert sorted(refused) == ["backoff_base_s=-1", "ladder_rungs=x", "no_such_knob=1"]
+    assert decide(silent_vm(restarts_in_window=3), cfg, NOW_MS).action is Action.RESTART

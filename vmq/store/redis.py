@@ -411,6 +411,17 @@ class RedisStore:
             else:
                 self.r.delete(self.keys.restarts_suspended)
 
+    def set_policy_overrides(self, vm: str, fields: Mapping[str, str]) -> None:
+        """Set (non-empty value) or remove (empty value) a VM's ``policy.<knob>`` overrides."""
+        with translate_errors(f"overrides {vm}"):
+            pipe = self.r.pipeline(transaction=True)
+            for name, value in fields.items():
+                if value:
+                    pipe.hset(self.keys.vm(vm), name, value)
+                else:
+                    pipe.hdel(self.keys.vm(vm), name)
+            pipe.execute()
+
     def monitored_count(self) -> int:
         """How many VMs have a responder key (the storm guard's denominator)."""
         with translate_errors("HLEN secrets"):
