@@ -120,6 +120,7 @@ class ClusterSpec:
     env: dict[str, str] = field(default_factory=dict)
     boot_delay_s: float = 2.0
     guests: bool = True
+    devices: bool = False  # give test-driver domains a disk and a NIC (their counters then move)
 
 
 class LocalCluster:
@@ -157,7 +158,7 @@ class LocalCluster:
         """Write the host's test:/// node and start its host worker (queue host.<name> only)."""
         domains = [(vm, stable_uuid(vm), DomainStatus.RUNNING) for vm in self.spec.placement.get(host, [])]
         domains += [(vm, stable_uuid(vm), DomainStatus.SHUTOFF) for vm in self.spec.standby.get(host, [])]
-        uri = write_node(self.workdir / f"node-{host}.xml", host, domains)
+        uri = write_node(self.workdir / f"node-{host}.xml", host, domains, devices=self.spec.devices)
         self._celery(f"host-{host}", ["worker", "-Q", f"host.{host}", "-P", "threads", "-c", "2",
                                       "-n", f"{host}@%h", "--without-gossip", "--without-mingle",
                                       "--loglevel", "INFO"],

@@ -164,3 +164,33 @@ def test_libvirt_events_keep_vmq_off_a_domain_an_operator_paused_or_destroyed(
     cluster.wait_for(lambda: bool(events_of(cluster, type="restarted", vm="vm-1")), 15, "vm-1 restarted")
     assert [e["vm"] for e in events_of(cluster, type="restart_dispatched")] == ["vm-1"]
     app.close()
+
+
+def test_a_silent_guest_whose_disk_and_network_still_move_is_held_not_reset(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    # With a disk and a NIC, the test driver's I/O counters keep moving: a busy guest that stopped answering.
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]}, devices=True,
+                           VMQ_ACTIVITY_WINDOW_S="0.5")
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    cluster.fleet.hang("vm-1")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="silent_but_active", vm="vm-1")), 15, "a hold")
+    time.sleep(2)
+    assert events_of(cluster, type="restarted") == []
+    held = events_of(cluster, type="silent_but_active", vm="vm-1")[0]
+    assert held["host"] == "node1" and held["activity"]["moving"]
+    assert cluster.store.vm_record("vm-1")["attempts"] == "0"  # a hold is not an attempt
+
+
+def test_the_kill_switch_holds_restarts_until_resumed(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]})
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    assert "suspended" in _cli(cluster, "suspend", "--for", "10m")
+    cluster.fleet.hang("vm-2")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="faulty", vm="vm-2")), 10, "vm-2 faulty")
+    time.sleep(2)
+    assert events_of(cluster, type="restart_dispatched") == []
+    assert "kill switch" in " ".join(events_of(cluster, type="faulty", vm="vm-2")[0]["reasons"])
+    assert "resumed" in _cli(cluster, "resume")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="restarted", vm="vm-2")), 10, "vm-2 restarted")
