@@ -20,7 +20,7 @@ from vmq.errors import CodecError
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 from vmq.policy import ANSWER_HEALS, PolicyConfig, decide, storm_guard, with_overrides
 from vmq.store.redis import Record, RedisStore, Transition
-from vmq.sweeps import expire_maintenance, sweep_hosts
+from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class Monitor:
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport) -> None:
         silent = self.store.silent_since(round_id)
         if not silent:
-            self._end_guard_episodes(set(), now_ms)
+            end_guard_episodes(self.store, set(), now_ms)
             return
         records = self.store.vm_records(silent)
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
@@ -321,7 +321,7 @@ class Monitor:
         cluster, by_host = storm_guard(silent_by_host, {h: c.vm_count for h, c in hosts.items()},
                                        self.store.monitored_count(), self.settings.storm_fraction,
                                        self.settings.storm_min_vms)
-        self._record_guard_episodes(cluster, by_host, silent_by_host, round_id, now_ms)
+        record_guard_episodes(self.store, cluster, by_host, silent_by_host, round_id, now_ms)
         answered = self.store.last_rounds(silent)
         for i, view in views:
             # Decide again with the guard and with the restarts this very round has already dispatched.
@@ -341,30 +341,6 @@ class Monitor:
                 "last_reply": json.loads(last) if last else None}
             if self._act(view, records[i], decision, evidence, round_id, now_ms, report) and view.host:
                 in_flight[view.host] = in_flight.get(view.host, 0) + 1  # the per-host limit counts this one
-
-    def _record_guard_episodes(self, cluster: str, by_host: dict[str, str], silent_by_host: dict[str, int],
-                               round_id: int, now_ms: int) -> None:
-        """Raise `storm` / `host_suspect` once when an episode starts; `storm_over` when it ends."""
-        active = {"cluster": cluster} if cluster else {}
-        active.update({f"host:{h}": reason for h, reason in by_host.items()})
-        known = self.store.guard_episodes()
-        started = {name: now_ms for name in active if name not in known}
-        for name in started:
-            host = name.partition(":")[2]
-            self.store.audit("storm" if name == "cluster" else "host_suspect", "", host, now_ms,
-                             round=round_id, reason=active[name], silent=silent_by_host)
-            log.error("%s: %s", name, active[name])
-        self.store.set_guard_episodes(started, [])
-        self._end_guard_episodes(set(active), now_ms, known)
-
-    def _end_guard_episodes(self, active: set[str], now_ms: int, known: dict[str, int] | None = None) -> None:
-        known = self.store.guard_episodes() if known is None else known
-        ended = [name for name in known if name not in active]
-        for name in ended:
-            self.store.audit("storm_over", "", name.partition(":")[2], now_ms, episode=name,
-                             lasted_s=round((now_ms - known[name]) / 1000, 3))
-        if ended:
-            self.store.set_guard_episodes({}, ended)
 
     def _act(self, view: VmView, rec: Record, decision: Decision, evidence: dict[str, object],
              round_id: int, now_ms: int, report: TickReport) -> bool:

@@ -1,4 +1,4 @@
-"""Per-tick sweeps of the cluster's standing conditions: hosts that vanish or return, maintenance that ends.
+"""Per-tick sweeps of standing conditions: hosts that vanish or return, maintenance that ends, guard episodes.
 
 Both are idempotent and cheap when nothing changed (one pipelined read of the host set).
 """
@@ -64,3 +64,31 @@ def expire_maintenance(store: RedisStore, now_ms: int) -> None:
                                     expected_generation=int(rec.get("generation") or 0))
         if ok:
             store.start_monitoring(vm, now_ms)
+
+
+def record_guard_episodes(store: RedisStore, cluster: str, by_host: dict[str, str],
+                          silent_by_host: dict[str, int], round_id: int, now_ms: int) -> None:
+    """Raise `storm` / `host_suspect` once when an episode starts; `storm_over` when it ends."""
+    active = {"cluster": cluster} if cluster else {}
+    active.update({f"host:{h}": reason for h, reason in by_host.items()})
+    known = store.guard_episodes()
+    started = {name: now_ms for name in active if name not in known}
+    for name in started:
+        host = name.partition(":")[2]
+        store.audit("storm" if name == "cluster" else "host_suspect", "", host, now_ms,
+                    round=round_id, reason=active[name], silent=silent_by_host)
+        log.error("%s: %s", name, active[name])
+    store.set_guard_episodes(started, [])
+    end_guard_episodes(store, set(active), now_ms, known)
+
+
+def end_guard_episodes(store: RedisStore, active: set[str], now_ms: int,
+                       known: dict[str, int] | None = None) -> None:
+    """Close the guard episodes that are no longer active, with a `storm_over` event each."""
+    known = store.guard_episodes() if known is None else known
+    ended = [name for name in known if name not in active]
+    for name in ended:
+        store.audit("storm_over", "", name.partition(":")[2], now_ms, episode=name,
+                    lasted_s=round((now_ms - known[name]) / 1000, 3))
+    if ended:
+        store.set_guard_episodes({}, ended)
