@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,24 +11,13 @@ from typing import Any
 
 import pytest
 
+from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
 from vmq.errors import DomainNotFound, HypervisorUnavailable
 from vmq.hypervisor import ActivitySample, FakeHypervisor, moving
 from vmq.hypervisor.testnode import interface_target, node_xml, stable_uuid, write_node
 from vmq.hypervisor.types import COUNTERS, device_targets, total
-from vmq.model import DomainInfo, DomainStatus
+from vmq.model import DomainInfo
 from vmq.ports import Hypervisor
-
-HOST = "host-a"
-RUNNING, PAUSED, OFF = "vm-running", "vm-paused", "vm-off"
-WORLD: list[tuple[str, str, DomainStatus]] = [
-    (RUNNING, stable_uuid(RUNNING), DomainStatus.RUNNING),
-    (PAUSED, stable_uuid(PAUSED), DomainStatus.PAUSED),
-    (OFF, stable_uuid(OFF), DomainStatus.SHUTOFF),
-]
-
-libvirt_only = pytest.mark.skipif(
-    importlib.util.find_spec("libvirt") is None, reason="libvirt-python not installed"
-)
 
 
 def sample(

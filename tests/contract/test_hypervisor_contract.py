@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
 from vmq.errors import (
     DomainNotFound,
     DomainOperationFailed,
@@ -27,13 +27,6 @@ from vmq.model import DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HOST = "host-a"
-RUNNING, PAUSED, OFF = "vm-running", "vm-paused", "vm-off"
-WORLD: list[tuple[str, str, DomainStatus]] = [
-    (RUNNING, stable_uuid(RUNNING), DomainStatus.RUNNING),
-    (PAUSED, stable_uuid(PAUSED), DomainStatus.PAUSED),
-    (OFF, stable_uuid(OFF), DomainStatus.SHUTOFF),
-]
 OPERATIONS = ["reset", "resume", "start", "suspend", "destroy"]
 
 
@@ -218,9 +211,6 @@ def test_open_hypervisor_returns_the_fake_for_fake_uris() -> None:
 
 # -- libvirt-only ----------------------------------------------------------------------------------------
 
-libvirt_only = pytest.mark.skipif(
-    importlib.util.find_spec("libvirt") is None, reason="libvirt-python not installed"
-)
 
 
 def _subprocess_env() -> dict[str, str]:

@@ -3,7 +3,6 @@ driver (events within 1 s, one shared connection, reconnects, failing callbacks,
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import os
@@ -18,24 +17,15 @@ from typing import Any
 
 import pytest
 
+from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
 from vmq.hypervisor.testnode import stable_uuid, write_node
 from vmq.hypervisor.types import DomainEvent, EventKind, classify
 from vmq.model import DomainStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HOST = "host-a"
-RUNNING, PAUSED, OFF = "vm-running", "vm-paused", "vm-off"
-WORLD: list[tuple[str, str, DomainStatus]] = [
-    (RUNNING, stable_uuid(RUNNING), DomainStatus.RUNNING),
-    (PAUSED, stable_uuid(PAUSED), DomainStatus.PAUSED),
-    (OFF, stable_uuid(OFF), DomainStatus.SHUTOFF),
-]
 UNREACHABLE = "qemu+tcp://127.0.0.1:1/system"
 EVENT_DEADLINE_S = 1.0
 
-libvirt_only = pytest.mark.skipif(
-    importlib.util.find_spec("libvirt") is None, reason="libvirt-python not installed"
-)
 
 
 # -- classify and event_words ------------------------------------------------------------------------------
