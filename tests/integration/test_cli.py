@@ -1,0 +1,81 @@
+"""The operator CLI against a real redis-server: health checks, hosts, enable/disable, overrides, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vmq.codec import WIRE_VERSION, new_nonce
+from vmq.keys import Keys
+from vmq.localcluster import LocalRedis
+from vmq.store.redis import RedisStore
+
+pytestmark = pytest.mark.integration
+
+
+def vmq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
+    env.update(VMQ_REDIS_URL=url, VMQ_NAMESPACE="cli")
+    return subprocess.run([sys.executable, "-m", "vmq.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=30, check=False)
+
+
+@pytest.fixture
+def store(redis_server: LocalRedis) -> RedisStore:
+    return RedisStore.from_url(redis_server.url, Keys("cli"))
+
+
+def test_check_fails_cleanly_when_redis_is_down() -> None:
+    proc = vmq("redis://127.0.0.1:1/0", "check")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("vmq: redis unreachable") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_check_monitor_needs_probe_rounds_that_advance(redis_server: LocalRedis, store: RedisStore) -> None:
+    proc = vmq(redis_server.url, "check", "--monitor")
+    assert proc.returncode == 1 and "no probe round" in proc.stderr
+    store.start_round(new_nonce(), 6000, 64, WIRE_VERSION)
+    assert vmq(redis_server.url, "check", "--monitor").returncode == 0
+
+
+def test_check_host_needs_a_fresh_heartbeat_and_a_reachable_libvirt(redis_server: LocalRedis,
+                                                                     store: RedisStore) -> None:
+    assert vmq(redis_server.url, "check", "--host", "node1").returncode == 1
+    store.heartbeat("node1", {"queue": "host.node1", "seen_ms": store.time_ms(), "libvirt_ok": 1}, 15_000)
+    assert vmq(redis_server.url, "check", "--host", "node1").returncode == 0
+    store.heartbeat("node1", {"seen_ms": store.time_ms(), "libvirt_ok": 0}, 15_000)
+    proc = vmq(redis_server.url, "check", "--host", "node1")
+    assert proc.returncode == 1 and "degraded" in proc.stderr
+    hosts = json.loads(vmq(redis_server.url, "hosts", "--json").stdout)["hosts"]
+    assert [(h["name"], h["alive"], h["degraded"], h["queue"]) for h in hosts] == [("node1", True, True,
+                                                                                     "host.node1")]
+
+
+def test_disable_and_enable_move_a_vm_out_of_and_back_into_judging(redis_server: LocalRedis,
+                                                                    store: RedisStore) -> None:
+    store.register_vm("vm-1", store.time_ms())
+    assert "unknown -> disabled" in vmq(redis_server.url, "disable", "vm-1").stdout
+    assert store.vm_record("vm-1")["state"] == "disabled"
+    assert "disabled -> unknown" in vmq(redis_server.url, "enable", "vm-1").stdout
+    assert store.vm_record("vm-1")["state"] == "unknown"
+    proc = vmq(redis_server.url, "enable", "vm-1")
+    assert proc.returncode == 2 and "cannot enable" in proc.stderr
+    proc = vmq(redis_server.url, "disable", "no-such-vm")
+    assert proc.returncode == 2 and "unknown VM no-such-vm" in proc.stderr
+
+
+def test_overrides_are_validated_and_stored(redis_server: LocalRedis, store: RedisStore) -> None:
+    store.register_vm("vm-1", store.time_ms())
+    assert vmq(redis_server.url, "set", "vm-1", "max_restarts=5", "boot_grace_s=120").returncode == 0
+    record = store.vm_record("vm-1")
+    assert (record["policy.max_restarts"], record["policy.boot_grace_s"]) == ("5", "120")
+    for bad in ("max_restarts=-1", "max_restarts=x", "no_such_knob=1", "max_restarts"):
+        proc = vmq(redis_server.url, "set", "vm-1", bad)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, bad
+    assert vmq(redis_server.url, "set", "vm-1", "max_restarts=").returncode == 0
+    assert "policy.max_restarts" not in store.vm_record("vm-1")
