@@ -19,7 +19,7 @@ from vmq.config import Settings
 from vmq.errors import CodecError
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 from vmq.policy import ANSWER_HEALS, PolicyConfig, decide, storm_guard, with_overrides
-from vmq.store.redis import Record, RedisStore, Transition
+from vmq.store.redis import HostContext, Record, RedisStore, Transition
 from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class Monitor:
             self.store.audit("domain_event", vm, host, now_ms, kind=kind, event=event, detail=detail)
             if kind != "crash" or not acquired:
                 return report
-            view = self._single_view(vm, rec, now_ms)
+            view = self._views([vm], [rec], now_ms)[0][0][1]
             decision = decide(view, self._policy_for(rec), now_ms)
             evidence: dict[str, object] = {"hypervisor_event": {"event": event, "detail": detail},
                                            "last_valid_ms": view.last_valid_ms,
@@ -188,17 +188,32 @@ class Monitor:
             log.warning("vm overrides refused: %s", refused)
         return cfg
 
-    def _single_view(self, vm: str, rec: Record, now_ms: int) -> VmView:
+    def _views(self, vms: list[str], records: list[Record], now_ms: int) -> tuple[
+        list[tuple[int, VmView]], list[str | None], dict[str, int], dict[str, HostContext]
+    ]:
+        """The policy's views of ``vms`` (skipping removed ones), with their last replies, the restarts in
+        flight per host and the hosts' context, all read in a few round trips."""
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
-        restarts, _, _, keyed, suspended = self.store.judge_context([vm], [], window_start)
-        host = self.store.host_context([rec.get("host", "")], now_ms, self._host_fresh_ms).get(rec.get("host", ""))
-        return view_of(
-            vm, rec, has_key=vm in keyed, host_alive=bool(host and host.alive),
-            host_degraded=bool(host and host.degraded), host_maintenance=bool(host and host.in_maintenance(now_ms)),
-            last_valid_ms=int(self.store.last_seen_many([vm])[0] or 0), restarts_in_window=restarts[0],
-            restarts_suspended=suspended, incident_attempts=int(rec.get("attempts") or 0),
-            last_restart_ms=int(rec.get("last_restart_ms") or 0),
-            host_restarts_in_flight=self.store.restarting_by_host().get(rec.get("host", ""), 0))
+        restarts, last_replies, keyed, suspended = self.store.judge_context(vms, window_start)
+        hosts = self.store.host_context((r.get("host", "") for r in records if r.get("host")), now_ms,
+                                        self._host_fresh_ms)
+        in_flight = self.store.restarting_by_host()
+        seen = self.store.last_seen_many(vms)
+        views: list[tuple[int, VmView]] = []
+        for i, vm in enumerate(vms):
+            rec = records[i]
+            if not rec:
+                continue  # listed in last_round but no record: removed VM
+            host = hosts.get(rec.get("host", ""))
+            views.append((i, view_of(
+                vm, rec, has_key=vm in keyed, host_alive=bool(host and host.alive),
+                host_degraded=bool(host and host.degraded),
+                host_maintenance=bool(host and host.in_maintenance(now_ms)),
+                last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i], restarts_suspended=suspended,
+                incident_attempts=int(rec.get("attempts") or 0),
+                last_restart_ms=int(rec.get("last_restart_ms") or 0),
+                host_restarts_in_flight=in_flight.get(rec.get("host", ""), 0))))
+        return views, last_replies, in_flight, hosts
 
     # ---------------------------------------------------------------- ingest
     def _ingest(self, up_to_ms: int, report: TickReport) -> None:
@@ -292,26 +307,7 @@ class Monitor:
             end_guard_episodes(self.store, set(), now_ms)
             return
         records = self.store.vm_records(silent)
-        window_start = now_ms - int(self.settings.restart_window_s * 1000)
-        restarts, _, last_replies, keyed, suspended = self.store.judge_context(silent, [], window_start)
-        hosts = self.store.host_context((r.get("host", "") for r in records if r.get("host")), now_ms,
-                                        self._host_fresh_ms)
-        in_flight = self.store.restarting_by_host()
-        seen = self.store.last_seen_many(silent)
-        views: list[tuple[int, VmView]] = []
-        for i, vm in enumerate(silent):
-            rec = records[i]
-            if not rec:
-                continue  # listed in last_round but no record: removed VM
-            host = hosts.get(rec.get("host", ""))
-            views.append((i, view_of(
-                vm, rec, has_key=vm in keyed, host_alive=bool(host and host.alive),
-                host_degraded=bool(host and host.degraded),
-                host_maintenance=bool(host and host.in_maintenance(now_ms)),
-                last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i], restarts_suspended=suspended,
-                incident_attempts=int(rec.get("attempts") or 0),
-                last_restart_ms=int(rec.get("last_restart_ms") or 0),
-                host_restarts_in_flight=in_flight.get(rec.get("host", ""), 0))))
+        views, last_replies, in_flight, hosts = self._views(silent, records, now_ms)
         decisions = {view.vm: decide(view, self._policy_for(records[i]), now_ms) for i, view in views}
         # Storm and partition guard: count this round's judged silence per host before acting on any of it.
         silent_by_host: dict[str, int] = {}

@@ -16,7 +16,7 @@ def cluster_status(store: RedisStore, settings: Settings) -> dict[str, Any]:
     vms = store.all_vms()
     records = store.vm_records(vms)
     window_start = now_ms - int(settings.restart_window_s * 1000)
-    restarts, _, _, keyed, suspended = store.judge_context(vms, [], window_start)
+    restarts, _, keyed, suspended = store.judge_context(vms, window_start)
     seen = store.last_seen_many(vms)
     hosts = store.hosts_overview()
     per_host: dict[str, int] = {}

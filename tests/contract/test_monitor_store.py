@@ -740,7 +740,7 @@ def test_a_first_sync_registers_the_hosts_domains_as_unknown_vms(world: World) -
     assert (web1["state"], web1["host"], web1["domain_status"]) == ("unknown", HOST_A, "running")
     assert (web2["state"], web2["host"], web2["domain_status"]) == ("unknown", HOST_A, "shutoff")
     assert "booted_at_ms" in web1 and "booted_at_ms" not in web2
-    assert world.store.host_alive(HOST_A)
+    assert [(name, alive) for name, alive, _ in world.store.hosts_overview()] == [(HOST_A, True)]
     assert sync_inventory(world.store, hypervisor, HOST_A, ttl_s=30).new_vms == []
 
 

@@ -163,11 +163,6 @@ class HostStateMixin:
         with translate_errors("host info"):
             return {_text(a): _text(b) for a, b in self.r.hgetall(self.keys.host(host)).items()}
 
-    def host_alive(self, host: str) -> bool:
-        """Whether ``host``'s heartbeat is fresh."""
-        with translate_errors("host alive"):
-            return bool(self.r.exists(self.keys.host_heartbeat(host)))
-
     def all_vms(self) -> list[str]:
         """Every known VM id, sorted."""
         with translate_errors("SMEMBERS vms"):

@@ -216,29 +216,24 @@ class RedisStore(HostStateMixin):
         """One VM's state hash."""
         return self.vm_records([vm])[0]
 
-    def judge_context(self, vms: Sequence[str], hosts: Iterable[str], window_start_ms: int) -> tuple[
-        list[int], dict[str, bool], list[str | None], set[str], bool
+    def judge_context(self, vms: Sequence[str], window_start_ms: int) -> tuple[
+        list[int], list[str | None], set[str], bool
     ]:
-        """For silent VMs: restarts in window, host liveness, last replies, keyed VMs, kill switch."""
+        """For VMs being judged: restarts in window, last replies, VMs with a key, kill switch (host context
+        comes from ``host_context``)."""
         k = self.keys
-        host_list = sorted(set(hosts))
         with translate_errors("judge context"):
             pipe = self.r.pipeline(transaction=False)
             for vm in vms:
                 pipe.zcount(k.vm_restarts(vm), window_start_ms, "+inf")
-            for host in host_list:
-                pipe.exists(k.host_heartbeat(host))
             pipe.hmget(k.last_reply, list(vms)) if vms else pipe.ping()
             pipe.hmget(k.secrets, list(vms)) if vms else pipe.ping()
             pipe.exists(k.restarts_suspended)
             out = pipe.execute()
         restarts = [int(x) for x in out[: len(vms)]]
-        alive = {h: bool(x) for h, x in zip(host_list, out[len(vms): len(vms) + len(host_list)])}
-        last = out[len(vms) + len(host_list)]
-        last_replies = [(_text(x) if x else None) for x in last] if vms else []
-        keyed_raw = out[len(vms) + len(host_list) + 1]
-        keyed = {vm for vm, x in zip(vms, keyed_raw) if x} if vms else set()
-        return restarts, alive, last_replies, keyed, bool(out[-1])
+        last_replies = [(_text(x) if x else None) for x in out[len(vms)]] if vms else []
+        keyed = {vm for vm, x in zip(vms, out[len(vms) + 1]) if x} if vms else set()
+        return restarts, last_replies, keyed, bool(out[-1])
 
     def transition(
         self,
