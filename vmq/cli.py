@@ -42,7 +42,28 @@ def _store() -> tuple[Settings, RedisStore]:
     return settings, RedisStore.from_url(settings.redis_url, settings.keys, settings.events_maxlen)
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """A group whose usage errors, like every vmq error, are one line on stderr and exit status 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            # click's own parse errors point at --help; a plain UsageError is a sentence of ours.
+            parse_error = isinstance(exc, click.UsageError) and (
+                type(exc) is not click.UsageError or exc.message.startswith(("No such command", "Got unexpected")))
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if parse_error and ctx is not None else ""
+            click.echo(f"vmq: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("vmq: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.version_option(package_name="vmq")
 def main() -> None:
     """vmq keeps a libvirt/KVM VM cluster alive: probe, authenticated replies, timeout, restart on its host."""
@@ -82,10 +103,13 @@ def status(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
 @click.option("--vm", default=None, help="Only this VM.")
-@click.option("--type", "event_type", default=None, help="Only this event type.")
+@click.option("--host", default=None, help="Only events of this host (its VMs' and its own).")
+@click.option("--type", "event_type", default=None, multiple=True,
+              help="Only this event type (repeat for several, e.g. --type faulty --type restarted).")
 @click.option("--limit", default=1000, show_default=True, help="At most this many past events.")
 @_one_line_errors
-def events(as_json: bool, follow: bool, vm: str | None, event_type: str | None, limit: int) -> None:
+def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_type: tuple[str, ...],
+           limit: int) -> None:
     """The audit stream: every transition and action with its evidence."""
     _, store = _store()
     rows = store.events(count=1_000_000)[-limit:] if limit else []
@@ -96,7 +120,8 @@ def events(as_json: bool, follow: bool, vm: str | None, event_type: str | None, 
 
     def emit(entry_id: str, fields: dict[str, str]) -> None:
         event = event_json(entry_id, fields)
-        if (vm and event["vm"] != vm) or (event_type and event["type"] != event_type):
+        if (vm and event["vm"] != vm) or (host and event["host"] != host) or \
+                (event_type and event["type"] not in event_type):
             return
         if as_json:
             click.echo(json.dumps(event))
@@ -211,8 +236,9 @@ def demo(hosts: int, vms: int, fault: str | None, probe_interval: float, reply_t
 
 
 # Operator commands (maintenance, kill switch, overrides, enable/disable, hosts, check, explain) live in
-# vmq.cli_ops; importing it registers them on `main`.
-from vmq import cli_ops  # noqa: F401
+# vmq.cli_ops, the ones that go through the workers (restart, keys rotate) in vmq.cli_restart; importing
+# them registers them on `main`.
+from vmq import cli_ops, cli_restart, cli_stack  # noqa: F401
 
 if __name__ == "__main__":
     # Run as `python -m vmq.cli`, this file is `__main__`; vmq.cli_ops registered its commands on the

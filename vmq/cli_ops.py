@@ -246,3 +246,20 @@ def explain(vm: str, last: int) -> None:
             words = f"{event['action']} {event.get('result', '')} in {event.get('took_ms')} ms"
         click.echo(f"  {event['time']}  {event['type']:<18} {words}{extra}")
 
+
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@_one_line_errors
+def show_config(as_json: bool) -> None:
+    """The VMQ_* settings in force here (passwords masked); docs/configuration.md explains each."""
+    from vmq.config import load_settings
+    from vmq.configdoc import effective_settings
+
+    values = effective_settings(load_settings())
+    if as_json:
+        click.echo(json.dumps(values))
+        return
+    width = max(len(name) for name in values)
+    for name, value in values.items():
+        click.echo(f"{name:<{width}}  {value}")

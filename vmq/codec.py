@@ -109,6 +109,7 @@ def decode_reply(
     secrets: Mapping[str, bytes],
     rounds: RoundBook,
     max_bytes: int,
+    previous: Mapping[str, tuple[bytes, int]] | None = None,
 ) -> Reply:
     """Verify one reply-stream entry and return it as a Reply; raises CodecError with the reason.
 
@@ -137,8 +138,13 @@ def decode_reply(
         claimed = signature.decode("ascii")
     except UnicodeDecodeError:
         raise CodecError(RejectReason.BAD_SIGNATURE.value, f"vm {vm}: signature is not hex") from None
+    previous_key = False
     if not hmac.compare_digest(reply_signature(key, message), claimed):
-        raise CodecError(RejectReason.BAD_SIGNATURE.value, f"vm {vm}: signature does not verify")
+        # Key rotation: the rotated-out key still verifies until its grace ends (in Redis time).
+        old = (previous or {}).get(vm)
+        if old is None or arrival_ms > old[1] or not hmac.compare_digest(reply_signature(old[0], message), claimed):
+            raise CodecError(RejectReason.BAD_SIGNATURE.value, f"vm {vm}: signature does not verify")
+        previous_key = True
     round_id = _int(body, "round")
     nonce = _str(body, "nonce", 32)
     if not _HEX32.fullmatch(nonce):
@@ -149,7 +155,7 @@ def decode_reply(
         raise CodecError(RejectReason.MALFORMED.value, "'params' must be an object")
     rounds.check(round_id, nonce, arrival_ms)
     return Reply(vm=vm, round=round_id, nonce=nonce, boot_id=boot_id, arrival_ms=arrival_ms, params=params,
-                 message=message)
+                 message=message, previous_key=previous_key)
 
 
 

@@ -16,34 +16,67 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VMQ_", frozen=True, extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = "vmq"
-    probe_interval_s: float = Field(2.0, gt=0, le=3600)  # T1
-    reply_timeout_s: float = Field(6.0, gt=0, le=86400)  # T2, must exceed T1
-    boot_grace_s: float = Field(30.0, ge=0)
-    recovery_timeout_s: float = Field(60.0, gt=0)
-    restart_timeout_s: float = Field(60.0, gt=0)  # a `restarting` VM older than this is judged again
-    restart_task_expires_s: float = Field(30.0, gt=0)
-    max_restarts: int = Field(3, ge=0)
-    restart_window_s: float = Field(3600.0, gt=0)
-    backoff_base_s: float = Field(10.0, ge=0)  # wait base * 2^(n-1) between attempts of one incident
-    backoff_max_s: float = Field(300.0, ge=0)
-    max_concurrent_restarts_per_host: int = Field(2, ge=1)
-    storm_fraction: float = Field(0.3, gt=0, le=1)  # more silent than this in one round: suspect ourselves
-    storm_min_vms: int = Field(3, ge=1)
-    activity_blocks_reset: bool = True  # a silent guest whose CPU/disk/net counters move is not reset
-    activity_window_s: float = Field(1.0, gt=0, le=30)
-    webhook_url: str = ""  # escalations are POSTed here as JSON (retried with back-off)
-    host_name: str = ""
-    libvirt_uri: str = "qemu:///system"
-    host_heartbeat_ttl_s: float = Field(15.0, gt=0)  # after this the host is `down`, its VMs `unreachable`
-    host_heartbeat_interval_s: float = Field(1.0, gt=0)  # renewed this often; 3 missed = no restarts there
-    inventory_interval_s: float = Field(5.0, gt=0)
-    max_reply_bytes: int = Field(8192, ge=256)
-    reply_stream_maxlen: int = Field(200_000, ge=1000)
-    events_maxlen: int = Field(100_000, ge=100)
-    rounds_kept: int = Field(64, ge=4)
-    log_level: str = "INFO"
+    # -- where the state lives
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "Redis for state, broker and replies: redis://[user:password@]host:port/db, rediss:// for TLS, "
+        "or unix://. The password is never printed (`vmq config` masks it)."))
+    namespace: str = Field("vmq", description="Prefix of every Redis key and channel; one per cluster.")
+    # -- the method: T1, T2 and the restart condition
+    probe_interval_s: float = Field(2.0, gt=0, le=3600, description="T1: a probe round is sent this often.")
+    reply_timeout_s: float = Field(6.0, gt=0, le=86400, description=(
+        "T2: a VM whose valid reply has not arrived this long after a probe is faulty. Must exceed T1; "
+        "judged by the arrival times Redis records, so a late judge judges the same."))
+    boot_grace_s: float = Field(30.0, ge=0, description=(
+        "A VM is not judged this long after it (re)started or was first monitored."))
+    recovery_timeout_s: float = Field(60.0, gt=0, description=(
+        "After a restart the guest must answer within this, or the next rung of the ladder is tried."))
+    restart_timeout_s: float = Field(60.0, gt=0, description=(
+        "A `restarting` VM whose host has not finished the task by then is judged again."))
+    restart_task_expires_s: float = Field(30.0, gt=0, description=(
+        "A restart task not started by its host worker within this is discarded (the verdict is stale)."))
+    max_restarts: int = Field(3, ge=0, description="Restart budget: at most this many restarts per VM per window.")
+    restart_window_s: float = Field(3600.0, gt=0, description="The sliding window of the restart budget.")
+    backoff_base_s: float = Field(10.0, ge=0, description=(
+        "Back-off between attempts of one incident: base x 2^(n-1), +-20 % jitter."))
+    backoff_max_s: float = Field(300.0, ge=0, description="Cap of the back-off.")
+    max_concurrent_restarts_per_host: int = Field(2, ge=1, description=(
+        "At most this many restarts in flight on one host."))
+    storm_fraction: float = Field(0.3, gt=0, le=1, description=(
+        "Storm guard: when more than this fraction of the cluster (or of one host) goes silent in one "
+        "round, vmq suspects itself or the network and holds those restarts."))
+    storm_min_vms: int = Field(3, ge=1, description="The storm guard needs at least this many silent VMs.")
+    activity_blocks_reset: bool = Field(True, description=(
+        "Corroboration: a silent guest whose CPU, disk or network counters still move is not reset."))
+    activity_window_s: float = Field(1.0, gt=0, le=30, description=(
+        "The two activity samples are taken this far apart."))
+    webhook_url: str = Field("", description=(
+        "Escalations (a VM `failed`) are POSTed here as JSON, retried with back-off; empty: off."))
+    # -- host workers
+    host_name: str = Field("", description=(
+        "Host workers only: this hypervisor's name; the worker consumes the queue host.<name>."))
+    libvirt_uri: str = Field("qemu:///system", description=(
+        "Host workers only: libvirt connection, e.g. qemu:///system, qemu+ssh://root@node1/system, "
+        "test:///default."))
+    host_heartbeat_ttl_s: float = Field(15.0, gt=0, description=(
+        "A host whose heartbeat is older than this is `down`, its VMs `unreachable`."))
+    host_heartbeat_interval_s: float = Field(1.0, gt=0, description=(
+        "Host workers renew their heartbeat this often; 3 missed renewals stop restarts there."))
+    inventory_interval_s: float = Field(5.0, gt=0, description=(
+        "Host workers list their domains this often (placement, migrations, shut-off domains)."))
+    # -- replies, keys and retention
+    max_reply_bytes: int = Field(8192, ge=256, description="Replies larger than this are refused as oversized.")
+    key_rotation_grace_s: float = Field(3600.0, ge=0, description=(
+        "`vmq keys rotate`: the old key is still accepted this long."))
+    reply_stream_maxlen: int = Field(200_000, ge=1000, description=(
+        "The reply stream is trimmed to about this many entries."))
+    events_maxlen: int = Field(100_000, ge=100, description=(
+        "The audit stream is trimmed to about this many events."))
+    rounds_kept: int = Field(64, ge=4, description="Probe rounds remembered (nonces accepted for replies).")
+    # -- operations
+    metrics_port: int = Field(9464, ge=0, le=65535, description=(
+        "The monitor worker serves Prometheus /metrics on this port; 0 disables."))
+    metrics_addr: str = Field("0.0.0.0", description="Address the /metrics server binds.")
+    log_level: str = Field("INFO", description="Log level of vmq's loggers (DEBUG, INFO, WARNING, ERROR).")
 
     @field_validator("namespace")
     @classmethod
@@ -51,6 +84,14 @@ class Settings(BaseSettings):
         if not valid_name(value):
             raise ValueError("must be 1-128 of A-Z a-z 0-9 _ . -")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level_ok(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     @field_validator("host_name")
     @classmethod

@@ -110,6 +110,11 @@ class Keys:
         return self._k("secrets")
 
     @property
+    def secrets_previous(self) -> str:
+        """Hash vm -> "hexkey:until_ms": a rotated-out key, still accepted until then (key rotation grace)."""
+        return self._k("secrets", "previous")
+
+    @property
     def secrets_version(self) -> str:
         """INCR'd on every key change so workers can cache ``secrets``."""
         return self._k("secrets", "version")
@@ -147,6 +152,15 @@ class Keys:
     def stats(self) -> str:
         """Hash of counters (rounds, replies_valid, faults, restarts ...)."""
         return self._k("stats")
+
+    @property
+    def restart_outcomes(self) -> str:
+        """Hash "host|action|result" -> count of restart requests a host worker finished (for /metrics)."""
+        return self._k("stats", "restarts")
+
+    def histogram(self, name: str) -> str:
+        """Hash of one Redis-held histogram (bucket upper bound -> count, plus sum and count) for /metrics."""
+        return self._k("stats", "hist", name)
 
     @property
     def storm(self) -> str:

@@ -92,6 +92,7 @@ class Reply:
     arrival_ms: int
     params: dict[str, Any] = field(default_factory=dict)
     message: bytes = b""  # the verified wire bytes, stored as-is (re-encoding costs more than decoding)
+    previous_key: bool = False  # signed with the VM's rotated-out key, inside its grace period
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from vmq.codec import WIRE_VERSION, decode_reply, new_nonce
+from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
-from vmq.errors import CodecError
+from vmq.ingest import ingest_replies
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
-from vmq.policy import ANSWER_HEALS, PolicyConfig, decide, storm_guard, with_overrides
-from vmq.store.redis import HostContext, Record, RedisStore, Transition
+from vmq.policy import PolicyConfig, decide, storm_guard, with_overrides
+from vmq.store.redis import HostContext, Record, RedisStore
 from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 
 log = logging.getLogger(__name__)
 
-BATCH = 5000
 
 #: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
 EVENT_STATUS = {
@@ -49,6 +47,7 @@ class RestartRequest:
     issued_ms: int
     hard: bool = False  # destroy + create instead of reset (second rung of the ladder)
     crashed: bool = False  # the hypervisor reported a crash: no activity check needed
+    manual: bool = False  # an operator asked (`vmq restart`): no activity check either
 
 
 @dataclass
@@ -217,88 +216,7 @@ class Monitor:
 
     # ---------------------------------------------------------------- ingest
     def _ingest(self, up_to_ms: int, report: TickReport) -> None:
-        cursor = self.store.reply_cursor()
-        while True:
-            entries = self.store.read_replies(cursor, up_to_ms, BATCH)
-            if not entries:
-                return
-            self._ingest_batch(entries, report)
-            cursor = entries[-1][0].decode()
-            if len(entries) < BATCH:
-                return
-
-    def _ingest_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]], report: TickReport) -> None:
-        secrets = self.store.secrets()
-        book = self.store.round_book()
-        rejects: Counter[str] = Counter()
-        accepted: dict[str, tuple[int, int, str, bytes]] = {}  # vm -> round, arrival, boot_id, message
-        for entry_id, fields in entries:
-            try:
-                reply = decode_reply(entry_id, fields, secrets, book, self.settings.max_reply_bytes)
-            except CodecError as exc:
-                rejects[exc.reason] += 1
-                log.debug("reply rejected id=%s reason=%s detail=%s", entry_id, exc.reason, exc.detail)
-                continue
-            previous = accepted.get(reply.vm)
-            if previous is not None and reply.round <= previous[0]:
-                rejects["replayed"] += 1
-                continue
-            accepted[reply.vm] = (reply.round, reply.arrival_ms, reply.boot_id, reply.message)
-        # A reply to a round the VM already answered (or older) is a replay of a captured message.
-        vms = list(accepted)
-        for vm, stored in zip(vms, self.store.last_rounds(vms)):
-            if stored is not None and accepted[vm][0] <= stored:
-                rejects["replayed"] += 1
-                del accepted[vm]
-        self.store.record_replies(
-            rounds={vm: a[0] for vm, a in accepted.items()},
-            arrivals={vm: a[1] for vm, a in accepted.items()},
-            payloads={vm: a[3] for vm, a in accepted.items()},
-            rejects=rejects,
-            valid_count=len(accepted),
-            cursor=entries[-1][0].decode(),
-        )
-        report.ingested += len(entries)
-        report.valid += len(accepted)
-        for reason, count in rejects.items():
-            report.rejected[reason] = report.rejected.get(reason, 0) + count
-        if rejects:
-            log.warning("rejected replies %s", dict(rejects))
-        healing = sorted(self.store.attention() & accepted.keys())
-        if healing:
-            self._heal(healing, {vm: accepted[vm] for vm in healing}, report)
-
-    def _heal(self, vms: list[str], answers: dict[str, tuple[int, int, str, bytes]], report: TickReport) -> None:
-        """A valid reply ends silence: unknown/faulty/recovering (and unclaimed restarting) -> healthy.
-
-        All transitions of a batch go in one pipeline: after a mass outage every VM heals in one tick.
-        """
-        batch: list[Transition] = []
-        for vm, rec in zip(vms, self.store.vm_records(vms)):
-            state = VmState(rec.get("state", VmState.UNKNOWN.value))
-            if state not in ANSWER_HEALS:
-                continue
-            round_id, arrival_ms, boot_id, _ = answers[vm]
-            incident = rec.get("incident", "")
-            event: dict[str, object] = {"type": "recovered" if incident else "healthy",
-                                        "host": rec.get("host", ""), "round": round_id, "boot_id": boot_id,
-                                        "previous_boot_id": rec.get("boot_id", "")}
-            if incident:
-                opened = int(rec.get("incident_opened_ms") or arrival_ms)
-                event["incident"] = incident
-                event["recovered_after_s"] = round((arrival_ms - opened) / 1000.0, 3)
-                # An unclaimed `restarting` attempt that heals never reached libvirt.
-                event["restarted"] = state is VmState.RECOVERING
-            batch.append(Transition(
-                vm, (state,), VmState.HEALTHY, arrival_ms, event,
-                fields={"incident": "", "boot_id": boot_id, "decision": "", "decision_action": "",
-                        "decision_grounds": "", "attempts": 0},
-                expected_generation=int(rec.get("generation") or 0),
-            ))
-        for spec, (ok, _, _) in zip(batch, self.store.transition_many(batch)):
-            if ok:
-                report.healed.append(spec.vm)
-                log.info("vm=%s %s", spec.vm, spec.event["type"])
+        ingest_replies(self.store, self.settings.max_reply_bytes, up_to_ms, report)
 
     # ---------------------------------------------------------------- judge
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport) -> None:
@@ -319,11 +237,13 @@ class Monitor:
                                        self.settings.storm_min_vms)
         record_guard_episodes(self.store, cluster, by_host, silent_by_host, round_id, now_ms)
         answered = self.store.last_rounds(silent)
+        held = 0  # restarts the storm/host guard holds this round (vmq.metrics)
         for i, view in views:
             # Decide again with the guard and with the restarts this very round has already dispatched.
             storm = cluster or by_host.get(view.host, "")
             view = replace(view, storm=storm, host_restarts_in_flight=in_flight.get(view.host, 0))
             decision = decide(view, self._policy_for(records[i]), now_ms)
+            held += 1 if storm and decision.reasons[-1] == storm else 0
             last = last_replies[i]
             evidence: dict[str, object] = {
                 "round": round_id, "deadline_ms": deadline_ms, "last_valid_ms": view.last_valid_ms,
@@ -337,6 +257,8 @@ class Monitor:
                 "last_reply": json.loads(last) if last else None}
             if self._act(view, records[i], decision, evidence, round_id, now_ms, report) and view.host:
                 in_flight[view.host] = in_flight.get(view.host, 0) + 1  # the per-host limit counts this one
+        if held:
+            self.store.incr_stat("storm_holds", held)
 
     def _act(self, view: VmView, rec: Record, decision: Decision, evidence: dict[str, object],
              round_id: int, now_ms: int, report: TickReport) -> bool:
@@ -353,6 +275,7 @@ class Monitor:
         if view.state is not VmState.FAULTY:
             # unknown/healthy/recovering/restarting -> faulty: open (or continue) the incident.
             opened_ms = int(rec.get("incident_opened_ms") or now_ms) if incident else now_ms
+            incident_was_open = bool(incident)
             incident = incident or f"{view.vm}:{round_id}:{uuid.uuid4().hex[:8]}"
             ok, _, generation = self.store.transition(
                 view.vm, [view.state], VmState.FAULTY, now_ms, {"type": "faulty", "incident": incident,
@@ -364,6 +287,8 @@ class Monitor:
             if not ok:
                 return False  # someone else moved it: their verdict stands
             report.flagged.append(view.vm)
+            if not incident_was_open:  # a new incident: count it and time its detection (vmq.metrics)
+                self.store.record_fault(view.last_valid_ms, now_ms)
             log.warning("vm=%s host=%s round=%s faulty: %s", view.vm, view.host, round_id, reasons)
         else:
             # The first reason states the silence and changes every round; the grounds after it do not,
@@ -400,7 +325,7 @@ class Monitor:
                 log.exception("vm=%s escalation could not be queued", view.vm)
 
     def _dispatch(self, view: VmView, decision: Decision, incident: str, generation: int, round_id: int,
-                  now_ms: int, base: dict[str, object], report: TickReport) -> bool:
+                  now_ms: int, base: dict[str, object], report: TickReport, manual: bool = False) -> bool:
         queue = f"host.{view.host}"
         ok, _, new_gen = self.store.transition(
             view.vm, [VmState.FAULTY], VmState.RESTARTING, now_ms,
@@ -412,7 +337,7 @@ class Monitor:
         if not ok:
             return False
         request = RestartRequest(view.vm, view.host, new_gen, incident, round_id, now_ms, hard=decision.hard,
-                                 crashed=view.domain_status is DomainStatus.CRASHED)
+                                 crashed=view.domain_status is DomainStatus.CRASHED, manual=manual)
         try:
             self.dispatch(request)
         except Exception as exc:  # the broker refused: give the verdict back to the next round

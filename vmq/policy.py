@@ -208,3 +208,53 @@ def with_overrides(cfg: PolicyConfig, overrides: dict[str, str]) -> tuple[Policy
         else:
             changes[knob] = value
     return (replace(cfg, **changes) if changes else cfg), refused
+
+
+#: States from which an operator's `vmq restart` may proceed (a restart in progress, a quarantined,
+#: maintained, disabled or unreachable VM is refused with the way out).
+MANUAL_FROM = frozenset({VmState.UNKNOWN, VmState.HEALTHY, VmState.FAULTY, VmState.RECOVERING})
+
+_MANUAL_REFUSAL = {
+    VmState.RESTARTING: "a restart is already in progress",
+    VmState.FAILED: "it is failed (quarantined): `vmq clear` it first, then restart",
+    VmState.MAINTENANCE: "it is in maintenance: end it first (`vmq maintenance VM --off`)",
+    VmState.DISABLED: "it is disabled: `vmq enable` it first",
+    VmState.UNREACHABLE: "its host's worker is gone: nothing can act on it",
+}
+
+
+def decide_manual(view: VmView, cfg: PolicyConfig, force: bool = False) -> Decision:
+    """An operator asked to restart this VM: the same guards as an automatic restart, minus the ones about
+    silence (boot grace, back-off, storm) that an explicit request overrides. ``force`` skips the budget.
+
+    Returns RESTART (a reset: the operator wants a reboot, not a re-creation) or NONE with the refusal.
+    """
+    refusal: str | None = None
+    if view.state not in MANUAL_FROM:
+        refusal = _MANUAL_REFUSAL.get(view.state, f"state is {view.state.value}")
+    elif view.domain_status is DomainStatus.ABSENT:
+        refusal = "domain not found on any live host"
+    elif view.domain_status is DomainStatus.SHUTOFF:
+        refusal = (f"domain is shut off ({view.domain_reason or 'unknown reason'}): start it with libvirt; "
+                   "vmq restarts running domains")
+    elif view.domain_status is DomainStatus.OTHER:
+        refusal = f"domain state {view.domain_reason or 'other'}: no safe action"
+    elif view.host_maintenance:
+        refusal = f"host {view.host} is in maintenance"
+    elif not view.host_alive:
+        refusal = f"host {view.host or '?'} heartbeat is late or gone"
+    elif view.host_degraded:
+        refusal = f"host {view.host} cannot reach libvirt (degraded)"
+    elif view.restarts_suspended:
+        refusal = "restarts are suspended by the kill switch (`vmq resume` lifts it)"
+    elif view.host_restarts_in_flight >= cfg.max_concurrent_restarts_per_host:
+        refusal = (f"host {view.host} already has {view.host_restarts_in_flight} restarts in flight "
+                   f"(limit {cfg.max_concurrent_restarts_per_host}): try again shortly")
+    elif view.restarts_in_window >= cfg.max_restarts and not force:
+        refusal = (f"restart budget exhausted: {view.restarts_in_window} of {cfg.max_restarts} in "
+                   f"{cfg.restart_window_s:g} s (--force skips the budget)")
+    if refusal is not None:
+        return Decision(Action.NONE, (f"manual restart refused: {refusal}",))
+    budget = (f"budget {view.restarts_in_window + 1} of {cfg.max_restarts} in {cfg.restart_window_s:g} s"
+              + (" (forced past it)" if view.restarts_in_window >= cfg.max_restarts else ""))
+    return Decision(Action.RESTART, ("operator asked for a restart", f"reset; {budget}"))

@@ -74,11 +74,12 @@ def _sample_activity(hypervisor: Hypervisor, vm: str, window_s: float) -> dict[s
 
 def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
                incident: str, claimant: str, hard: bool = False, crashed: bool = False,
-               activity: ActivityCheck | None = None) -> RestartOutcome:
+               activity: ActivityCheck | None = None, manual: bool = False) -> RestartOutcome:
     """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted.
 
-    Unless libvirt reported a crash, silence is corroborated first (``activity``): a guest whose CPU,
-    disk or network counters still move is held, not reset, when ``activity.blocks``.
+    Unless libvirt reported a crash or an operator asked (``manual``), silence is corroborated first
+    (``activity``): a guest whose CPU, disk or network counters still move is held, not reset, when
+    ``activity.blocks``.
     """
     rec = store.vm_record(vm)
     now_ms = store.time_ms()
@@ -87,6 +88,7 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
         store.audit("restart_skipped", vm, host, now_ms, incident=incident, generation=generation,
                     reason=result)
         log.info("vm=%s host=%s restart skipped: %s", vm, host, result)
+        store.count_restart_outcome(host, "none", "skipped")
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
     def back_to_faulty(event_type: str, result: str, undo: dict[str, object] | None = None,
@@ -95,6 +97,7 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
                          {"type": event_type, "host": host, "incident": incident, "result": result, **data},
                          fields={"decision": result, **(undo or {})}, expected_generation=generation)
         log.warning("vm=%s host=%s %s: %s", vm, host, event_type, result)
+        store.count_restart_outcome(host, str(data.get("action", "none")), event_type.removeprefix("restart_"))
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
     if rec.get("state") != VmState.RESTARTING.value or rec.get("generation") != str(generation) \
@@ -119,9 +122,10 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
                           "domain_status": info.status.value},
                          fields={"incident": "", "decision": result, "domain_status": info.status.value,
                                  "domain_reason": info.reason}, expected_generation=generation)
+        store.count_restart_outcome(host, "none", "left_alone")
         return RestartOutcome(vm, host, False, action.value, result)
     sample: dict[str, object] | None = None
-    if activity is not None and not crashed and action is not RestartAction.CREATE:
+    if activity is not None and not crashed and not manual and action is not RestartAction.CREATE:
         try:
             sample = _sample_activity(hypervisor, vm, activity.window_s)
         except HypervisorError as exc:
@@ -150,6 +154,7 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
                      expected_generation=generation)
     log.warning("vm=%s host=%s restarted action=%s took_ms=%s incident=%s", vm, host, action.value, took_ms,
                 incident)
+    store.count_restart_outcome(host, action.value, "ok")
     return RestartOutcome(vm, host, True, action.value, "ok")
 
 

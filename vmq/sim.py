@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 RESPONDER_FILE = Path(__file__).with_name("responder.py")
 
 
+def responder_argv(config: Path) -> list[str]:
+    """The command line of one guest's responder (deploy/systemd/vmq-responder.service runs the same)."""
+    return [sys.executable, str(RESPONDER_FILE), "--config", str(config)]
+
+
 @dataclass
 class Guest:
     """One simulated guest: its responder process and what happened to it."""
@@ -47,8 +52,9 @@ class GuestFleet:
     """Runs one real responder process per VM and reboots them when the audit stream says so."""
 
     def __init__(self, redis_url: str, keys: Keys, secrets: dict[str, str], workdir: Path,
-                 boot_delay_s: float = 2.0) -> None:
-        self.redis_url = redis_url
+                 boot_delay_s: float = 2.0, watch_url: str | None = None) -> None:
+        self.redis_url = redis_url  # what the responders use (in a stack: the `guest` ACL user)
+        self.watch_url = watch_url or redis_url  # reads the audit stream, which guests may not
         self.keys = keys
         self.workdir = workdir
         self.boot_delay_s = boot_delay_s
@@ -76,7 +82,7 @@ class GuestFleet:
         env["VMQ_BOOT_ID"] = guest.boot_id
         log_file = open(self.workdir / f"responder-{vm}.log", "ab")  # noqa: SIM115 - owned by the child
         guest.process = subprocess.Popen(
-            [sys.executable, str(RESPONDER_FILE), "--config", str(self._config(guest))],
+            responder_argv(self._config(guest)),
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
         guest.hung = False
@@ -116,7 +122,7 @@ class GuestFleet:
                 self.boot(vm)
 
     def _watch(self) -> None:
-        client: Any = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        client: Any = redis.Redis.from_url(self.watch_url, socket_timeout=5)
         last = "$"
         while not self._stop.is_set():
             try:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> Celery:
     """Build the Celery app for ``settings``; tasks live in workers.monitor and workers.host."""
-    app = Celery("vmq", broker=settings.redis_url, include=["workers.monitor", "workers.host"])
+    app = Celery("vmq", broker=settings.redis_url, include=["workers.monitor", "workers.host", "workers.metrics"])
     names = [MONITOR_QUEUE, TIMEOUT_QUEUE] + ([host_queue(settings.host_name)] if settings.host_name else [])
     # One direct exchange per queue, named like it: a message for host.node1 can only land in host.node1.
     queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> Celery:
         enable_utc=True,
     )
     app.vmq_settings = settings  # read by tasks through self.app, never through a global
+    logging.getLogger("vmq").setLevel(settings.log_level)  # VMQ_LOG_LEVEL: vmq's own loggers
     return app
 
 

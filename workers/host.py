@@ -48,6 +48,7 @@ def restart_vm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
                                    claimant=f"{host}:{os.getpid()}:{self.request.id}",
                                    hard=bool(request.get("hard", False)),
                                    crashed=bool(request.get("crashed", False)),
+                                   manual=bool(request.get("manual", False)),
                                    activity=ActivityCheck(settings.activity_window_s, settings.activity_blocks_reset))
     except StoreError as exc:
         raise self.retry(exc=exc, countdown=1.0) from exc

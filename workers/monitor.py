@@ -56,3 +56,11 @@ def notify(self: Task, payload: dict[str, Any]) -> int:
     if not url:
         return 0
     return post_json(url, payload)
+
+
+@shared_task(bind=True, name="vmq.monitor.manual_restart", ignore_result=False)
+def manual_restart(self: Task, vm: str, force: bool = False, requested_by: str = "") -> dict[str, Any]:
+    """An operator's `vmq restart VM [--force]`: decided and dispatched like any restart (vmq.manual)."""
+    from vmq.manual import manual_restart as manual_use_case
+
+    return asdict(manual_use_case(monitor_of(self.app), vm, force, requested_by))

@@ -306,3 +306,28 @@ def test_a_fresh_secret_is_a_valid_secret_and_a_short_or_uppercase_one_is_not() 
 )
 def test_the_arrival_time_is_the_millisecond_part_of_the_stream_id(entry_id: bytes | str, ms: int) -> None:
     assert stream_id_ms(entry_id) == ms
+
+
+# ---------------------------------------------------------------- key rotation
+KEY_OLD = bytes.fromhex("99" * 32)
+
+
+def test_a_reply_signed_with_the_rotated_out_key_is_accepted_until_its_grace_ends_and_marked() -> None:
+    previous = {"web-1": (KEY_OLD, ARRIVAL_MS)}  # accepted up to and including this millisecond
+    reply = decode_reply(ENTRY_ID, guest_fields(key=KEY_OLD), SECRETS, BOOK, MAX_BYTES, previous)
+    assert reply.previous_key is True and reply.vm == "web-1"
+    assert decode_reply(ENTRY_ID, guest_fields(), SECRETS, BOOK, MAX_BYTES, previous).previous_key is False
+
+
+def test_a_reply_signed_with_the_rotated_out_key_after_its_grace_is_a_bad_signature() -> None:
+    previous = {"web-1": (KEY_OLD, ARRIVAL_MS - 1)}
+    with pytest.raises(CodecError) as caught:
+        decode_reply(ENTRY_ID, guest_fields(key=KEY_OLD), SECRETS, BOOK, MAX_BYTES, previous)
+    assert caught.value.reason == RejectReason.BAD_SIGNATURE.value
+
+
+def test_another_vms_rotated_out_key_does_not_verify_a_reply() -> None:
+    previous = {"web-2": (KEY_OLD, ARRIVAL_MS + 60_000)}
+    with pytest.raises(CodecError) as caught:
+        decode_reply(ENTRY_ID, guest_fields(key=KEY_OLD), SECRETS, BOOK, MAX_BYTES, previous)
+    assert caught.value.reason == RejectReason.BAD_SIGNATURE.value

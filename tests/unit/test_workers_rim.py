@@ -47,7 +47,7 @@ def test_a_restart_request_is_sent_to_the_vms_host_queue_with_an_expiry(monkeypa
     assert sent == [("vmq.host.restart_vm", {"args": [{"vm": "web-1", "host": "node7", "generation": 42,
                                                         "incident": "web-1:9:abcd", "round": 9,
                                                         "issued_ms": 1_000, "hard": False,
-                                                        "crashed": False}],
+                                                        "crashed": False, "manual": False}],
                                               "queue": "host.node7", "expires": 12.5})]
 
 

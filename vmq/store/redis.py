@@ -23,6 +23,8 @@ from vmq.policy import can_transition
 from vmq.store.common import Record, translate_errors
 from vmq.store.common import text as _text
 from vmq.store.hosts import HostContext, HostStateMixin
+from vmq.store.metrics import MetricsMixin
+from vmq.store.secrets import SecretsMixin
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def _load_lua(name: str) -> str:
     return resources.files("vmq").joinpath("lua", name).read_text()
 
 
-class RedisStore(HostStateMixin):
+class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
     """All state of vmq in one Redis; safe to share between threads of one process."""
 
     def __init__(self, client: redis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
@@ -59,7 +61,7 @@ class RedisStore(HostStateMixin):
         self._start_round: Script = client.register_script(_load_lua("start_round.lua"))
         self._transition: Script = client.register_script(_load_lua("transition.lua"))
         self._claim: Script = client.register_script(_load_lua("claim.lua"))
-        self._secrets_cache: tuple[int, dict[str, bytes]] = (-1, {})
+        self._secrets_cache: tuple[int, dict[str, bytes], dict[str, tuple[bytes, int]]] = (-1, {}, {})
 
     @classmethod
     def from_url(cls, url: str, keys: Keys, events_maxlen: int = 100_000) -> RedisStore:
@@ -138,17 +140,6 @@ class RedisStore(HostStateMixin):
                     lock.release()
 
     # ------------------------------------------------------------------ replies
-    def secrets(self) -> dict[str, bytes]:
-        """VM -> HMAC key, cached until ``secrets:version`` changes."""
-        with translate_errors("secrets"):
-            version = int(self.r.get(self.keys.secrets_version) or 0)
-            if version == self._secrets_cache[0]:
-                return self._secrets_cache[1]
-            raw = self.r.hgetall(self.keys.secrets)
-        table = {_text(vm): bytes.fromhex(_text(hexkey)) for vm, hexkey in raw.items()}
-        self._secrets_cache = (version, table)
-        return table
-
     def read_replies(self, after_id: str, up_to_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``."""
         start = f"({after_id}" if after_id != "0-0" else "-"
@@ -314,24 +305,6 @@ class RedisStore(HostStateMixin):
         """Bump one counter in the stats hash."""
         with translate_errors("HINCRBY stats"):
             self.r.hincrby(self.keys.stats, name, amount)
-
-    # ------------------------------------------------------------------ keys (secrets)
-    def set_secret(self, vm: str, secret_hex: str) -> None:
-        """Install or replace a VM's responder key; workers pick it up on their next batch."""
-        with translate_errors("set secret"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self.keys.secrets, vm, secret_hex)
-            pipe.incr(self.keys.secrets_version)
-            pipe.execute()
-
-    def delete_secret(self, vm: str) -> bool:
-        """Remove a VM's key; its replies are refused from then on."""
-        with translate_errors("delete secret"):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hdel(self.keys.secrets, vm)
-            pipe.incr(self.keys.secrets_version)
-            removed, _ = pipe.execute()
-        return bool(removed)
 
     def start_monitoring(self, vm: str, now_ms: int) -> None:
         """(Re)start judging a VM from the next round on, with its grace period counted from now."""

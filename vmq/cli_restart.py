@@ -1,0 +1,145 @@
+"""`vmq restart VM [--force]` and `vmq keys rotate VM`: the operator commands that go through the workers.
+
+Importing this module registers them on ``vmq.cli.main`` (and its ``keys`` group).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+import click
+
+from vmq.cli import _one_line_errors, _store, keys, main
+from vmq.codec import new_secret
+from vmq.errors import VmqError
+from vmq.report import event_json
+
+#: Events that end a manual restart's wait: the host's outcome, then the guest's answer.
+HOST_OUTCOMES = {"restarted", "restart_failed", "restart_skipped", "restart_left_alone", "restart_misrouted",
+                 "silent_but_active", "dispatch_failed"}
+DONE = {"recovered", "healthy", "failed"}
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()}"
+
+
+@main.command()
+@click.argument("vm")
+@click.option("--force", is_flag=True, help="Restart even when the VM's restart budget is exhausted.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the host's outcome and the guest's answer.")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait in all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome and the events as JSON lines.")
+@_one_line_errors
+def restart(vm: str, force: bool, wait: bool, timeout_s: float, as_json: bool) -> None:
+    """Restart VM now, through its host's queue and the usual guards (exit 1 when refused or failed)."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from workers.app import create_app
+
+    settings, store = _store()
+    if not store.vm_record(vm):
+        raise click.UsageError(f"unknown VM {vm}")
+    past = store.events(count=1_000_000)
+    cursor = past[-1][0] if past else "0-0"
+    deadline = time.monotonic() + timeout_s
+    app = create_app(settings)
+    try:
+        # expires: a request nobody took within the wait must not restart the VM later by surprise.
+        pending = app.send_task("vmq.monitor.manual_restart", args=[vm, force, _who()], queue="vmq.monitor",
+                                expires=timeout_s)
+        outcome: dict[str, Any] = pending.get(timeout=min(timeout_s, 30.0), propagate=True)
+    except CeleryTimeout:
+        raise VmqError(f"no monitor worker took the request within {min(timeout_s, 30.0):g} s: is a worker "
+                       "consuming the vmq.monitor queue running?") from None
+    except VmqError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - broker or backend trouble: one line, no traceback
+        raise VmqError(f"could not send the restart request: {exc}") from None
+    finally:
+        app.close()
+    _say(as_json, outcome, f"{vm}: {outcome['outcome']}"
+         + (f" to {outcome['queue']} (incident {outcome['incident']})" if outcome["queue"] else "")
+         + f": {'; '.join(outcome['reasons'])}")
+    if outcome["outcome"] != "dispatched":
+        sys.exit(1)
+    if not wait:
+        return
+    failed = _follow(store, vm, outcome["incident"], cursor, deadline, as_json)
+    sys.exit(1 if failed else 0)
+
+
+def _say(as_json: bool, data: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(data) if as_json else text)
+
+
+def _follow(store: Any, vm: str, incident: str, cursor: str, deadline: float, as_json: bool) -> bool:
+    """Print this incident's events until the guest answers, it fails, or the time is up; True if failed."""
+    restarted = False
+    while time.monotonic() < deadline:
+        block_ms = max(1, min(1000, int((deadline - time.monotonic()) * 1000)))
+        for entry_id, fields in store.events(after=cursor, count=500, block_ms=block_ms):
+            cursor = entry_id
+            event = event_json(entry_id, fields)
+            if event["vm"] != vm or event.get("incident", incident) != incident:
+                continue
+            kind = event["type"]
+            if kind not in HOST_OUTCOMES | DONE:
+                continue
+            words = event.get("result") or event.get("reason") or ""
+            if kind == "restarted":
+                restarted = True
+                words = f"{event.get('action')} on {event['host']} in {event.get('took_ms')} ms"
+            elif kind == "recovered":
+                words = f"answering again after {event.get('recovered_after_s')} s, boot {event.get('boot_id')}"
+            _say(as_json, event, f"{vm}: {kind}: {words}")
+            if kind in DONE:
+                return bool(kind == "failed")
+            if kind in HOST_OUTCOMES and kind != "restarted":
+                return True
+    if restarted:
+        _say(as_json, {"vm": vm, "type": "waiting", "incident": incident},
+             f"{vm}: restarted, not answering yet; vmq keeps judging it (vmq explain {vm})")
+        return False
+    raise VmqError(f"no outcome for {vm} within the timeout: the host worker may be busy or down "
+                   f"(vmq hosts; vmq events --vm {vm})")
+
+
+@keys.command("rotate")
+@click.argument("vm")
+@click.option("--grace", default=None,
+              help="Keep accepting the old key this long (e.g. 30m, 2h; 0 = refuse it at once). "
+                   "Default: VMQ_KEY_ROTATION_GRACE_S.")
+@click.option("--guest-redis-url", default=None,
+              help="Redis URL as the guest must use it (default: VMQ_REDIS_URL).")
+@_one_line_errors
+def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None:
+    """Give VM a new key; the old one keeps working for the grace period, so the guest can be updated
+    without a gap. Prints the new responder config to install in the guest."""
+    from vmq.cli_ops import _duration_s  # not at import time: cli_ops and this module load from vmq.cli
+
+    settings, store = _store()
+    if grace is None:
+        grace_s = settings.key_rotation_grace_s
+    elif grace.strip().rstrip("smhd") in {"0", "0.0"}:
+        grace_s = 0.0
+    else:
+        grace_s = _duration_s(grace) or 0.0
+    secret = new_secret()
+    until_ms = store.rotate_secret(vm, secret, int(grace_s * 1000))
+    store.audit("key_rotated", vm, "", store.time_ms(), grace_s=grace_s, old_key_until_ms=until_ms)
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until_ms / 1000))
+    click.echo(f"# new key for {vm}; the old one is accepted until {until} ({grace_s:g} s)\n"
+               f"# replace /etc/vmq/responder.toml in the guest (mode 0600) and restart the responder\n"
+               f'vm_id = "{vm}"\nredis_url = "{guest_redis_url or settings.redis_url}"\n'
+               f'namespace = "{settings.namespace}"\nsecret_key = "{secret}"\n')

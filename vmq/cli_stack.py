@@ -1,0 +1,127 @@
+"""``vmq sim``: the simulated parts of the compose stack (docker-compose.yml) and of local runs.
+
+``vmq sim node`` gives a host worker its own libvirt ``test:///`` node (domains ``<host>-vm1..N``) and then
+execs the worker; ``vmq sim guests`` runs one real responder per such domain (the ``demo`` profile). Both
+take their names from the same rule, ``sim_vm_names``, so the domains the host workers list and the guests
+that answer are the same VMs. On a real cluster neither runs: host workers use ``qemu:///system`` and the
+guests run ``vmq_responder.py`` themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from vmq.cli import _one_line_errors, _store, main
+from vmq.codec import new_secret
+from vmq.config import load_settings
+from vmq.errors import ConfigError
+from vmq.hypervisor.testnode import stable_uuid, write_node
+from vmq.keys import valid_name
+from vmq.model import DomainStatus
+
+TEST_URI_PREFIX = "test:///"
+
+
+def sim_vm_names(host: str, vms: int) -> list[str]:
+    """Names of the simulated VMs of ``host``: ``<host>-vm1`` .. ``<host>-vm<vms>``."""
+    return [f"{host}-vm{i}" for i in range(1, vms + 1)]
+
+
+def _node_path(libvirt_uri: str) -> Path:
+    """The node file a ``test:///ABS/PATH.xml`` URI names; raises ConfigError for any other URI."""
+    if not libvirt_uri.startswith(TEST_URI_PREFIX) or not libvirt_uri.endswith(".xml"):
+        raise ConfigError(f"VMQ_LIBVIRT_URI: `vmq sim node` needs test:///ABSOLUTE/PATH.xml, "
+                          f"not {libvirt_uri!r}")
+    return Path(libvirt_uri[len("test://"):])
+
+
+@main.group()
+def sim() -> None:
+    """Simulated hypervisors and guests (the compose stack's example hosts and its `demo` profile)."""
+
+
+@sim.command("node", context_settings={"ignore_unknown_options": True})
+@click.option("--vms", default=3, show_default=True, type=click.IntRange(0, 10_000),
+              help="Running domains <host>-vm1 .. <host>-vmN.")
+@click.option("--devices", is_flag=True, help="Give each domain a disk and a NIC (their counters move).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_one_line_errors
+def sim_node(vms: int, devices: bool, command: tuple[str, ...]) -> None:
+    """Write the libvirt test-driver node that VMQ_LIBVIRT_URI (test:///PATH.xml) names for VMQ_HOST_NAME,
+    then exec COMMAND (after `--`), normally the host worker: `vmq sim node --vms 3 -- celery -A workers.app
+    worker -Q host.node1 ...`. Rewritten at every start, so the host boots with all its domains running."""
+    settings = load_settings()
+    host = settings.require_host()
+    path = _node_path(settings.libvirt_uri)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        domains = [(vm, stable_uuid(vm), DomainStatus.RUNNING) for vm in sim_vm_names(host, vms)]
+        write_node(path, host, domains, devices=devices)
+    except OSError as exc:
+        raise ConfigError(f"VMQ_LIBVIRT_URI: cannot write {path}: {exc.strerror}") from None
+    if not command:
+        click.echo(f"{settings.libvirt_uri}: {host} with {vms} running domains")
+        return
+    try:
+        os.execvp(command[0], list(command))
+    except OSError as exc:
+        raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+
+
+def _host_list(text: str) -> list[str]:
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    bad = [h for h in hosts if not valid_name(h)]
+    if not hosts or bad:
+        raise click.BadParameter(f"expected a comma-separated list of host names, got {text!r}")
+    return hosts
+
+
+@sim.command("guests")
+@click.option("--hosts", "hosts_text", required=True, help="Comma-separated hosts, e.g. node1,node2.")
+@click.option("--vms", default=3, show_default=True, type=click.IntRange(1, 10_000),
+              help="Guests per host: <host>-vm1 .. <host>-vmN (as `vmq sim node --vms`).")
+@click.option("--workdir", default="/var/lib/vmq/guests", show_default=True, type=click.Path(file_okay=False),
+              help="Responder configs and logs.")
+@click.option("--guest-redis-url", envvar="VMQ_GUEST_REDIS_URL", required=True,
+              help="Redis URL the responders use (the `guest` ACL user) [env VMQ_GUEST_REDIS_URL].")
+@click.option("--boot-delay", "boot_delay_s", default=2.0, show_default=True, type=click.FloatRange(0, 600),
+              help="Seconds a restarted guest stays silent before it answers with a new boot id.")
+@_one_line_errors
+def sim_guests(hosts_text: str, vms: int, workdir: str, guest_redis_url: str, boot_delay_s: float) -> None:
+    """Run one real responder per simulated VM until SIGTERM, creating missing keys (as `vmq keys add`);
+    a restart reported in the audit stream reboots that guest (new boot id)."""
+    from vmq.sim import GuestFleet
+
+    settings, store = _store()
+    vm_names = [vm for host in _host_list(hosts_text) for vm in sim_vm_names(host, vms)]
+    existing = store.secrets()
+    secrets: dict[str, str] = {}
+    for vm in vm_names:
+        if vm in existing:
+            secrets[vm] = existing[vm].hex()
+            continue
+        secrets[vm] = new_secret()
+        store.set_secret(vm, secrets[vm])
+        store.start_monitoring(vm, store.time_ms())
+    directory = Path(workdir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--workdir {workdir}: {exc.strerror}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    fleet = GuestFleet(guest_redis_url, settings.keys, secrets, directory, boot_delay_s,
+                       watch_url=settings.redis_url)
+    fleet.start()
+    click.echo(f"{len(vm_names)} simulated guests answering: {', '.join(vm_names)}", err=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        fleet.stop()

@@ -1,0 +1,200 @@
+"""Redis-held counters and histograms behind ``/metrics``, and the one pipelined read a scrape makes.
+
+A mixin of ``RedisStore``. vmq runs several monitor and host worker processes, so per-process counters
+would each tell a part of the story: the totals live in Redis, written by whichever process saw the
+event, and any monitor worker exposes the same numbers (``vmq.metrics``).
+
+A histogram is one hash (``Keys.histogram(name)``): a field per bucket upper bound holding the count of
+observations that fell in that bucket alone (not cumulative), ``+Inf`` for the rest, plus ``sum`` and
+``count``. Observations are HINCRBY/HINCRBYFLOAT, so concurrent writers never lose one.
+
+Writes are best effort: a counter that cannot be written is logged and lost, never allowed to change what
+vmq does (a verdict, a dispatch or a restart already happened when it is counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from vmq.keys import Keys
+from vmq.model import VmState
+from vmq.store.common import text as _text
+from vmq.store.common import translate_errors
+
+log = logging.getLogger(__name__)
+
+#: Seconds from a VM's last valid reply to its `faulty` verdict: about T1 + T2 (+ the judge's lateness);
+#: the bounds cover T2 from 1 to 60 s.
+DETECTION_BUCKETS_S: tuple[float, ...] = (0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180)
+#: Seconds from the `faulty` verdict (incident opened) to the first valid reply after it: restart + boot + T1.
+RECOVERY_BUCKETS_S: tuple[float, ...] = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 1800)
+
+DETECTION = "detection"
+RECOVERY = "recovery"
+HISTOGRAMS: dict[str, tuple[float, ...]] = {DETECTION: DETECTION_BUCKETS_S, RECOVERY: RECOVERY_BUCKETS_S}
+
+#: Result words of a finished restart request (label ``result`` of vmq_restarts_total).
+RESTART_RESULTS = ("ok", "failed", "misrouted", "silent_but_active", "left_alone", "skipped")
+
+
+@contextlib.contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as exc:
+        log.warning("metrics: could not %s: %s", what, exc)
+
+
+def bucket_field(value: float, bounds: Sequence[float]) -> str:
+    """The bucket field ``value`` is counted in: the smallest bound >= value, else "+Inf"."""
+    for bound in bounds:
+        if value <= bound:
+            return _bound_text(bound)
+    return "+Inf"
+
+
+def _bound_text(bound: float) -> str:
+    return repr(float(bound))
+
+
+@dataclass(frozen=True)
+class HistogramData:
+    """A histogram as read back: cumulative (upper bound text, count) pairs ending with +Inf, sum, count."""
+
+    buckets: list[tuple[str, float]]
+    sum: float
+    count: float
+
+
+@dataclass
+class MetricsSnapshot:
+    """Every value ``/metrics`` exposes, read in a few pipelined round trips."""
+
+    probe_rounds: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+    rejects: dict[str, int] = field(default_factory=dict)
+    restarts: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (host, action, result) -> n
+    histograms: dict[str, HistogramData] = field(default_factory=dict)
+    vms_by_state: dict[str, int] = field(default_factory=dict)
+    guard_episodes: dict[str, int] = field(default_factory=dict)  # "cluster" / "host" -> active episodes
+    restarts_suspended: bool = False
+
+
+def read_histogram(raw: Mapping[str, str], bounds: Sequence[float]) -> HistogramData:
+    """Fold a stored histogram hash into cumulative buckets over ``bounds`` (fields of old bounds are
+    counted in the first current bucket that covers them)."""
+    per_bucket = [0.0] * (len(bounds) + 1)
+    for name, value in raw.items():
+        if name in ("sum", "count"):
+            continue
+        try:
+            upper = float(name)
+        except ValueError:
+            continue
+        index = next((i for i, bound in enumerate(bounds) if upper <= bound), len(bounds))
+        per_bucket[index] += float(value)
+    cumulative: list[tuple[str, float]] = []
+    running = 0.0
+    for i, bound in enumerate((*bounds, math.inf)):
+        running += per_bucket[i]
+        cumulative.append(("+Inf" if bound == math.inf else _bound_text(bound), running))
+    return HistogramData(cumulative, float(raw.get("sum") or 0), float(raw.get("count") or 0))
+
+
+class MetricsMixin:
+    """Counters and histograms for /metrics; mixed into RedisStore."""
+
+    r: Any
+    keys: Keys
+
+    # ------------------------------------------------------------------ writing
+    def _observe(self, pipe: Any, name: str, values: Iterable[float]) -> None:
+        key, bounds = self.keys.histogram(name), HISTOGRAMS[name]
+        for value in values:
+            pipe.hincrby(key, bucket_field(value, bounds), 1)
+            pipe.hincrbyfloat(key, "sum", value)
+            pipe.hincrby(key, "count", 1)
+
+    def record_fault(self, last_valid_ms: int, now_ms: int) -> None:
+        """A new incident was opened: count the fault and, if the VM ever answered, observe the time from
+        its last valid reply to the verdict (vmq_detection_seconds)."""
+        with _best_effort("record fault"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hincrby(self.keys.stats, "faults", 1)
+            if last_valid_ms > 0:
+                self._observe(pipe, DETECTION, [max(0.0, (now_ms - last_valid_ms) / 1000.0)])
+            pipe.execute()
+
+    def record_recoveries(self, seconds: Sequence[float]) -> None:
+        """Observe the time to recover of VMs that answered again after an incident (one round trip)."""
+        if not seconds:
+            return
+        with _best_effort("record recoveries"):
+            pipe = self.r.pipeline(transaction=False)
+            self._observe(pipe, RECOVERY, seconds)
+            pipe.execute()
+
+    def count_restart_outcome(self, host: str, action: str, result: str) -> None:
+        """Count one finished restart request by host, libvirt action attempted (or "none") and result
+        (RESTART_RESULTS)."""
+        with _best_effort("count restart"):
+            self.r.hincrby(self.keys.restart_outcomes, f"{host}|{action}|{result}", 1)
+
+    # ------------------------------------------------------------------ reading
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The Redis-held values /metrics shows (hosts aside): O(non-healthy VMs) work, no scan over keys.
+
+        Healthy VMs are the known VMs outside the attention set, so only the few others are read.
+        Raises StoreUnavailable/StoreError.
+        """
+        k = self.keys
+        with translate_errors("metrics"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.get(k.round_seq)
+            pipe.hgetall(k.stats)
+            pipe.hgetall(k.rejects)
+            pipe.hgetall(k.restart_outcomes)
+            for name in HISTOGRAMS:
+                pipe.hgetall(k.histogram(name))
+            pipe.scard(k.vms)
+            pipe.sinter(k.attention, k.vms)
+            pipe.hkeys(k.storm)
+            pipe.exists(k.restarts_suspended)
+            out = pipe.execute()
+            seq, stats, rejects, restarts = out[:4]
+            hists = out[4:4 + len(HISTOGRAMS)]
+            known, attention, episodes, suspended = out[4 + len(HISTOGRAMS):]
+            others = sorted(_text(vm) for vm in attention)
+            pipe = self.r.pipeline(transaction=False)
+            for vm in others:
+                pipe.hget(k.vm(vm), "state")
+            states = pipe.execute() if others else []
+        snap = MetricsSnapshot(
+            probe_rounds=int(seq or 0),
+            stats={_text(a): int(b) for a, b in stats.items()},
+            rejects={_text(a): int(b) for a, b in rejects.items()},
+            restarts_suspended=bool(suspended),
+        )
+        for raw_label, count in restarts.items():
+            host, _, rest = _text(raw_label).partition("|")
+            action, _, result = rest.partition("|")
+            snap.restarts[(host, action, result)] = int(count)
+        for name, raw in zip(HISTOGRAMS, hists):
+            snap.histograms[name] = read_histogram({_text(a): _text(b) for a, b in raw.items()}, HISTOGRAMS[name])
+        snap.vms_by_state = dict.fromkeys((s.value for s in VmState), 0)
+        for state in states:
+            name = _text(state) if state else VmState.UNKNOWN.value
+            snap.vms_by_state[name] = snap.vms_by_state.get(name, 0) + 1
+        snap.vms_by_state[VmState.HEALTHY.value] += max(0, int(known) - len(others))
+        snap.guard_episodes = {"cluster": 0, "host": 0}
+        for episode in episodes:
+            scope = "cluster" if _text(episode) == "cluster" else "host"
+            snap.guard_episodes[scope] += 1
+        return snap
