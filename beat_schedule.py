@@ -11,11 +11,17 @@ MONITOR_QUEUE = "vmq.monitor"
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """One probe round every T1 (``VMQ_PROBE_INTERVAL_S``); a stale probe is dropped, never queued up."""
+    """One probe round every T1 (``VMQ_PROBE_INTERVAL_S``).
+
+    No Celery ``expires``: Celery compares it with the worker's own clock, so a monitor node whose clock ran
+    more than T1 ahead of beat's discarded every probe and nothing was monitored any more
+    (tests/integration/test_faults.py, the clock test). A backlog of probes (a monitor that was down) is
+    harmless without it: start_round.lua refuses a round less than 0.6 x T1 after the last one by Redis' clock.
+    """
     return {
         "vmq-probe-round": {
             "task": PROBE_TASK,
             "schedule": settings.probe_interval_s,
-            "options": {"queue": MONITOR_QUEUE, "expires": settings.probe_interval_s},
+            "options": {"queue": MONITOR_QUEUE},
         },
     }

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -18,6 +19,7 @@ from vmq.errors import VmqError
 from vmq.keys import valid_name
 from vmq.model import VmState
 from vmq.report import cluster_status, event_json
+from vmq.sim import responder_url
 from vmq.store.redis import RedisStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,7 +41,7 @@ def _one_line_errors(func: F) -> F:
 
 def _store() -> tuple[Settings, RedisStore]:
     settings = load_settings()
-    return settings, RedisStore.from_url(settings.redis_url, settings.keys, settings.events_maxlen)
+    return settings, RedisStore.from_settings(settings)
 
 
 class OneLineErrors(click.Group):
@@ -141,6 +143,17 @@ def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_
         pass
 
 
+def responder_config(settings: Settings, vm: str, secret: str, guest_redis_url: str | None) -> str:
+    """The responder.toml lines for ``vm``. The guest connects as ``--guest-redis-url`` (the `guest` ACL user);
+    VMQ_REDIS_URL is only a default when it has no password, because its user is the services' own."""
+    if guest_redis_url is None and urlsplit(settings.redis_url).password:
+        raise click.UsageError("VMQ_REDIS_URL holds the services' password, which a guest must never get: "
+                               "pass --guest-redis-url redis://guest:PASSWORD@HOST:PORT/DB (the `guest` ACL user)")
+    url, tls_ca_file = responder_url(guest_redis_url or settings.redis_url)  # the responder takes no ?query
+    return (f'vm_id = "{vm}"\nredis_url = "{url}"\nnamespace = "{settings.namespace}"\nsecret_key = "{secret}"\n'
+            + (f"tls_ca_file = {json.dumps(tls_ca_file)}\n" if tls_ca_file else ""))
+
+
 @main.group()
 def keys() -> None:
     """Per-VM responder keys."""
@@ -149,7 +162,8 @@ def keys() -> None:
 @keys.command("add")
 @click.argument("vm")
 @click.option("--guest-redis-url", default=None,
-              help="Redis URL as the guest must use it (default: VMQ_REDIS_URL).")
+              help="Redis URL as the guest must use it: the `guest` ACL user "
+                   "(default: VMQ_REDIS_URL, if it has no password).")
 @click.option("--force", is_flag=True, help="Replace an existing key (the old one stops working at once).")
 @_one_line_errors
 def keys_add(vm: str, guest_redis_url: str | None, force: bool) -> None:
@@ -160,12 +174,11 @@ def keys_add(vm: str, guest_redis_url: str | None, force: bool) -> None:
     if vm in store.secrets() and not force:
         raise click.UsageError(f"{vm} already has a key; use --force to replace it")
     secret = new_secret()
+    config = responder_config(settings, vm, secret, guest_redis_url)  # refused before any key is stored
     store.set_secret(vm, secret)
     store.start_monitoring(vm, store.time_ms())
     click.echo(f"# /etc/vmq/responder.toml for {vm} (mode 0600). Run in the guest:\n"
-               f"#   python3 vmq_responder.py --config /etc/vmq/responder.toml\n"
-               f'vm_id = "{vm}"\nredis_url = "{guest_redis_url or settings.redis_url}"\n'
-               f'namespace = "{settings.namespace}"\nsecret_key = "{secret}"\n')
+               f"#   python3 vmq_responder.py --config /etc/vmq/responder.toml\n{config}")
 
 
 @keys.command("revoke")

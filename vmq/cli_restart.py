@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from vmq.cli import _one_line_errors, _store, keys, main
+from vmq.cli import _one_line_errors, _store, keys, main, responder_config
 from vmq.codec import new_secret
 from vmq.errors import VmqError
 from vmq.report import event_json
@@ -121,7 +121,8 @@ def _follow(store: Any, vm: str, incident: str, cursor: str, deadline: float, as
               help="Keep accepting the old key this long (e.g. 30m, 2h; 0 = refuse it at once). "
                    "Default: VMQ_KEY_ROTATION_GRACE_S.")
 @click.option("--guest-redis-url", default=None,
-              help="Redis URL as the guest must use it (default: VMQ_REDIS_URL).")
+              help="Redis URL as the guest must use it: the `guest` ACL user "
+                   "(default: VMQ_REDIS_URL, if it has no password).")
 @_one_line_errors
 def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None:
     """Give VM a new key; the old one keeps working for the grace period, so the guest can be updated
@@ -136,10 +137,9 @@ def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None
     else:
         grace_s = _duration_s(grace) or 0.0
     secret = new_secret()
+    config = responder_config(settings, vm, secret, guest_redis_url)  # refused before the key is rotated
     until_ms = store.rotate_secret(vm, secret, int(grace_s * 1000))
     store.audit("key_rotated", vm, "", store.time_ms(), grace_s=grace_s, old_key_until_ms=until_ms)
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until_ms / 1000))
     click.echo(f"# new key for {vm}; the old one is accepted until {until} ({grace_s:g} s)\n"
-               f"# replace /etc/vmq/responder.toml in the guest (mode 0600) and restart the responder\n"
-               f'vm_id = "{vm}"\nredis_url = "{guest_redis_url or settings.redis_url}"\n'
-               f'namespace = "{settings.namespace}"\nsecret_key = "{secret}"\n')
+               f"# replace /etc/vmq/responder.toml in the guest (mode 0600) and restart the responder\n{config}")

@@ -15,6 +15,8 @@ import secrets as _secrets
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from vmq.errors import CodecError
 from vmq.model import Probe, RejectReason, Reply
 from vmq.responder import REPLY_MAC_PREFIX, WIRE_VERSION, encode_reply, reply_signature
@@ -122,8 +124,9 @@ def decode_reply(
         raise CodecError(RejectReason.OVERSIZED.value, f"reply of {len(message)} bytes exceeds {max_bytes}")
     signature = _field(fields, b"s")
     try:
-        body = json.loads(message.decode("utf-8"))  # bytes to json.loads would also accept UTF-16/32
-    except (UnicodeDecodeError, ValueError) as exc:
+        # orjson: UTF-8 only (never UTF-16/32), no NaN/Infinity, ~4x faster than json on the hot path.
+        body = orjson.loads(message)
+    except orjson.JSONDecodeError as exc:
         raise CodecError(RejectReason.MALFORMED.value, f"not UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
         raise CodecError(RejectReason.MALFORMED.value, "reply is not a JSON object")
@@ -134,6 +137,16 @@ def decode_reply(
     key = secrets.get(vm)
     if key is None:
         raise CodecError(RejectReason.UNKNOWN_VM.value, f"no key for vm {vm!r}")
+    try:
+        return _verified(vm, key, arrival_ms, message, signature, body, rounds, previous)
+    except CodecError as exc:
+        exc.vm = vm
+        raise
+
+
+def _verified(vm: str, key: bytes, arrival_ms: int, message: bytes, signature: bytes, body: dict[str, Any],
+              rounds: RoundBook, previous: Mapping[str, tuple[bytes, int]] | None) -> Reply:
+    """The checks of a reply from a VM that has a key: signature (current or rotated-out), fields, round."""
     try:
         claimed = signature.decode("ascii")
     except UnicodeDecodeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,12 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description=(
         "Redis for state, broker and replies: redis://[user:password@]host:port/db, rediss:// for TLS, "
         "or unix://. The password is never printed (`vmq config` masks it)."))
+    redis_sentinels: str = Field("", description=(
+        "Redis Sentinel for high availability: a comma list of sentinels (host:port,host:port) asked for the "
+        "master of VMQ_REDIS_SENTINEL_MASTER; VMQ_REDIS_URL then gives only the user, password and db. "
+        "Empty: connect to VMQ_REDIS_URL itself."))
+    redis_sentinel_master: str = Field("vmq", description=(
+        "With VMQ_REDIS_SENTINELS: the name the sentinels monitor the master under."))
     namespace: str = Field("vmq", description="Prefix of every Redis key and channel; one per cluster.")
     # -- the method: T1, T2 and the restart condition
     probe_interval_s: float = Field(2.0, gt=0, le=3600, description="T1: a probe round is sent this often.")
@@ -46,9 +53,13 @@ class Settings(BaseSettings):
         "round, vmq suspects itself or the network and holds those restarts."))
     storm_min_vms: int = Field(3, ge=1, description="The storm guard needs at least this many silent VMs.")
     activity_blocks_reset: bool = Field(True, description=(
-        "Corroboration: a silent guest whose CPU, disk or network counters still move is not reset."))
+        "Corroboration: a silent guest still reading or writing its disks or sending on its network "
+        "(above VMQ_ACTIVITY_MIN_BYTES_PER_S) is not reset."))
     activity_window_s: float = Field(1.0, gt=0, le=30, description=(
         "The two activity samples are taken this far apart."))
+    activity_min_bytes_per_s: float = Field(16384.0, ge=0, description=(
+        "Disk reads/writes or network sends at this rate or more make a silent guest `silent but active`; "
+        "slower I/O is background noise. CPU time and received bytes never hold a reset."))
     webhook_url: str = Field("", description=(
         "Escalations (a VM `failed`) are POSTed here as JSON, retried with back-off; empty: off."))
     # -- host workers
@@ -107,6 +118,22 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_ok(cls, value: str) -> str:
+        for address in filter(None, (part.strip() for part in value.split(","))):
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port (e.g. 10.0.0.5:26379,10.0.0.6:26379)")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_needs_plain_redis_url(self) -> Settings:
+        if self.redis_sentinels.strip() and not self.redis_url.startswith("redis://"):
+            raise ValueError("VMQ_REDIS_URL: with VMQ_REDIS_SENTINELS it must be redis://[user:password@]host/db "
+                             "(TLS and unix sockets through Sentinel are not supported)")
+        return self
+
     @model_validator(mode="after")
     def _t2_exceeds_t1(self) -> Settings:
         if self.reply_timeout_s <= self.probe_interval_s:
@@ -120,6 +147,24 @@ class Settings(BaseSettings):
     def keys(self) -> Keys:
         """The key builder for this namespace."""
         return Keys(self.namespace)
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """VMQ_REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""
+        pairs = [a.strip().rpartition(":") for a in self.redis_sentinels.split(",") if a.strip()]
+        return [(host, int(port)) for host, _, port in pairs]
+
+    @property
+    def celery_url(self) -> str:
+        """The broker and result-backend URL: VMQ_REDIS_URL, or with Sentinel kombu's form
+        ``sentinel://[user:password@]host:port/db;sentinel://...`` (the master name goes in transport options)."""
+        if not self.sentinel_addresses:
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        credentials = f"{userinfo}@" if userinfo else ""
+        db = parts.path.strip("/") or "0"
+        return ";".join(f"sentinel://{credentials}{host}:{port}/{db}" for host, port in self.sentinel_addresses)
 
     def require_host(self) -> str:
         """The host name of a host worker; raises ConfigError if VMQ_HOST_NAME is unset."""

@@ -13,7 +13,7 @@ from pydantic.fields import FieldInfo
 
 from vmq.config import Settings
 
-_UNITS = (("_s", "seconds"), ("_bytes", "bytes"), ("_maxlen", "entries"), ("_fraction", "fraction (0-1]"),
+_UNITS = (("_bytes_per_s", "bytes/s"), ("_s", "seconds"), ("_bytes", "bytes"), ("_maxlen", "entries"), ("_fraction", "fraction (0-1]"),
           ("_port", "TCP port"), ("_vms", "VMs"), ("_per_host", "restarts"), ("max_restarts", "restarts"),
           ("rounds_kept", "rounds"))
 _PASSWORD = re.compile(r"(?P<scheme>rediss?://)(?P<user>[^:@/]*):(?P<password>[^@/]+)@")

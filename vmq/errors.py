@@ -28,10 +28,11 @@ class ConfigError(VmqError):
 class CodecError(VmqError):
     """A wire message was rejected; ``reason`` is one of ``vmq.model.RejectReason`` values."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, vm: str = "") -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.vm = vm  # set only once the VM is known to have a key (never an attacker's free choice)
 
 
 class StoreError(VmqError):

@@ -7,6 +7,7 @@ round) or up to now. A reply that fails verification counts as no reply and is c
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -24,20 +25,47 @@ log = logging.getLogger(__name__)
 BATCH = 5000
 
 
-def ingest_replies(store: RedisStore, max_reply_bytes: int, up_to_ms: int, report: TickReport) -> None:
+class RejectLog:
+    """Logs a rejected reply at most once per VM and reason per interval: a forging or broken guest, or a
+    flood, is counted in full (``<ns>:stats:rejects``) but cannot flood the log. Replies that name no keyed
+    VM share one slot per reason, so made-up VM names cannot multiply the lines either."""
+
+    MAX_SLOTS = 100_000
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+
+    def rejected(self, exc: CodecError, now_s: float) -> None:
+        slot = (exc.vm or "?", exc.reason)
+        if now_s - self._last.get(slot, float("-inf")) < self.interval_s:
+            self._held[slot] = self._held.get(slot, 0) + 1
+            return
+        if len(self._last) >= self.MAX_SLOTS:
+            self._last.clear()
+        self._last[slot] = now_s
+        held = self._held.pop(slot, 0)
+        log.warning("reply rejected vm=%s reason=%s: %s%s", slot[0], exc.reason, exc.detail[:200],
+                    f" (+{held} more since the last line)" if held else "")
+
+
+
+def ingest_replies(store: RedisStore, max_reply_bytes: int, up_to_ms: int, report: TickReport,
+                   reject_log: RejectLog | None = None) -> None:
     """Verify and record every reply that arrived up to ``up_to_ms`` (Redis time), in batches."""
     cursor = store.reply_cursor()
     while True:
         entries = store.read_replies(cursor, up_to_ms, BATCH)
         if not entries:
             return
-        _ingest_batch(store, max_reply_bytes, entries, report)
+        _ingest_batch(store, max_reply_bytes, entries, report, reject_log or RejectLog(0.0))
         cursor = entries[-1][0].decode()
         if len(entries) < BATCH:
             return
 
 def _ingest_batch(store: RedisStore, max_reply_bytes: int, entries: list[tuple[bytes, dict[bytes, bytes]]],
-                  report: TickReport) -> None:
+                  report: TickReport, reject_log: RejectLog) -> None:
     secrets, rotated = store.secrets(), store.previous_secrets()
     book = store.round_book()
     rejects: Counter[str] = Counter()
@@ -48,11 +76,13 @@ def _ingest_batch(store: RedisStore, max_reply_bytes: int, entries: list[tuple[b
             reply = decode_reply(entry_id, fields, secrets, book, max_reply_bytes, rotated)
         except CodecError as exc:
             rejects[exc.reason] += 1
-            log.debug("reply rejected id=%s reason=%s detail=%s", entry_id, exc.reason, exc.detail)
+            reject_log.rejected(exc, time.monotonic())
             continue
         previous = accepted.get(reply.vm)
         if previous is not None and reply.round <= previous[0]:
             rejects["replayed"] += 1
+            reject_log.rejected(CodecError("replayed", f"round {reply.round} again in one batch", reply.vm),
+                                time.monotonic())
             continue
         accepted[reply.vm] = (reply.round, reply.arrival_ms, reply.boot_id, reply.message)
         old_keys += reply.previous_key
@@ -61,6 +91,8 @@ def _ingest_batch(store: RedisStore, max_reply_bytes: int, entries: list[tuple[b
     for vm, stored in zip(vms, store.last_rounds(vms)):
         if stored is not None and accepted[vm][0] <= stored:
             rejects["replayed"] += 1
+            reject_log.rejected(CodecError("replayed", f"round {accepted[vm][0]} was already answered", vm),
+                                time.monotonic())
             del accepted[vm]
     store.record_replies(
         rounds={vm: a[0] for vm, a in accepted.items()},
@@ -74,8 +106,6 @@ def _ingest_batch(store: RedisStore, max_reply_bytes: int, entries: list[tuple[b
     report.valid += len(accepted)
     for reason, count in rejects.items():
         report.rejected[reason] = report.rejected.get(reason, 0) + count
-    if rejects:
-        log.warning("rejected replies %s", dict(rejects))
     if old_keys:
         store.incr_stat("replies_previous_key", old_keys)
     healing = sorted(store.attention() & accepted.keys())
@@ -102,8 +132,10 @@ def _heal(store: RedisStore, vms: list[str], answers: dict[str, tuple[int, int, 
             opened = int(rec.get("incident_opened_ms") or arrival_ms)
             event["incident"] = incident
             event["recovered_after_s"] = round((arrival_ms - opened) / 1000.0, 3)
-            # An unclaimed `restarting` attempt that heals never reached libvirt.
-            event["restarted"] = state is VmState.RECOVERING
+            # An unclaimed `restarting` attempt that heals never reached libvirt; a claimed one whose worker
+            # never reported (its claim's hold ended) did if the guest booted again.
+            event["restarted"] = state is VmState.RECOVERING or (
+                state is VmState.RESTARTING and bool(rec.get("claim")) and boot_id != rec.get("boot_id"))
         batch.append(Transition(
             vm, (state,), VmState.HEALTHY, arrival_ms, event,
             fields={"incident": "", "boot_id": boot_id, "decision": "", "decision_action": "",

@@ -71,12 +71,15 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> Non
 
 
 class LocalRedis:
-    """A private redis-server on a free loopback port, data in ``workdir``."""
+    """A private redis-server on a free loopback port, data in ``workdir``; ``appendonly``: with an AOF there,
+    so that ``stop()`` then ``start()`` is a restart of the same server with its data (fault tests)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None,
+                 appendonly: bool = False) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
+        self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +92,8 @@ class LocalRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_file = open(self.workdir / "redis.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no",
              "--dir", str(self.workdir), "--daemonize", "no"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
@@ -121,6 +125,8 @@ class ClusterSpec:
     boot_delay_s: float = 2.0
     guests: bool = True
     devices: bool = False  # give test-driver domains a disk and a NIC (their counters then move)
+    monitors: int = 1  # monitor/timeout workers: "monitor", then "monitor-2", ...
+    beats: int = 1  # beat processes: "beat", then "beat-2", ... (a second one must be harmless)
 
 
 class LocalCluster:
@@ -136,7 +142,7 @@ class LocalCluster:
             self.env.pop(name, None)
         self.settings: Settings = load_settings({k[4:].lower(): v for k, v in self.env.items()
                                                  if k.startswith("VMQ_") and k[4:].lower() in Settings.model_fields})
-        self.store = RedisStore.from_url(redis_url, self.settings.keys)
+        self.store = RedisStore.from_settings(self.settings)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.secrets: dict[str, str] = {}
         self.fleet: GuestFleet | None = None
@@ -166,7 +172,11 @@ class LocalCluster:
 
     def kill_host(self, host: str) -> None:
         """SIGKILL a host worker, as a crashed hypervisor would leave it (no goodbye, the heartbeat expires)."""
-        proc = self.processes.pop(f"host-{host}")
+        self.kill(f"host-{host}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one of the cluster's processes (e.g. "monitor-2"), as a crashed machine would leave it."""
+        proc = self.processes.pop(name)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
@@ -176,14 +186,21 @@ class LocalCluster:
         for vm in self.vms:
             self.secrets[vm] = new_secret()
             self.store.set_secret(vm, self.secrets[vm])
-        self._celery("monitor", ["worker", "-Q", "vmq.monitor,vmq.timeouts", "-P", "threads", "-c", "4",
-                                 "-n", "monitor@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"])
+        for n in range(1, self.spec.monitors + 1):
+            suffix = "" if n == 1 else f"-{n}"
+            self._celery(f"monitor{suffix}", ["worker", "-Q", "vmq.monitor,vmq.timeouts", "-P", "threads", "-c", "4",
+                                              "-n", f"monitor{n if n > 1 else ''}@%h", "--without-gossip",
+                                              "--without-mingle", "--loglevel", "INFO"])
         for host in sorted(set(self.spec.placement) | set(self.spec.standby)):
             self.start_host(host)
-        self._celery("beat", ["beat", "-s", str(self.workdir / "beat-schedule"), "--loglevel", "INFO"])
+        for n in range(1, self.spec.beats + 1):
+            suffix = "" if n == 1 else f"-{n}"
+            self._celery(f"beat{suffix}", ["beat", "-s", str(self.workdir / f"beat-schedule{suffix}"),
+                                           "--loglevel", "INFO"])
         if self.spec.guests:
             self.fleet = GuestFleet(self.redis_url, self.settings.keys, self.secrets, self.workdir,
-                                    self.spec.boot_delay_s)
+                                    self.spec.boot_delay_s, sentinels=self.settings.sentinel_addresses,
+                                    sentinel_master=self.settings.redis_sentinel_master)
             self.fleet.start()
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
@@ -212,7 +229,7 @@ class LocalCluster:
         """Stop guests, beat, workers (in that order); never raises."""
         if self.fleet is not None:
             self.fleet.stop()
-        order = ["beat"] + [n for n in self.processes if n not in ("beat",)]
+        order = sorted(self.processes, key=lambda name: not name.startswith("beat"))
         for name in order:
             proc = self.processes.get(name)
             if proc is not None:

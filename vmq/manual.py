@@ -36,7 +36,7 @@ def manual_restart(monitor: Monitor, vm: str, force: bool = False, requested_by:
     """Decide and, if allowed, dispatch an operator's restart of ``vm``; every outcome is audited."""
     store = monitor.store
     wait_s = max(1.0, monitor.settings.probe_interval_s)
-    with store.judge_lock(lease_s=30.0, wait_s=wait_s) as acquired:
+    with store.judge_lock(lease_s=monitor._lease_s, wait_s=wait_s) as acquired:
         if not acquired:
             return ManualOutcome(vm, "refused", ["the judge is busy (lock held): try again"])
         now_ms = store.time_ms()

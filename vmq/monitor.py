@@ -15,13 +15,16 @@ from dataclasses import dataclass, field, replace
 
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
-from vmq.ingest import ingest_replies
+from vmq.ingest import RejectLog, ingest_replies
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 from vmq.policy import PolicyConfig, decide, storm_guard, with_overrides
 from vmq.store.redis import HostContext, Record, RedisStore
 from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 
 log = logging.getLogger(__name__)
+
+#: A beat's round is refused as a duplicate when the latest one went out less than this fraction of T1 ago.
+DUPLICATE_GAP = 0.6
 
 
 #: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
@@ -105,6 +108,10 @@ class Monitor:
         self.policy = policy_config(settings)
         self._t2_ms = int(settings.reply_timeout_s * 1000)
         self._host_fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
+        # Short, and renewed before each round: a timeout worker killed while judging blocks the others for
+        # at most this long. Overrunning it is safe (every transition is a compare-and-set), only wasteful.
+        self._lease_s = max(2.0, 2 * settings.probe_interval_s)
+        self._reject_log = RejectLog(settings.probe_interval_s)  # one line per VM and reason per T1
 
     # ---------------------------------------------------------------- probe
     def probe(self) -> tuple[int, int]:
@@ -113,25 +120,46 @@ class Monitor:
         The round goes out first: its send time starts every guest's deadline, so catching up on replies
         must never delay it.
         """
-        round_id, sent_ms = self.store.start_round(new_nonce(), self._t2_ms, self.settings.rounds_kept,
-                                                   WIRE_VERSION)
-        log.debug("probe round=%s sent_ms=%s", round_id, sent_ms)
+        round_id, sent_ms, _ = self._start_round(0)
         self.tick()
         return round_id, sent_ms
+
+    def probe_from_beat(self) -> tuple[int, int, TickReport] | None:
+        """The beat's probe: as ``probe`` (plus what its tick did), but None, with nothing sent or judged, when
+        the latest round went out less than DUPLICATE_GAP x T1 ago (by Redis' clock): a second beat is then
+        harmless.
+
+        The gap is more than half of T1, so two beats ticking in antiphase cannot both get rounds through,
+        and less than T1 by enough to absorb a probe task that starts late.
+        """
+        round_id, sent_ms, started = self._start_round(int(DUPLICATE_GAP * self.settings.probe_interval_s * 1000))
+        if not started:
+            log.debug("probe refused: round=%s went out at %s (another beat)", round_id, sent_ms)
+            return None
+        return round_id, sent_ms, self.tick()
+
+    def _start_round(self, min_gap_ms: int) -> tuple[int, int, bool]:
+        round_id, sent_ms, started = self.store.start_round(new_nonce(), self._t2_ms, self.settings.rounds_kept,
+                                                            WIRE_VERSION, min_gap_ms)
+        if started:
+            log.debug("probe round=%s sent_ms=%s", round_id, sent_ms)
+        return round_id, sent_ms, started
 
     # ---------------------------------------------------------------- tick
     def tick(self) -> TickReport:
         """Ingest replies and judge every round whose deadline has passed (idempotent, lock-serialised)."""
         report = TickReport()
-        lease_s = max(30.0, 3 * self.settings.probe_interval_s)
-        with self.store.judge_lock(lease_s=lease_s, wait_s=self.settings.probe_interval_s) as acquired:
-            if not acquired:
+        with self.store.judge_lock(lease_s=self._lease_s, wait_s=self.settings.probe_interval_s) as lease:
+            if not lease:
                 report.locked_out = True
                 return report
             now_ms = self.store.time_ms()
             sweep_hosts(self.store, now_ms)
             expire_maintenance(self.store, now_ms)
             for round_id, deadline_ms in self.store.due_rounds(now_ms):
+                if not lease.renew():  # we overran the lease: another judge carries on from here
+                    report.locked_out = True
+                    return report
                 self._ingest(deadline_ms, report)
                 self._judge(round_id, deadline_ms, now_ms, report)
                 self.store.finish_round(round_id)
@@ -149,7 +177,7 @@ class Monitor:
         resumed, started or other.
         """
         report = TickReport()
-        with self.store.judge_lock(lease_s=30.0, wait_s=max(1.0, self.settings.probe_interval_s)) as acquired:
+        with self.store.judge_lock(lease_s=self._lease_s, wait_s=max(1.0, self.settings.probe_interval_s)) as acquired:
             now_ms = self.store.time_ms()
             rec = self.store.vm_record(vm)
             if not rec or rec.get("host") != host:
@@ -216,7 +244,7 @@ class Monitor:
 
     # ---------------------------------------------------------------- ingest
     def _ingest(self, up_to_ms: int, report: TickReport) -> None:
-        ingest_replies(self.store, self.settings.max_reply_bytes, up_to_ms, report)
+        ingest_replies(self.store, self.settings.max_reply_bytes, up_to_ms, report, self._reject_log)
 
     # ---------------------------------------------------------------- judge
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport) -> None:

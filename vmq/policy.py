@@ -101,7 +101,9 @@ def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
     if view.state is VmState.RECOVERING and state_age < cfg.recovery_timeout_s:
         return f"recovering: {state_age:.1f} s of {cfg.recovery_timeout_s:g} s since the restart"
     boot_age = _age_s(now_ms, view.booted_at_ms)
-    if view.booted_at_ms and boot_age < cfg.boot_grace_s:
+    # A crash the hypervisor reports is hard evidence, in the grace period too (budget and back-off bound
+    # a crash loop).
+    if view.booted_at_ms and boot_age < cfg.boot_grace_s and view.domain_status is not DomainStatus.CRASHED:
         return f"boot grace: started {boot_age:.1f} s ago (grace {cfg.boot_grace_s:g} s)"
     return None
 
@@ -131,7 +133,7 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
         action, reason = hold
         return Decision(action, (*reasons, reason))
     hard = view.incident_attempts >= 1
-    rung = "destroy + create" if hard else "reset"
+    rung = "start the crashed domain" if crashed else "destroy + create" if hard else "reset"
     reasons.append(f"{rung} (rung {view.incident_attempts + 1} of {cfg.ladder_rungs}); budget "
                    f"{view.restarts_in_window + 1} of {cfg.max_restarts} in {cfg.restart_window_s:g} s")
     return Decision(Action.RESTART, tuple(reasons), hard=hard)

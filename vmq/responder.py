@@ -182,11 +182,13 @@ class ResponderConfig:
     disk_path: str = "/"
     log_level: str = "INFO"
     health: tuple[HealthCommand, ...] = ()
+    sentinels: tuple[tuple[str, int], ...] = ()  # ask these for the master; redis_url gives credentials and db
+    sentinel_master: str = "vmq"
 
 
 # Every key but `health` may also come from VMQ_<KEY>, which overrides the file.
 _KEYS = ("vm_id", "redis_url", "secret_key", "namespace", "reply_stream_maxlen", "tls_ca_file",
-         "tls_insecure", "boot_id", "disk_path", "log_level")
+         "tls_insecure", "boot_id", "disk_path", "log_level", "sentinels", "sentinel_master")
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
           "off": False}
 
@@ -201,6 +203,20 @@ def _get(raw: Mapping[str, Any], key: str, kind: type, default: Any = None, wher
     if not (_is_int(value) if kind is int else isinstance(value, kind)):
         raise ConfigProblem(f"{where}{key}: must be {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
+    """``sentinels``: an array of "host:port" (or, from VMQ_SENTINELS, one comma-separated string)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ConfigProblem('sentinels: must be an array of "host:port" strings')
+    out = []
+    for item in filter(None, (item.strip() for item in items)):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigProblem(f"sentinels: {item!r} is not host:port")
+        out.append((host.strip("[]"), int(port)))
+    return tuple(out)
 
 
 def _health_commands(entries: Any) -> tuple[HealthCommand, ...]:
@@ -267,6 +283,10 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
     ca_file = _get(raw, "tls_ca_file", str) or None
     if ca_file and not os.path.isfile(ca_file):
         raise ConfigProblem(f"tls_ca_file: no such file {ca_file}")
+    sentinels, master = _sentinels(raw.get("sentinels", [])), _get(raw, "sentinel_master", str, "vmq")
+    if sentinels and (not _NAME.fullmatch(master) or url.startswith("rediss:")):
+        raise ConfigProblem("sentinel_master: required with sentinels, 1-128 of A-Z a-z 0-9 _ . - "
+                            "(and redis_url must be redis://, no TLS through sentinels)")
     log_level = _get(raw, "log_level", str, "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigProblem("log_level: must be DEBUG, INFO, WARNING or ERROR")
@@ -275,7 +295,7 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
         reply_stream_maxlen=maxlen, tls_ca_file=ca_file,
         tls_insecure=_get(raw, "tls_insecure", bool, False), boot_id=_get(raw, "boot_id", str) or None,
         disk_path=_get(raw, "disk_path", str, "/"), log_level=log_level,
-        health=_health_commands(raw.get("health", [])))
+        health=_health_commands(raw.get("health", [])), sentinels=sentinels, sentinel_master=master)
 
 
 _TOML_STR = r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\''
@@ -484,7 +504,26 @@ class Responder:
         stop.wait(delay)
 
     def _connect(self) -> RespConnection:
-        return RespConnection(self.url, self.config.tls_ca_file, self.config.tls_insecure)
+        url = self._master_url() if self.config.sentinels else self.url
+        return RespConnection(url, self.config.tls_ca_file, self.config.tls_insecure)
+
+    def _master_url(self) -> RedisUrl:
+        """Ask the sentinels, in turn, where the master is now (asked again on every connect)."""
+        problems = []
+        for host, port in self.config.sentinels:
+            try:
+                sentinel = RespConnection(RedisUrl(False, host, port, None, None, None))
+                try:
+                    address = sentinel.call("SENTINEL", "get-master-addr-by-name", self.config.sentinel_master)
+                finally:
+                    sentinel.sock.close()
+            except (OSError, RedisReplyError) as exc:
+                problems.append(f"{host}:{port}: {exc}")
+                continue
+            if isinstance(address, list) and len(address) == 2:
+                return self.url._replace(host=address[0].decode(), port=int(address[1]))
+            problems.append(f"{host}:{port}: does not know {self.config.sentinel_master}")
+        raise ConnectionError("no sentinel named the master: " + "; ".join(problems))
 
     def run(self, stop_event: threading.Event | None = None) -> None:
         """Serve until stop_event is set; while Redis is away retry after 0.2 s doubling to 10 s, jittered."""
@@ -556,6 +595,8 @@ class Responder:
                                     "*", "m", message, "s", signature)
                 break
             except RedisReplyError as exc:
+                if str(exc).startswith("READONLY"):  # a master demoted by a failover: find the new one
+                    raise ConnectionError(f"XADD refused by a replica: {exc}") from exc
                 self._log_limited(f"xadd:{str(exc).split(' ')[0]}", logging.ERROR, "XADD refused: %s", exc)
                 return
             except OSError:

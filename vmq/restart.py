@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from vmq.errors import DomainNotFound, HypervisorError
-from vmq.hypervisor.types import moving
+from vmq.hypervisor.types import busy, moving
 from vmq.model import DomainStatus, RestartAction, VmState
 from vmq.ports import Hypervisor
 from vmq.store.redis import RedisStore
@@ -61,21 +61,28 @@ class ActivityCheck:
     """Corroboration before acting on silence: sample the domain's counters twice ``window_s`` apart."""
 
     window_s: float = 1.0
-    blocks: bool = True  # a guest whose counters move is `silent-but-active`: hold instead of resetting
+    blocks: bool = True  # a guest whose own I/O moves is `silent-but-active`: hold instead of resetting
+    min_bytes_per_s: float = 16384.0  # the floor below which disk/network I/O is background noise
 
 
-def _sample_activity(hypervisor: Hypervisor, vm: str, window_s: float) -> dict[str, object]:
+def _sample_activity(hypervisor: Hypervisor, vm: str, check: ActivityCheck) -> dict[str, object]:
     first = hypervisor.activity(vm)
-    time.sleep(window_s)
+    time.sleep(check.window_s)
     second = hypervisor.activity(vm)
-    return {"moving": moving(first, second), "window_s": window_s,
+    return {"busy": busy(first, second, check.min_bytes_per_s), "moving": moving(first, second),
+            "window_s": check.window_s, "min_bytes_per_s": check.min_bytes_per_s,
             "first": asdict(first), "second": asdict(second)}
 
 
 def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
                incident: str, claimant: str, hard: bool = False, crashed: bool = False,
-               activity: ActivityCheck | None = None, manual: bool = False) -> RestartOutcome:
+               activity: ActivityCheck | None = None, manual: bool = False,
+               claim_hold_s: float = 60.0) -> RestartOutcome:
     """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted.
+
+    The claim holds replies off the attempt for ``claim_hold_s`` (VMQ_RESTART_TIMEOUT_S): if this worker
+    dies after claiming, even after the reset, the VM is healed by its next reply after that, not left
+    `restarting` for ever.
 
     Unless libvirt reported a crash or an operator asked (``manual``), silence is corroborated first
     (``activity``): a guest whose CPU, disk or network counters still move is held, not reset, when
@@ -104,7 +111,7 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
             or rec.get("incident") != incident:
         return skip(f"attempt closed (state {rec.get('state', 'absent')}, generation {rec.get('generation')})")
     # Claim first: from here on only this delivery may act on, or give back, this attempt.
-    if not store.claim_restart(vm, generation, incident, claimant):
+    if not store.claim_restart(vm, generation, incident, claimant, int(claim_hold_s * 1000)):
         return skip("attempt already claimed by another delivery of this task")
     if rec.get("host") != host:
         return back_to_faulty("restart_misrouted", f"vm now runs on {rec.get('host') or 'no host'}, not {host}")
@@ -127,11 +134,12 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
     sample: dict[str, object] | None = None
     if activity is not None and not crashed and not manual and action is not RestartAction.CREATE:
         try:
-            sample = _sample_activity(hypervisor, vm, activity.window_s)
+            sample = _sample_activity(hypervisor, vm, activity)
         except HypervisorError as exc:
             return back_to_faulty("restart_failed", f"could not sample activity: {exc}")
-        if sample["moving"] and activity.blocks:
-            result = f"silent but active: {', '.join(sample['moving'])} still moving"  # type: ignore[arg-type]
+        if sample["busy"] and activity.blocks:
+            result = (f"silent but active: {', '.join(sample['busy'])} above "  # type: ignore[arg-type]
+                      f"{activity.min_bytes_per_s:g} B/s")
             # Not an attempt: give back the budget entry, the ladder rung and the back-off it started.
             attempts = max(0, int(rec.get("attempts") or 1) - 1)
             outcome = back_to_faulty("silent_but_active", result, undo={"attempts": attempts, "last_restart_ms": 0},

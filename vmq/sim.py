@@ -8,6 +8,7 @@ cannot share libvirt's in-process test driver with the host worker, so the audit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,18 +16,30 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 
 from vmq.keys import Keys
 from vmq.report import event_json
+from vmq.store.redis import connect
 
 log = logging.getLogger(__name__)
 
 RESPONDER_FILE = Path(__file__).with_name("responder.py")
+
+
+def responder_url(url: str) -> tuple[str, str | None]:
+    """A redis-py URL as the responder takes it: no query, so ``?ssl_ca_certs=PATH`` (the CA of a rediss://
+    URL, see docs/deployment.md) becomes the responder's ``tls_ca_file``; the other options are dropped
+    (the responder always verifies the server's certificate)."""
+    parts = urlsplit(url)
+    ca_files = parse_qs(parts.query).get("ssl_ca_certs")
+    return urlunsplit(parts._replace(query="", fragment="")), (ca_files[-1] if ca_files else None)
 
 
 def responder_argv(config: Path) -> list[str]:
@@ -52,9 +65,11 @@ class GuestFleet:
     """Runs one real responder process per VM and reboots them when the audit stream says so."""
 
     def __init__(self, redis_url: str, keys: Keys, secrets: dict[str, str], workdir: Path,
-                 boot_delay_s: float = 2.0, watch_url: str | None = None) -> None:
+                 boot_delay_s: float = 2.0, watch_url: str | None = None,
+                 sentinels: Sequence[tuple[str, int]] = (), sentinel_master: str = "vmq") -> None:
         self.redis_url = redis_url  # what the responders use (in a stack: the `guest` ACL user)
         self.watch_url = watch_url or redis_url  # reads the audit stream, which guests may not
+        self.sentinels, self.sentinel_master = list(sentinels), sentinel_master  # both sides follow a failover
         self.keys = keys
         self.workdir = workdir
         self.boot_delay_s = boot_delay_s
@@ -66,9 +81,13 @@ class GuestFleet:
 
     def _config(self, guest: Guest) -> Path:
         path = self.workdir / f"responder-{guest.vm}.toml"
+        url, tls_ca_file = responder_url(self.redis_url)
         path.write_text(
-            f'vm_id = "{guest.vm}"\nredis_url = "{self.redis_url}"\nsecret_key = "{guest.secret}"\n'
+            f'vm_id = "{guest.vm}"\nredis_url = "{url}"\nsecret_key = "{guest.secret}"\n'
             f'namespace = "{self.keys.namespace}"\nlog_level = "WARNING"\n'
+            + (f"tls_ca_file = {json.dumps(tls_ca_file)}\n" if tls_ca_file else "")
+            + (f"sentinels = {json.dumps([f'{h}:{p}' for h, p in self.sentinels])}\n"
+               f"sentinel_master = {json.dumps(self.sentinel_master)}\n" if self.sentinels else "")
         )
         path.chmod(0o600)
         return path
@@ -122,7 +141,7 @@ class GuestFleet:
                 self.boot(vm)
 
     def _watch(self) -> None:
-        client: Any = redis.Redis.from_url(self.watch_url, socket_timeout=5)
+        client: Any = connect(self.watch_url, self.sentinels, self.sentinel_master)
         last = "$"
         while not self._stop.is_set():
             try:

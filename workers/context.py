@@ -36,7 +36,7 @@ def settings_of(app: Celery) -> Settings:
 def store_of(app: Celery) -> RedisStore:
     """This process's RedisStore."""
     s = settings_of(app)
-    return _once(app, "store", lambda: RedisStore.from_url(s.redis_url, s.keys, s.events_maxlen))  # type: ignore[no-any-return]
+    return _once(app, "store", lambda: RedisStore.from_settings(s))  # type: ignore[no-any-return]
 
 
 def monitor_of(app: Celery) -> Monitor:

@@ -49,7 +49,9 @@ def restart_vm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
                                    hard=bool(request.get("hard", False)),
                                    crashed=bool(request.get("crashed", False)),
                                    manual=bool(request.get("manual", False)),
-                                   activity=ActivityCheck(settings.activity_window_s, settings.activity_blocks_reset))
+                                   claim_hold_s=settings.restart_timeout_s,
+                                   activity=ActivityCheck(settings.activity_window_s, settings.activity_blocks_reset,
+                                                          settings.activity_min_bytes_per_s))
     except StoreError as exc:
         raise self.retry(exc=exc, countdown=1.0) from exc
     finally:

@@ -33,7 +33,7 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
         return
     from vmq.metrics import serve_metrics  # only monitor workers need prometheus_client
 
-    store = RedisStore.from_url(settings.redis_url, settings.keys, settings.events_maxlen)
+    store = RedisStore.from_settings(settings)
     try:
         _server = serve_metrics(store, settings)
     except OSError as exc:  # monitoring must not stop because metrics cannot be served

@@ -19,11 +19,17 @@ JUDGE_SLACK_S = 0.02
 
 @shared_task(bind=True, name="vmq.monitor.probe_round", ignore_result=True)
 def probe_round(self: Task) -> dict[str, Any]:
-    """Judge what is due, broadcast a new probe round, and schedule its judge at the deadline."""
+    """Broadcast a new probe round, judge what is due, and schedule the round's judge at its deadline.
+
+    A round refused as another beat's duplicate (see Monitor.probe_from_beat) does nothing at all.
+    """
     settings = settings_of(self.app)
-    round_id, sent_ms = monitor_of(self.app).probe()
+    started = monitor_of(self.app).probe_from_beat()
+    if started is None:
+        return {"round": None, "duplicate": True}
+    round_id, sent_ms, report = started
     judge_round.apply_async(args=[round_id], countdown=settings.reply_timeout_s + JUDGE_SLACK_S)
-    return {"round": round_id, "sent_ms": sent_ms}
+    return {"round": round_id, "sent_ms": sent_ms, "judged_rounds": report.judged_rounds}
 
 
 @shared_task(bind=True, name="vmq.timeouts.judge_round", ignore_result=True)

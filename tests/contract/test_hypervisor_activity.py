@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
 from vmq.errors import DomainNotFound, HypervisorUnavailable
-from vmq.hypervisor import ActivitySample, FakeHypervisor, moving
+from vmq.hypervisor import ActivitySample, FakeHypervisor, busy, moving
 from vmq.hypervisor.testnode import interface_target, node_xml, stable_uuid, write_node
 from vmq.hypervisor.types import COUNTERS, device_targets, total
 from vmq.model import DomainInfo
@@ -288,6 +289,30 @@ def test_cpu_time_falls_back_to_info_when_get_cpu_stats_fails(
 
 
 @libvirt_only
+def test_cpu_time_of_an_active_domain_comes_from_info_when_the_cgroup_controller_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen on a real QEMU host without cgroups: getCPUStats fails with OPERATION_INVALID ("cgroup CPUACCT
+    # controller is not mounted") although the domain runs; that is not "not running".
+    import libvirt
+
+    def no_cgroup(self: Any, total: bool, flags: int = 0) -> Any:
+        error = libvirt.libvirtError("Requested operation is not valid: cgroup CPUACCT controller is not mounted")
+        error.err = (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU, error.args[0], 2, None, None,
+                     None, 0, 0)
+        raise error
+
+    monkeypatch.setattr(libvirt.virDomain, "getCPUStats", no_cgroup)
+    hv = make_libvirt(tmp_path)
+    try:
+        running, stopped = hv.activity(RUNNING), hv.activity(OFF)
+    finally:
+        hv.close()
+    assert isinstance(running.cpu_time_ns, int) and running.cpu_time_ns > 0
+    assert stopped.cpu_time_ns is None
+
+
+@libvirt_only
 def test_a_domain_that_vanishes_while_sampled_raises_domain_not_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,3 +405,29 @@ def test_the_test_driver_keeps_our_interface_name_but_replaces_a_vnet_one(tmp_pa
             assert len(domain.blockStats("vda")) == 5
         finally:
             connection.close()
+
+
+# -- busy: the evidence a reset waits on (found on a real QEMU guest: idle guests accrue CPU time) ---------
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (sample(cpu=0), sample(cpu=10**9), []),  # a full core for 1 s: CPU never holds a reset
+        (sample(read=0, write=0), sample(read=1000, write=1000), []),  # background noise, below the floor
+        (sample(write=0), sample(write=20_000), ["disk_write_bytes"]),
+        (sample(read=0), sample(read=16_384), ["disk_read_bytes"]),  # exactly the floor counts
+        (sample(rx=0, tx=0), sample(rx=10**6, tx=100), []),  # received bytes arrive whatever the guest does
+        (sample(tx=0), sample(tx=50_000), ["net_tx_bytes"]),
+        (sample(write=None), sample(write=10**9), []),  # unknown never counts
+    ],
+    ids=["cpu time alone", "below the floor", "disk writes", "disk reads at the floor", "received bytes alone",
+         "network sends", "unknown counter"],
+)
+def test_busy_counts_only_the_guests_own_io_above_the_floor(
+        before: ActivitySample, after: ActivitySample, expected: list[str]) -> None:
+    assert busy(before, replace(after, taken_monotonic_s=before.taken_monotonic_s + 1.0), 16_384) == expected
+
+
+def test_busy_is_a_rate_so_a_short_window_needs_fewer_bytes() -> None:
+    a, b = sample(write=0), sample(write=2_000)
+    assert busy(a, replace(b, taken_monotonic_s=a.taken_monotonic_s + 0.1), 16_384) == ["disk_write_bytes"]
+    assert busy(a, replace(b, taken_monotonic_s=a.taken_monotonic_s + 1.0), 16_384) == []

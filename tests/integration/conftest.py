@@ -38,9 +38,9 @@ def make_cluster(tmp_path: Path, redis_server: LocalRedis) -> Iterator[Callable[
     started: list[LocalCluster] = []
 
     def build(placement: dict[str, list[str]], standby: dict[str, list[str]] | None = None,
-              devices: bool = False, **env: str) -> LocalCluster:
+              devices: bool = False, monitors: int = 1, beats: int = 1, **env: str) -> LocalCluster:
         spec = ClusterSpec(placement=placement, standby=standby or {}, env={**FAST, **env}, boot_delay_s=1.0,
-                           devices=devices)
+                           devices=devices, monitors=monitors, beats=beats)
         cluster = LocalCluster(tmp_path / "cluster", redis_server.url, spec)
         started.append(cluster)
         cluster.start()

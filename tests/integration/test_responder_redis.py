@@ -373,23 +373,29 @@ def test_a_hanging_health_command_never_delays_a_reply(
 
 
 # ---------------------------------------------------------------- TLS
-@pytest.fixture
-def tls_files(tmp_path: Path) -> dict[str, Path]:
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A fresh self-signed CA and a server certificate it signed (localhost, 127.0.0.1), with the openssl CLI."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is not installed")
-    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "ca_key", "cert", "key", "csr")}
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {name: directory / f"{name}.pem" for name in ("ca", "ca_key", "cert", "key", "csr")}
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for command in (
         ["req", "-x509", *ec, "-keyout", files["ca_key"], "-out", files["ca"], "-days", "1",
          "-subj", "/CN=vmq-ca"],
         ["req", *ec, "-keyout", files["key"], "-out", files["csr"], "-subj", "/CN=localhost"],
         ["x509", "-req", "-in", files["csr"], "-CA", files["ca"], "-CAkey", files["ca_key"],
-         "-CAcreateserial", "-out", files["cert"], "-days", "1", "-extfile", tmp_path / "san.ext"],
+         "-CAcreateserial", "-out", files["cert"], "-days", "1", "-extfile", directory / "san.ext"],
     ):
         subprocess.run([openssl, *map(str, command)], check=True, capture_output=True, timeout=30)
     return files
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Path]:
+    return make_tls_files(tmp_path)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def test_every_setting_is_documented_with_a_meaning_and_every_timed_one_with_its
     for name, info in Settings.model_fields.items():
         assert info.description and len(info.description) > 15, f"VMQ_{name.upper()} needs a description"
         if name.endswith("_s"):
-            assert unit_of(name) == "seconds"
+            assert unit_of(name) == ("bytes/s" if name.endswith("_per_s") else "seconds")
 
 
 def test_passwords_are_masked_and_nothing_else_is() -> None:

@@ -7,10 +7,10 @@ Importing this package does not import libvirt; only building a LibvirtHyperviso
 from __future__ import annotations
 
 from vmq.hypervisor.fake import FakeHypervisor
-from vmq.hypervisor.types import ActivitySample, moving
+from vmq.hypervisor.types import ActivitySample, busy, moving
 from vmq.ports import Hypervisor
 
-__all__ = ["ActivitySample", "FakeHypervisor", "moving", "open_hypervisor"]
+__all__ = ["ActivitySample", "FakeHypervisor", "busy", "moving", "open_hypervisor"]
 
 FAKE_SCHEME = "fake://"
 

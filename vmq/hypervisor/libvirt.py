@@ -371,12 +371,21 @@ def _cpu_time_ns(domain: Any) -> int | None:
         return int(domain.getCPUStats(True)[0]["cpu_time"])
     except libvirt.libvirtError as exc:
         _raise_unless_refusal(domain, exc)
-        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+        # OPERATION_INVALID means "not running" -- or, on a host without the cgroup CPU controller, that
+        # getCPUStats is unavailable: then the domain is active and info() has the figure.
+        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and not _active(domain):
             return None  # not running: info() would report a stale (QEMU) or made-up (test driver) figure
     except (IndexError, KeyError, TypeError, ValueError):
         pass  # an answer of an unexpected shape: info() still has the total
     info = _counter(domain, "info")
     return None if info is None else int(info[4])
+
+
+def _active(domain: Any) -> bool:
+    try:
+        return bool(domain.isActive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _counter(domain: Any, method: str, *args: Any) -> Any:

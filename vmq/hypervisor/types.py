@@ -4,8 +4,9 @@ No I/O and no libvirt: vmq.hypervisor.libvirt fills ActivitySample, vmq.hypervis
 
 A sample holds cumulative counters as libvirt reports them (CPU time since the domain started, bytes
 moved by all disks and all interfaces); only the difference between two samples means something, and
-``moving`` is that difference reduced to "which counters went up". A counter the hypervisor cannot give
-(domain not running, device without statistics) is None and never counts as moving.
+``moving`` is that difference reduced to "which counters went up", and ``busy`` the decision a reset waits
+on: which of the guest's own I/O counters grew faster than a floor. A counter the hypervisor cannot give
+(domain not running, device without statistics) is None and never counts.
 """
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ def moving(a: ActivitySample, b: ActivitySample) -> list[str]:
         if before is not None and after is not None and after > before:
             grown.append(name)
     return grown
+
+
+#: Counters that show the guest itself doing work (reading or writing its disks, sending on its network).
+#: CPU time is not one: an idle QEMU guest always accrues some, and a livelocked one accrues the most.
+#: Received bytes are not either: they arrive whatever the guest's state (probes, broadcasts).
+WORK_COUNTERS: tuple[str, ...] = ("disk_read_bytes", "disk_write_bytes", "net_tx_bytes")
+
+
+def busy(a: ActivitySample, b: ActivitySample, min_bytes_per_s: float) -> list[str]:
+    """The WORK_COUNTERS that grew at ``min_bytes_per_s`` or more between the two samples: evidence that a
+    silent guest is still working (like vSphere HA's I/O check), not merely powered on."""
+    window_s = max(1e-3, b.taken_monotonic_s - a.taken_monotonic_s)
+    out: list[str] = []
+    for name in WORK_COUNTERS:
+        before, after = getattr(a, name), getattr(b, name)
+        if before is not None and after is not None and (after - before) / window_s >= min_bytes_per_s:
+            out.append(name)
+    return out
 
 
 def device_targets(domain_xml: str, device: str) -> list[str]:

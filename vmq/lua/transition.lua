@@ -14,10 +14,12 @@ for s in string.gmatch(ARGV[2], '[^,]+') do
 end
 if not allowed then return {0, state, gen} end
 if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= gen then return {0, state, gen} end
--- A restart a host worker has claimed is under way: a reply must not close it behind the worker's back.
+-- A restart a host worker has claimed is under way: a reply must not close it behind the worker's back,
+-- until the claim's hold ends (claim.lua): after that the worker is presumed dead, and a reply heals.
 if state == 'restarting' and to_state == 'healthy' then
   local claim = redis.call('HGET', vm_key, 'claim')
-  if claim and claim ~= '' then return {0, state, gen} end
+  local until_ms = tonumber(redis.call('HGET', vm_key, 'claim_until_ms') or '')
+  if claim and claim ~= '' and (not until_ms or tonumber(now_ms) < until_ms) then return {0, state, gen} end
 end
 gen = gen + 1
 redis.call('HSET', vm_key, 'state', to_state, 'generation', gen, 'state_since_ms', now_ms, 'claim', '')

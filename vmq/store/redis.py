@@ -15,8 +15,11 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
+from redis.connection import parse_url
+from redis.sentinel import Sentinel
 
 from vmq.codec import RoundBook
+from vmq.config import Settings
 from vmq.keys import Keys
 from vmq.model import VmState
 from vmq.policy import can_transition
@@ -28,7 +31,7 @@ from vmq.store.secrets import SecretsMixin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HostContext", "Record", "RedisStore", "Transition", "translate_errors"]
+__all__ = ["HostContext", "JudgeLease", "Record", "RedisStore", "Transition", "connect", "translate_errors"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,41 @@ class Transition:
     expected_generation: int | None = None
     count_restart: bool = False
     restart_window_ms: int = 3_600_000
+
+
+class JudgeLease:
+    """The judge lock as one tick holds it: true while held; ``renew`` restarts the lease."""
+
+    def __init__(self, lock: Any, acquired: bool) -> None:
+        self._lock = lock
+        self.acquired = acquired
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    def renew(self) -> bool:
+        """Restart the lease (before each round judged); False once it expired and another judge may hold it."""
+        with translate_errors("renew judge lock"):
+            try:
+                self._lock.reacquire()
+            except redis.exceptions.LockError:
+                self.acquired = False
+        return self.acquired
+
+
+def connect(url: str, sentinels: Sequence[tuple[str, int]] = (), master: str = "") -> redis.Redis:
+    """The one place vmq builds a Redis client: to ``url``, or with ``sentinels`` to the master they name
+    ``master`` (``url`` then gives only user, password and db). A Sentinel-managed client asks the sentinels
+    again after a disconnect or a READONLY reply, so it follows a failover."""
+    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 30}
+    if not sentinels:
+        return redis.Redis.from_url(url, **options)
+    parsed = parse_url(url)  # type: ignore[no-untyped-call]
+    credentials = {name: parsed[name] for name in ("username", "password", "db") if name in parsed}
+    sentinel = Sentinel(list(sentinels),  # type: ignore[no-untyped-call]
+                        sentinel_kwargs={"socket_timeout": 2, "socket_connect_timeout": 2})
+    client: redis.Redis = sentinel.master_for(master, **credentials, **options)  # type: ignore[no-untyped-call]
+    return client
 
 
 def _load_lua(name: str) -> str:
@@ -66,9 +104,13 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
     @classmethod
     def from_url(cls, url: str, keys: Keys, events_maxlen: int = 100_000) -> RedisStore:
         """Connect lazily to ``url`` (redis://, rediss:// or unix://)."""
-        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                      health_check_interval=30)
-        return cls(client, keys, events_maxlen)
+        return cls(connect(url), keys, events_maxlen)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisStore:
+        """Connect lazily as ``settings`` say: VMQ_REDIS_URL, or its master through VMQ_REDIS_SENTINELS."""
+        client = connect(settings.redis_url, settings.sentinel_addresses, settings.redis_sentinel_master)
+        return cls(client, settings.keys, settings.events_maxlen)
 
     # ------------------------------------------------------------------ time and rounds
     def time_ms(self) -> int:
@@ -77,15 +119,21 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
             seconds, micros = self.r.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
-    def start_round(self, nonce: str, reply_timeout_ms: int, rounds_kept: int, wire_version: int) -> tuple[int, int]:
-        """Number, record and publish one probe round; returns (round, sent_ms)."""
+    def start_round(self, nonce: str, reply_timeout_ms: int, rounds_kept: int, wire_version: int,
+                    min_gap_ms: int = 0) -> tuple[int, int, bool]:
+        """Number, record and publish one probe round, in one round trip: (round, sent_ms, True).
+
+        With ``min_gap_ms`` > 0 a round is refused when the latest one went out less than that long ago by
+        Redis' clock (a second beat's duplicate): nothing is sent, ``rounds_duplicate`` is counted and the
+        latest round is returned as (round, sent_ms, False).
+        """
         k = self.keys
         with translate_errors("start_round"):
-            round_id, sent_ms = self._start_round(
-                keys=[k.round_seq, k.rounds, k.rounds_pending, k.probe_channel],
-                args=[nonce, reply_timeout_ms, rounds_kept, wire_version],
+            round_id, sent_ms, started = self._start_round(
+                keys=[k.round_seq, k.rounds, k.rounds_pending, k.probe_channel, k.stats],
+                args=[nonce, reply_timeout_ms, rounds_kept, wire_version, min_gap_ms],
             )
-        return int(round_id), int(sent_ms)
+        return int(round_id), int(sent_ms), bool(started)
 
     def current_round(self) -> int:
         """The latest round number sent (0 before the first)."""
@@ -127,15 +175,16 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
         return int(_text(value).partition(":")[2]) if value else None
 
     @contextlib.contextmanager
-    def judge_lock(self, lease_s: float, wait_s: float) -> Iterator[bool]:
-        """Serialise ingestion and judging across timeout workers; yields False if not acquired in time."""
+    def judge_lock(self, lease_s: float, wait_s: float) -> Iterator[JudgeLease]:
+        """Serialise ingestion and judging across timeout workers; yields a lease that is false if the lock
+        was not acquired within ``wait_s``. A holder that dies frees it after ``lease_s``."""
         lock = self.r.lock(self.keys.judge_lock, timeout=lease_s, blocking_timeout=wait_s)
         with translate_errors("judge lock"):
-            acquired = bool(lock.acquire())
+            lease = JudgeLease(lock, bool(lock.acquire()))
         try:
-            yield acquired
+            yield lease
         finally:
-            if acquired:
+            if lease:
                 with contextlib.suppress(redis.RedisError):
                     lock.release()
 
@@ -283,10 +332,13 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
         with translate_errors(f"uncount {vm}"):
             self.r.zrem(self.keys.vm_restarts(vm), f"{generation}:{at_ms}")
 
-    def claim_restart(self, vm: str, generation: int, incident: str, claimant: str) -> bool:
-        """Take the per-attempt idempotency claim; False if closed, changed or taken."""
+    def claim_restart(self, vm: str, generation: int, incident: str, claimant: str,
+                      hold_ms: int | None = None) -> bool:
+        """Take the per-attempt idempotency claim; False if closed, changed or taken. With ``hold_ms`` a reply
+        may close the claimed attempt once that long has passed (its worker presumed dead); without, never."""
+        hold = [] if hold_ms is None else [hold_ms]
         with translate_errors(f"claim {vm}"):
-            return bool(self._claim(keys=[self.keys.vm(vm)], args=[generation, claimant, incident]))
+            return bool(self._claim(keys=[self.keys.vm(vm)], args=[generation, claimant, incident, *hold]))
 
     def set_fields(self, vm: str, fields: Mapping[str, Any]) -> None:
         """Write informational fields of a VM record (never state or generation)."""
