@@ -14,6 +14,7 @@ Control (a multiprocessing queue, read between probes):
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 import uuid
@@ -40,7 +41,12 @@ def _redis_ms(client: redis.Redis) -> int:
 
 def serve(url: str, channel: str, stream: str, maxlen: int, batch: int, vms: list[str], secrets: list[str],
           injected_key: str, control: Any, ready: Event, stop: Event, results: Any) -> None:
-    """Process entry point (spawn): answer probes for ``vms`` until ``stop`` is set, then report counters."""
+    """Process entry point (spawn): answer probes for ``vms`` until ``stop`` is set, then report counters.
+
+    ``VMQ_BENCH_GUEST_NICE`` (default 0) lowers this process' priority: the simulated guests stand for other
+    machines, so on a small benchmark box they should not take CPU from the system under test.
+    """
+    os.nice(int(os.environ.get("VMQ_BENCH_GUEST_NICE", "0")))
     client = redis.Redis.from_url(url, socket_timeout=30)
     keys = [bytes.fromhex(s) for s in secrets]
     boots = [str(uuid.uuid4()) for _ in vms]

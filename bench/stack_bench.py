@@ -35,7 +35,7 @@ sys.path.insert(0, str(BENCH))
 import guests
 import redis
 from loop_bench import DEFAULT_SERVER, HOSTS, setup_vms, sid
-from measure import pct, proc_cpu_s, redis_cpu_mem
+from measure import host_busy_s, pct, proc_cpu_s, redis_cpu_mem
 
 from vmq.localcluster import SOURCE_ROOT, LocalRedis, _stop_process
 from vmq.store.redis import RedisStore
@@ -164,6 +164,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
         cpu0 = [proc_cpu_s(p.pid) for p in monitors] + [proc_cpu_s(beat.pid)]
         redis_cpu0, _ = redis_cpu_mem(client)
         rounds0 = int(client.get(k.round_seq) or 0)
+        machine0 = host_busy_s()
         start = time.monotonic()
         next_inject = start + random.uniform(0.5, 1.5) * args.fault_every
         while (now := time.monotonic()) < start + args.seconds:
@@ -176,6 +177,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
                 next_inject += random.uniform(0.5, 1.5) * args.fault_every
             time.sleep(0.02)
         measured_s = time.monotonic() - start
+        machine_busy = host_busy_s() - machine0
         cpu1 = [proc_cpu_s(p.pid) for p in monitors] + [proc_cpu_s(beat.pid)]
         redis_cpu1, redis_mem = redis_cpu_mem(client)
         rounds = int(client.get(k.round_seq) or 0) - rounds0
@@ -227,6 +229,8 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
         "monitor_rss_mib": round(sum(rss), 1),
         "redis_cpu_pct": round(100 * (redis_cpu1 - redis_cpu0) / measured_s, 1),
         "redis_used_memory_mib": round(redis_mem / 2**20, 1), "bound_s": bound,
+        # All cores, everything (guests included): how busy the box was, to judge a run's representativeness.
+        "machine_busy_pct": round(100 * machine_busy / measured_s, 1), "cores": os.cpu_count(),
     }
     row["pass"] = (false == 0 and missed == 0 and len(detect) > 0 and row["detect_s_p99"] <= bound
                    and len(to_task) >= len(detect))
@@ -238,7 +242,11 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
 def bench_naive(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict[str, Any]:
     env = {**os.environ, "NAIVE_REDIS_URL": url, "PYTHONPATH": os.pathsep.join([str(SOURCE_ROOT), str(BENCH)])}
     os.environ["NAIVE_REDIS_URL"] = url
+    import importlib
+
     import naive_tasks
+
+    naive_tasks = importlib.reload(naive_tasks)  # a fresh Celery app on this run's Redis
 
     client = redis.Redis.from_url(url)
     client.flushdb()
@@ -272,6 +280,7 @@ def bench_naive(n: int, args: argparse.Namespace, url: str, workdir: Path) -> di
         drain_until = time.monotonic() + args.reply_timeout + 30
         while client.llen("naive:lag") < expected and time.monotonic() < drain_until:
             time.sleep(0.2)
+        busy_s = time.monotonic() - start  # sending, then draining: the worker's CPU is spread over both
         worker_cpu = tree_cpu_s(worker.pid) - worker_cpu0
         redis_cpu = redis_cpu_mem(client)[0] - redis_cpu0
     finally:
@@ -287,9 +296,9 @@ def bench_naive(n: int, args: argparse.Namespace, url: str, workdir: Path) -> di
         "lag_s_p50": round(pct(lags, 50), 3), "lag_s_p99": round(pct(lags, 99), 3),
         "send_s_per_round_p50": round(pct(send_walls, 50), 3),
         "sender_cpu_pct": round(100 * sender_cpu / measured_s, 1),
-        "worker_cpu_pct": round(100 * worker_cpu / measured_s, 1),
-        "worker_cpu_pct_per_1000": round(100 * worker_cpu / measured_s / (n / 1000), 1),
-        "redis_cpu_pct": round(100 * redis_cpu / measured_s, 1),
+        "worker_cpu_pct": round(100 * worker_cpu / busy_s, 1),
+        "worker_cpu_ms_per_task": round(1000 * worker_cpu / max(1, done), 2),
+        "redis_cpu_pct": round(100 * redis_cpu / busy_s, 1), "drain_s": round(busy_s - measured_s, 1),
     }
     row["sustained"] = (done >= row["tasks_sent"] and row["lag_s_p99"] <= args.probe_interval
                         and row["send_s_per_round_p50"] < args.probe_interval)
@@ -308,14 +317,15 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
                 ("false", "false_faults"), ("missed", "missed_faults"), ("mon ms/rnd", "monitor_cpu_ms_round"),
                 ("mon %core", "monitor_cpu_pct"), ("%/1000 VMs", "monitor_cpu_pct_per_1000"),
                 ("mon RSS MiB", "monitor_rss_mib"), ("redis %", "redis_cpu_pct"),
-                ("redis MiB", "redis_used_memory_mib"), ("pass", "pass")]
+                ("redis MiB", "redis_used_memory_mib"), ("box busy %", "machine_busy_pct"), ("pass", "pass")]
         _table(cols, vmq_rows)
     if naive_rows:
         print("\nnaive baseline (one Celery task per VM per probe + one per VM per timeout, prefork 2)")
         cols = [("N", "n"), ("tasks/s needed", "tasks_per_s_needed"), ("sent", "tasks_sent"),
                 ("done", "tasks_done"), ("lag p50 s", "lag_s_p50"), ("lag p99 s", "lag_s_p99"),
                 ("send s/rnd", "send_s_per_round_p50"), ("sender %", "sender_cpu_pct"),
-                ("worker %", "worker_cpu_pct"), ("%/1000 VMs", "worker_cpu_pct_per_1000"),
+                ("worker %", "worker_cpu_pct"), ("worker ms/task", "worker_cpu_ms_per_task"),
+                ("drain s", "drain_s"),
                 ("redis %", "redis_cpu_pct"), ("sustained", "sustained")]
         _table(cols, naive_rows)
         ok = [r["n"] for r in naive_rows if r["sustained"]]
@@ -343,8 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--responders", type=int, default=2, help="guest processes, 1-3 (default 2)")
     parser.add_argument("--batch", type=int, default=500, help="XADDs per guest pipeline")
     parser.add_argument("--redis-server", default=os.environ.get("VMQ_REDIS_SERVER", DEFAULT_SERVER))
+    parser.add_argument("--guest-nice", type=int, default=0,
+                        help="niceness of the simulated guests (they stand for other machines; on a quiet box "
+                             "10 keeps them from starving the system under test; on a busy one they then fall "
+                             "behind and every VM looks silent)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row, no table")
     args = parser.parse_args(argv)
+    os.environ["VMQ_BENCH_GUEST_NICE"] = str(args.guest_nice)  # read by bench/guests.py in each guest process
     rows: list[dict[str, Any]] = []
     plans = [("vmq", int(x)) for x in args.vms.split(",") if x.strip()]
     plans += [("naive", int(x)) for x in args.naive_vms.split(",") if x.strip()]

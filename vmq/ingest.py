@@ -57,12 +57,17 @@ def ingest_replies(store: RedisStore, max_reply_bytes: int, up_to_ms: int, repor
     cursor = store.reply_cursor()
     while True:
         entries = store.read_replies(cursor, up_to_ms, BATCH)
-        if not entries:
-            return
-        _ingest_batch(store, max_reply_bytes, entries, report, reject_log or RejectLog(0.0))
-        cursor = entries[-1][0].decode()
+        if entries:
+            _ingest_batch(store, max_reply_bytes, entries, report, reject_log or RejectLog(0.0))
+            cursor = entries[-1][0].decode()
         if len(entries) < BATCH:
-            return
+            break
+    # After reading: were replies trimmed before we got to them? (a MAXLEN-0 guest, a stalled monitor)
+    lost = store.check_trimmed(cursor)
+    if lost:
+        report.lost += lost
+        log.warning("%d replies were trimmed from the stream before vmq read them: the rounds they may have "
+                    "answered are not judged (no evidence)", lost)
 
 def _ingest_batch(store: RedisStore, max_reply_bytes: int, entries: list[tuple[bytes, dict[bytes, bytes]]],
                   report: TickReport, reject_log: RejectLog) -> None:
@@ -101,6 +106,7 @@ def _ingest_batch(store: RedisStore, max_reply_bytes: int, entries: list[tuple[b
         rejects=rejects,
         valid_count=len(accepted),
         cursor=entries[-1][0].decode(),
+        read=len(entries),
     )
     report.ingested += len(entries)
     report.valid += len(accepted)

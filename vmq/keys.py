@@ -60,6 +60,11 @@ class Keys:
         return self._k("judge", "lock")
 
     @property
+    def replies_lost(self) -> str:
+        """Sorted set holding "until" -> the newest Redis ms at which replies were trimmed unread (GT-only)."""
+        return self._k("replies", "lost")
+
+    @property
     def reply_cursor(self) -> str:
         """Last reply-stream id ingested."""
         return self._k("replies", "cursor")

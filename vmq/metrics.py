@@ -89,6 +89,9 @@ def _families(snap: MetricsSnapshot, hosts: dict[str, int]) -> Iterator[Metric]:
     for reason in sorted({r.value for r in RejectReason} | set(snap.rejects)):
         replies.add_metric([reason], snap.rejects.get(reason, 0))
     yield replies
+    yield CounterMetricFamily("vmq_replies_lost", "Replies trimmed from the stream before vmq read them (a "
+                              "MAXLEN-0 guest or a stalled monitor); the rounds they may have answered are not "
+                              "judged.", value=snap.stats.get("replies_lost", 0))
     yield CounterMetricFamily("vmq_replies_previous_key", "Valid replies still signed with a rotated-out key "
                               "(inside its grace period; also counted as valid).",
                               value=snap.stats.get("replies_previous_key", 0))

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
 from vmq.ingest import RejectLog, ingest_replies
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 from vmq.policy import PolicyConfig, decide, storm_guard, with_overrides
+from vmq.responder import BACKOFF_CAP_S
 from vmq.store.redis import HostContext, Record, RedisStore
 from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 
@@ -25,6 +27,47 @@ log = logging.getLogger(__name__)
 
 #: A beat's round is refused as a duplicate when the latest one went out less than this fraction of T1 ago.
 DUPLICATE_GAP = 0.6
+
+
+@dataclass(frozen=True)
+class ProbingGap:
+    """What a gap in probing leaves of a round's evidence (see ``probing_gap``)."""
+
+    reason: str = ""  # empty: no gap near this round, judge it as usual
+    reconnected_since_ms: int = 0  # > 0: judge only VMs that answered since then; 0: judge nobody
+
+
+def probing_gap(round_id: int, sent_ms: Mapping[int, int], now_ms: int, t1_ms: int, t2_ms: int) -> ProbingGap:
+    """How much of ``round_id``'s silence is evidence, given the gaps in probing around it (pure).
+
+    No round goes out while Redis is down or unreachable, so a gap in the send times of the recent rounds
+    (``sent_ms``, Redis' clock; ``now_ms`` stands in for the next round while none has gone out) longer than
+    max(T2 - T1, 2 x T1) means Redis, beat or every monitor was away. A round whose window [sent, sent + T2]
+    meets the gap is not judged at all: its replies may never have been delivered. After the gap the guests
+    reconnect, each after its back-off (vmq.responder: up to min(gap, 10 s)): in a round sent within that
+    allowance (+ T1) only the VMs that have answered since the gap are judged; the others are still
+    reconnecting, and one that is really hung is judged in the first round after the allowance
+    (tests/integration/test_faults.py).
+    """
+    if round_id not in sent_ms:
+        return ProbingGap()
+    times = sorted(sent_ms.items())
+    times.append((0, max(now_ms, times[-1][1])))
+    threshold_ms = max(t2_ms - t1_ms, 2 * t1_ms)
+    start_ms = sent_ms[round_id]
+    held = ProbingGap()
+    for (before, gap_from), (after, gap_to) in pairwise(times):
+        gap_ms = gap_to - gap_from
+        if gap_ms <= threshold_ms or gap_from >= start_ms + t2_ms:
+            continue
+        reconnect_ms = min(gap_ms, int(BACKOFF_CAP_S * 1000)) + t1_ms
+        what = (f"no probe round went out for {gap_ms / 1000:.1f} s (round {before} to "
+                f"{f'round {after}' if after else 'now'}): Redis, beat or the monitors were away")
+        if gap_to > start_ms:
+            return ProbingGap(f"no evidence: {what}")
+        if gap_to + reconnect_ms > start_ms:
+            held = ProbingGap(f"{what}; guests get {reconnect_ms / 1000:.1f} s to reconnect", gap_to)
+    return held
 
 
 #: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
@@ -64,6 +107,8 @@ class TickReport:
     flagged: list[str] = field(default_factory=list)
     dispatched: list[str] = field(default_factory=list)
     healed: list[str] = field(default_factory=list)
+    lost: int = 0  # replies trimmed from the stream before they were read
+    unjudged: list[int] = field(default_factory=list)  # rounds whose replies may have been lost: no verdict
     locked_out: bool = False
 
 
@@ -156,18 +201,44 @@ class Monitor:
             now_ms = self.store.time_ms()
             sweep_hosts(self.store, now_ms)
             expire_maintenance(self.store, now_ms)
+            sent_ms: dict[int, int] | None = None
             for round_id, deadline_ms in self.store.due_rounds(now_ms):
                 if not lease.renew():  # we overran the lease: another judge carries on from here
                     report.locked_out = True
                     return report
                 self._ingest(deadline_ms, report)
-                self._judge(round_id, deadline_ms, now_ms, report)
+                sent_ms = self.store.round_sent_times() if sent_ms is None else sent_ms
+                gap = probing_gap(round_id, sent_ms, now_ms, int(self.settings.probe_interval_s * 1000),
+                                  self._t2_ms)
+                if self._replies_lost_for(round_id, deadline_ms):
+                    self._unjudged(round_id, now_ms, report)
+                elif gap.reason and not gap.reconnected_since_ms:
+                    self.store.audit("evidence_lost", "", "", now_ms, round=round_id, reason=gap.reason)
+                    log.warning("round=%s not judged: %s", round_id, gap.reason)
+                else:
+                    self._judge(round_id, deadline_ms, now_ms, report, gap)
                 self.store.finish_round(round_id)
                 report.judged_rounds.append(round_id)
             # Replies before the next deadline are final for it: ingest them now so recoveries show at once.
             upcoming = self.store.next_deadline()
             self._ingest(now_ms - 1 if upcoming is None else min(now_ms - 1, upcoming), report)
         return report
+
+    def _replies_lost_for(self, round_id: int, deadline_ms: int) -> bool:
+        """True when replies trimmed unread may have answered this round (they arrived after it was sent)."""
+        lost_until = self.store.evidence_lost_until()
+        if not lost_until:
+            return False
+        sent_ms = self.store.round_sent_ms(round_id)
+        return lost_until >= (deadline_ms - self._t2_ms if sent_ms is None else sent_ms)
+
+    def _unjudged(self, round_id: int, now_ms: int, report: TickReport) -> None:
+        """Replies that may have answered this round were trimmed unread: silence is no evidence."""
+        silent = len(self.store.silent_since(round_id))
+        self.store.audit("evidence_lost", "", "", now_ms, round=round_id, silent=silent,
+                         reason="replies were trimmed from the stream before vmq read them: round not judged")
+        report.unjudged.append(round_id)
+        log.warning("round=%s not judged: replies were lost before they were read (%d silent)", round_id, silent)
 
     # ---------------------------------------------------------------- hypervisor events
     def on_domain_event(self, vm: str, host: str, kind: str, event: str, detail: str) -> TickReport:
@@ -247,13 +318,21 @@ class Monitor:
         ingest_replies(self.store, self.settings.max_reply_bytes, up_to_ms, report, self._reject_log)
 
     # ---------------------------------------------------------------- judge
-    def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport) -> None:
+    def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport,
+               gap: ProbingGap | None = None) -> None:
         silent = self.store.silent_since(round_id)
         if not silent:
             end_guard_episodes(self.store, set(), now_ms)
             return
         records = self.store.vm_records(silent)
         views, last_replies, in_flight, hosts = self._views(silent, records, now_ms)
+        if gap is not None and gap.reconnected_since_ms:  # after a gap in probing: see probing_gap
+            waiting = [view.vm for _, view in views if view.last_valid_ms < gap.reconnected_since_ms]
+            views = [(i, view) for i, view in views if view.last_valid_ms >= gap.reconnected_since_ms]
+            if waiting:
+                self.store.audit("evidence_lost", "", "", now_ms, round=round_id, reason=gap.reason,
+                                 not_judged=len(waiting))
+                log.warning("round=%s: %d silent VMs not judged: %s", round_id, len(waiting), gap.reason)
         decisions = {view.vm: decide(view, self._policy_for(records[i]), now_ms) for i, view in views}
         # Storm and partition guard: count this round's judged silence per host before acting on any of it.
         silent_by_host: dict[str, int] = {}

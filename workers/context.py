@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -44,8 +45,13 @@ def monitor_of(app: Celery) -> Monitor:
     s = settings_of(app)
 
     def dispatch(request: RestartRequest) -> None:
+        # The expiry is absolute and counted from the verdict's Redis time: a relative one would be counted
+        # from this monitor's own clock, and a monitor node whose clock fell behind by more than
+        # VMQ_RESTART_TASK_EXPIRES_S had every restart discarded as expired on arrival
+        # (tests/integration/test_faults.py, the clock test).
+        expires = datetime.fromtimestamp(request.issued_ms / 1000 + s.restart_task_expires_s, tz=UTC)
         app.send_task("vmq.host.restart_vm", args=[asdict(request)], queue=host_queue(request.host),
-                      expires=s.restart_task_expires_s)
+                      expires=expires)
 
     def notify(payload: dict[str, object]) -> None:
         if s.webhook_url:

@@ -35,3 +35,47 @@ def test_a_flood_of_forged_replies_is_counted_logged_once_and_does_not_hide_the_
     world.monitor.tick()
     assert {world.state("web-1"), world.state("web-2")} == {VmState.HEALTHY.value}
     print(f"6,000 forged replies ingested in {cpu_s * 1000:.0f} ms of CPU ({world.backend.name})")
+
+
+# ---------------------------------------------------------------- replies trimmed before they were read
+def test_replies_trimmed_unread_by_a_maxlen_0_guest_leave_the_round_unjudged_not_restarted(world: World) -> None:
+    world.healthy("web-1", "web-2", "web-3")
+    round_id = world.probe()
+    world.reply("web-1", round_id)
+    world.reply("web-2", round_id)
+    message, signature = world.signed_reply("web-3", round_id)
+    # web-3's guest answers with MAXLEN 0: Redis appends, then trims every entry, web-1's and web-2's too.
+    world.client.xadd(world.keys.reply_stream, {"m": message, "s": signature}, maxlen=0)
+    world.make_due(round_id)
+    report = world.monitor.tick()
+    assert report.unjudged == [round_id] and report.lost == 3
+    assert world.dispatched == [] and world.events("faulty") == []
+    [lost] = world.events("evidence_lost")
+    assert lost["round"] == str(round_id) and lost["silent"] == "3"
+    assert world.store.counters()[0]["replies_lost"] == 3
+    # The next round is judged as usual: whoever answers is healthy, whoever is silent is flagged.
+    next_round = world.probe()
+    world.reply("web-1", next_round)
+    world.reply("web-2", next_round)
+    world.make_due(next_round)
+    report = world.monitor.tick()
+    assert report.judged_rounds == [next_round] and report.unjudged == []
+    assert [r.vm for r in world.dispatched] == ["web-3"]
+
+
+def test_ordinary_trimming_of_replies_already_read_is_not_a_loss(world: World) -> None:
+    world.healthy("web-1", "web-2")
+    for _ in range(3):
+        round_id = world.probe()
+        world.reply("web-1", round_id)
+        world.reply("web-2", round_id)
+        world.make_due(round_id)
+        assert world.monitor.tick().unjudged == []
+    world.client.xtrim(world.keys.reply_stream, maxlen=1, approximate=False)  # what MAXLEN ~ does, later
+    round_id = world.probe()
+    world.reply("web-1", round_id)
+    world.reply("web-2", round_id)
+    world.make_due(round_id)
+    report = world.monitor.tick()
+    assert (report.lost, report.unjudged) == (0, [])
+    assert "replies_lost" not in world.store.counters()[0]

@@ -547,16 +547,16 @@ while True:
 """
 
 
-def test_a_guest_that_trims_the_reply_stream_to_nothing_silences_everyone_and_the_storm_guard_holds_restarts(
+def test_a_guest_that_trims_the_reply_stream_to_nothing_blinds_vmq_but_never_gets_a_vm_restarted(
         acl_cluster: Callable[..., tuple[LocalCluster, StackRedis]]) -> None:
-    """The guest ACL cannot restrict XADD's arguments: XADD <ns>:replies MAXLEN 0 erases every reply."""
+    """The guest ACL cannot restrict XADD's arguments: XADD <ns>:replies MAXLEN 0 erases every reply. vmq
+    counts the replies trimmed before it read them (XINFO's entries-added) and judges no round they may
+    have answered: no evidence, no verdict."""
     placement = {"node1": [f"vm-{i}" for i in range(1, 6)], "node2": [f"vm-{i}" for i in range(6, 11)]}
     cluster, server = acl_cluster(placement)
     cluster.wait_healthy(timeout_s=60)
-    # The intruder runs in its own process: a thread here would share the GIL with the test's polling and let
-    # some replies through. It starts between two rounds' bursts of replies, half a T1 after a probe: started
-    # in the middle of a burst it would silence only part of that round, which is the other story of
-    # docs/reliability.md ("what it does not cover").
+    # The intruder runs in its own process, and starts in the middle of a round's burst of replies (the
+    # hardest case: the judge has already read some of that round's replies).
     intruder = subprocess.Popen([sys.executable, "-c", TRIMMER, server.guest_url, KEYS.reply_stream],
                                 env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -564,30 +564,19 @@ def test_a_guest_that_trims_the_reply_stream_to_nothing_silences_everyone_and_th
         assert intruder.stdout.readline() == b"ready\n"
         last_round = cluster.store.current_round()
         cluster.wait_for(lambda: cluster.store.current_round() > last_round, 5, "the next probe round", poll_s=0.01)
-        time.sleep(float(FAST["VMQ_PROBE_INTERVAL_S"]) / 2)
         t_start = cluster.store.time_ms()
         intruder.stdin.write(b"go\n")
         intruder.stdin.flush()
-        cluster.wait_for(lambda: bool(events_of(cluster, type="storm")), 20, "a storm event")
-        print(f"storm guard engaged {events_of(cluster, type='storm')[0]['time_ms'] - t_start} ms after the "
-              "trimming began (T1 0.5 s, T2 1.5 s)")
-        time.sleep(3)  # several more rounds under the guard
-        storm = events_of(cluster, type="storm")[0]
-        silent = re.match(r"storm guard: (\d+) of 10 VMs silent", storm["reason"])
-        assert silent and int(silent[1]) >= 4, storm
-        story = [(e["type"], e["vm"], e["time_ms"] - t_start, e.get("reason") or e.get("reasons"))
-                 for e in events_of(cluster) if e["time_ms"] >= t_start - 1000]
-        # The round the trimming began in can be partial: the judge had already read the replies that came
-        # first (it reads at every probe and deadline), so fewer VMs than the storm threshold may be silent in
-        # that round, and they are restarted. From the first round everyone is silent in, nothing is.
-        boundary = events_of(cluster, type="restart_dispatched")
-        assert all(e["time_ms"] < storm["time_ms"] for e in boundary), story
-        assert len({e["vm"] for e in boundary}) <= 3, story  # 3 of 10: not more than 30 %
-        held = [e for e in events_of(cluster, type="faulty") if e["time_ms"] >= storm["time_ms"]]
-        assert held and all(any("storm guard" in r for r in e["reasons"]) for e in held), story
+        cluster.wait_for(lambda: bool(events_of(cluster, type="evidence_lost")), 20, "an evidence_lost event")
+        first = events_of(cluster, type="evidence_lost")[0]
+        print(f"rounds left unjudged from {first['time_ms'] - t_start} ms after the trimming began")
+        time.sleep(3)  # several more rounds under attack (T1 0.5 s)
+        assert len(events_of(cluster, type="evidence_lost")) >= 4
+        assert cluster.store.counters()[0].get("replies_lost", 0) > 0
     finally:
         intruder.kill()
         intruder.wait(timeout=10)
     cluster.wait_for(lambda: set(cluster.states().values()) == {"healthy"}, 30, "everyone healthy again")
-    assert {e["vm"] for e in events_of(cluster, type="restarted")} <= {e["vm"] for e in boundary}
-    print(f"restarted in the round the trimming began: {sorted({e['vm'] for e in boundary})}")
+    story = [(e["type"], e["vm"], e["time_ms"] - t_start) for e in events_of(cluster) if e["time_ms"] >= t_start]
+    assert events_of(cluster, type="restart_dispatched") == [], story
+    assert [e for e in events_of(cluster, type="faulty") if e["time_ms"] >= t_start] == [], story

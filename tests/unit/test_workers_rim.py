@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -48,7 +49,9 @@ def test_a_restart_request_is_sent_to_the_vms_host_queue_with_an_expiry(monkeypa
                                                         "incident": "web-1:9:abcd", "round": 9,
                                                         "issued_ms": 1_000, "hard": False,
                                                         "crashed": False, "manual": False}],
-                                              "queue": "host.node7", "expires": 12.5})]
+                                              "queue": "host.node7",
+                                              # 12.5 s after the verdict's Redis time (issued_ms), absolute
+                                              "expires": datetime.fromtimestamp(13.5, tz=UTC)})]
 
 
 def test_a_host_worker_refuses_a_restart_addressed_to_another_host() -> None:

@@ -25,6 +25,7 @@ from vmq.model import VmState
 from vmq.policy import can_transition
 from vmq.store.common import Record, translate_errors
 from vmq.store.common import text as _text
+from vmq.store.evidence import EvidenceMixin
 from vmq.store.hosts import HostContext, HostStateMixin
 from vmq.store.metrics import MetricsMixin
 from vmq.store.secrets import SecretsMixin
@@ -88,7 +89,7 @@ def _load_lua(name: str) -> str:
     return resources.files("vmq").joinpath("lua", name).read_text()
 
 
-class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
+class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin, EvidenceMixin):
     """All state of vmq in one Redis; safe to share between threads of one process."""
 
     def __init__(self, client: redis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
@@ -168,6 +169,12 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
             book[int(key)] = (nonce, int(sent))
         return RoundBook(book)
 
+    def round_sent_times(self) -> dict[int, int]:
+        """Send time (Redis ms) of each remembered recent round."""
+        with translate_errors("HGETALL rounds"):
+            raw = self.r.hgetall(self.keys.rounds)
+        return {int(key): int(_text(value).partition(":")[2]) for key, value in raw.items()}
+
     def round_sent_ms(self, round_id: int) -> int | None:
         """When ``round_id`` was sent, if still remembered."""
         with translate_errors("HGET round"):
@@ -216,6 +223,7 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
         rejects: Mapping[str, int],
         valid_count: int,
         cursor: str,
+        read: int = 0,
     ) -> None:
         """Store one ingested batch in one round trip: liveness (ZADD GT), last replies, counters, cursor."""
         k = self.keys
@@ -229,6 +237,8 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin):
                 pipe.hincrby(k.rejects, reason, count)
             if valid_count:
                 pipe.hincrby(k.stats, "replies_valid", valid_count)
+            if read:
+                pipe.hincrby(k.stats, "replies_read", read)  # entries consumed (vmq.store.evidence)
             pipe.set(k.reply_cursor, cursor)
             pipe.execute()
 
