@@ -343,7 +343,7 @@ def _table(cols: list[tuple[str, str]], rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vms", default="1000,10000", help="vmq: comma-separated N (default 1000,10000)")
-    parser.add_argument("--naive-vms", default="250,500,1000", help="naive: comma-separated N ('' skips)")
+    parser.add_argument("--naive-vms", default="100,200,300,500", help="naive: comma-separated N ('' skips)")
     parser.add_argument("--seconds", type=float, default=30.0, help="vmq: measured seconds per N")
     parser.add_argument("--naive-seconds", type=float, default=15.0, help="naive: measured seconds per N")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="T1 in s (default 1)")
