@@ -14,10 +14,12 @@ Control (a multiprocessing queue, read between probes):
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import queue
 import time
 import uuid
+from collections.abc import Mapping
 from multiprocessing.synchronize import Event
 from typing import Any
 
@@ -104,3 +106,59 @@ def serve(url: str, channel: str, stream: str, maxlen: int, batch: int, vms: lis
     results.put({"vms": len(vms), "rounds": rounds, "replies": replies, "bad_probes": bad_probes,
                  "cpu_s": time.process_time()})
     client.close()
+
+
+class Fleet:
+    """The guest processes of one benchmark run: one per slice of VMs, started and stopped together.
+
+    ``silence(vm)`` and ``revive(vm)`` go to the process that owns the VM; ``stop()`` returns the counters
+    each process reported (processes that never started are skipped).
+    """
+
+    def __init__(self, url: str, channel: str, stream: str, maxlen: int, batch: int, slices: list[list[str]],
+                 secrets: Mapping[str, str], injected_key: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.owner = {vm: p for p, part in enumerate(slices) for vm in part}
+        self.controls = [ctx.Queue() for _ in slices]
+        self._stop, self._results = ctx.Event(), ctx.Queue()
+        self._readies = [ctx.Event() for _ in slices]
+        self.procs = [ctx.Process(target=serve, daemon=True, name=f"guests-{p}",
+                                  args=(url, channel, stream, maxlen, batch, part, [secrets[vm] for vm in part],
+                                        injected_key, self.controls[p], self._readies[p], self._stop,
+                                        self._results)) for p, part in enumerate(slices)]
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start every process and wait until each has subscribed to the probes."""
+        for proc in self.procs:
+            proc.start()
+        for ready in self._readies:
+            if not ready.wait(timeout_s):
+                raise RuntimeError(f"a guest process did not subscribe within {timeout_s:g} s")
+
+    def silence(self, vm: str) -> None:
+        self.controls[self.owner[vm]].put(("silence", vm))
+
+    def revive(self, vm: str) -> None:
+        self.controls[self.owner[vm]].put(("revive", vm))
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Stop every process; returns the counters of those that reported within 15 s."""
+        self._stop.set()
+        started = [proc for proc in self.procs if proc.pid is not None]
+        stats: list[dict[str, Any]] = []
+        for _ in started:
+            try:
+                stats.append(self._results.get(timeout=15))
+            except queue.Empty:
+                break
+        for proc in started:
+            proc.join(15)
+            if proc.is_alive():
+                proc.terminate()
+        return stats
+
+
+def contiguous(vms: list[str], parts: int) -> list[list[str]]:
+    """``vms`` in ``parts`` contiguous slices of (nearly) equal size."""
+    n = len(vms)
+    return [vms[i * n // parts:(i + 1) * n // parts] for i in range(parts)]

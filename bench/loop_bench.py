@@ -15,10 +15,8 @@ import heapq
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import pstats
-import queue
 import random
 import sys
 import tempfile
@@ -168,28 +166,17 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     log.info("N=%d: registered in %.1f s", n, setup_s)
 
     # -- responders
-    ctx = mp.get_context("spawn")
     procs_n = max(1, min(3, args.responders))
-    slices = [vms[i * n // procs_n:(i + 1) * n // procs_n] for i in range(procs_n)]
-    owner = {vm: p for p, part in enumerate(slices) for vm in part}
-    controls = [ctx.Queue() for _ in slices]
-    stop, results = ctx.Event(), ctx.Queue()
-    readies = [ctx.Event() for _ in slices]
-    procs = [ctx.Process(target=guests.serve, daemon=True, name=f"guests-{p}",
-                         args=(url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen, args.batch,
-                               part, [secrets[vm] for vm in part], injected_key, controls[p], readies[p],
-                               stop, results)) for p, part in enumerate(slices)]
-    for proc in procs:
-        proc.start()
-    for ready in readies:
-        if not ready.wait(60):
-            raise RuntimeError("a responder process did not subscribe within 60 s")
+    fleet = guests.Fleet(url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen, args.batch,
+                         guests.contiguous(vms, procs_n), secrets, injected_key)
+    fleet.start()
+    procs = fleet.procs
 
     dispatched: list[RestartRequest] = []
 
     def dispatch(request: RestartRequest) -> None:  # no Celery here: record, and "restart" the guest
         dispatched.append(request)
-        controls[owner[request.vm]].put(("revive", request.vm))
+        fleet.revive(request.vm)
 
     monitor = Monitor(store, settings, dispatch)
     clock_offset = store.time_ms() / 1000 - time.monotonic()
@@ -224,7 +211,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
                 vm = pool.pop()
                 if store.vm_record(vm).get("state") == "healthy":
                     injected.append(vm)
-                    controls[owner[vm]].put(("silence", vm))
+                    fleet.silence(vm)
                     return
 
         redis_cpu0, _ = redis_cpu_mem(client)
@@ -246,17 +233,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
         naive = [naive_judge(client, k.last_seen, vms, store.time_ms() - args.reply_timeout * 1000)
                  for _ in range(args.naive_rounds)]
     finally:
-        stop.set()
-        guest_stats = []
-        for _ in procs:
-            try:
-                guest_stats.append(results.get(timeout=15))
-            except queue.Empty:
-                break
-        for proc in procs:
-            proc.join(15)
-            if proc.is_alive():
-                proc.terminate()
+        guest_stats = fleet.stop()
 
     # -- verdicts from the audit stream: 'faulty' events (their `time` is Redis ms) vs injection instants
     faulty: dict[str, list[int]] = {}

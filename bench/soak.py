@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import random
 import sys
 import tempfile
@@ -61,14 +60,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     keys, settings = cluster.settings.keys, cluster.settings
     client: Any = redis.Redis.from_url(server.url)
     injected_key = "soak:bench:injected"
-    ctx = mp.get_context("spawn")
     procs_n = max(1, min(args.vms, args.responders))
-    slices = [vms[p::procs_n] for p in range(procs_n)]
-    owner = {vm: p for p, part in enumerate(slices) for vm in part}
-    controls = [ctx.Queue() for _ in slices]
-    stop, results = ctx.Event(), ctx.Queue()
-    readies = [ctx.Event() for _ in slices]
-    guest_procs: list[Any] = []
+    fleet: guests.Fleet | None = None  # built once cluster.start() has installed the keys
     done = threading.Event()
     revived: list[str] = []
 
@@ -88,22 +81,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     if raw.get(b"type") == b"restarted":
                         vm = raw[b"vm"].decode()
                         revived.append(vm)
-                        controls[owner[vm]].put(("revive", vm))
+                        if fleet is not None:
+                            fleet.revive(vm)
         watch.close()
 
     try:
         cluster.start()  # keys, monitor, host workers, beat
-        guest_procs = [ctx.Process(target=guests.serve, daemon=True, name=f"guests-{p}",
-                                   args=(server.url, keys.probe_channel, keys.reply_stream,
-                                         settings.reply_stream_maxlen, 500, part,
-                                         [cluster.secrets[vm] for vm in part], injected_key, controls[p],
-                                         readies[p], stop, results))
-                       for p, part in enumerate(slices)]
-        for proc in guest_procs:
-            proc.start()
-        for ready in readies:
-            if not ready.wait(60):
-                raise RuntimeError("a guest process did not subscribe within 60 s")
+        fleet = guests.Fleet(server.url, keys.probe_channel, keys.reply_stream, settings.reply_stream_maxlen,
+                             500, [vms[p::procs_n] for p in range(procs_n)], cluster.secrets, injected_key)
+        fleet.start()
         watcher = threading.Thread(target=reboot_restarted_guests, daemon=True)
         watcher.start()
         t0 = time.monotonic()
@@ -127,7 +113,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 vm = pool.pop()
                 if cluster.store.vm_record(vm).get("state") == "healthy":
                     injected.append(vm)
-                    controls[owner[vm]].put(("silence", vm))
+                    fleet.silence(vm)
                 next_inject += args.fault_every * random.uniform(0.5, 1.5)
             if now >= next_note:
                 _log(f"{(now - start) / 60:.0f} min: {len(injected)} hangs injected, {len(revived)} restarts seen")
@@ -148,11 +134,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return counts
     finally:
         done.set()
-        stop.set()
-        for proc in guest_procs:
-            proc.join(15)
-            if proc.is_alive():
-                proc.terminate()
+        if fleet is not None:
+            fleet.stop()
         cluster.stop()
         client.close()
         server.stop()

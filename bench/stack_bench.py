@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import subprocess
@@ -107,22 +106,10 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     vms, secrets = setup_vms(store, n)
     setup_s = time.monotonic() - t0
 
-    ctx = mp.get_context("spawn")
     procs_n = max(1, min(3, args.responders))
-    slices = [vms[i * n // procs_n:(i + 1) * n // procs_n] for i in range(procs_n)]
-    owner = {vm: p for p, part in enumerate(slices) for vm in part}
-    controls = [ctx.Queue() for _ in slices]
-    stop, results = ctx.Event(), ctx.Queue()
-    readies = [ctx.Event() for _ in slices]
-    guest_procs = [ctx.Process(target=guests.serve, daemon=True, name=f"guests-{p}",
-                               args=(url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen,
-                                     args.batch, part, [secrets[vm] for vm in part], injected_key,
-                                     controls[p], readies[p], stop, results)) for p, part in enumerate(slices)]
-    for proc in guest_procs:
-        proc.start()
-    for ready in readies:
-        if not ready.wait(60):
-            raise RuntimeError("a guest process did not subscribe within 60 s")
+    fleet = guests.Fleet(url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen, args.batch,
+                         guests.contiguous(vms, procs_n), secrets, injected_key)
+    fleet.start()
 
     done = threading.Event()
     revived: set[str] = set()
@@ -135,7 +122,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
                 store.heartbeat(host, {"queue": f"host.{host}", "seen_ms": now_ms}, 15_000)
             for vm in {v.decode() for v in client.hkeys(started_key)} - revived:
                 revived.add(vm)
-                controls[owner[vm]].put(("revive", vm))
+                fleet.revive(vm)
             done.wait(0.1)
 
     keeper = threading.Thread(target=background, daemon=True)
@@ -173,7 +160,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
                 vm = pool.pop()
                 if store.vm_record(vm).get("state") == "healthy":
                     injected.append(vm)
-                    controls[owner[vm]].put(("silence", vm))
+                    fleet.silence(vm)
                 next_inject += random.uniform(0.5, 1.5) * args.fault_every
             time.sleep(0.02)
         measured_s = time.monotonic() - start
@@ -185,12 +172,8 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
         time.sleep(args.probe_interval + args.reply_timeout + 1.5)  # drain: the last hangs are judged
     finally:
         done.set()
-        stop.set()
         run.stop()
-        for proc in guest_procs:
-            proc.join(15)
-            if proc.is_alive():
-                proc.terminate()
+        fleet.stop()
 
     faulty: dict[str, list[int]] = {}
     dispatched: dict[str, int] = {}
