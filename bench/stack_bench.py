@@ -183,14 +183,15 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
             if sid(event_id) <= sid(mark):
                 continue
             if event.get("type") == "faulty":
-                faulty.setdefault(event["vm"], []).append(int(event["time"]))
+                faulty.setdefault(event["vm"], []).append(sid(event_id)[0])  # written at (Redis ms)
             elif event.get("type") == "restart_dispatched":
-                dispatched.setdefault(event["vm"], int(event["time"]))
+                dispatched.setdefault(event["vm"], sid(event_id)[0])
         after = batch[-1][0]
     inj_ms = {vm.decode(): int(ms) for vm, ms in client.hgetall(injected_key).items()}
     started = {vm.decode(): int(ms) for vm, ms in client.hgetall(started_key).items()}
     detect = [(faulty[vm][0] - inj_ms[vm]) / 1000 for vm in injected if vm in faulty and vm in inj_ms]
-    to_task = [(started[vm] - dispatched[vm]) / 1000 for vm in dispatched if vm in started]
+    # flag (the faulty verdict written) -> the host worker running the restart task, both in Redis time
+    to_task = [(started[vm] - faulty[vm][0]) / 1000 for vm in dispatched if vm in started and vm in faulty]
     false = sum(len(t) for vm, t in faulty.items() if vm not in inj_ms)
     false += sum(1 for vm in inj_ms for t in faulty.get(vm, []) if t < inj_ms[vm])
     false += sum(len(faulty[vm]) - 1 for vm in inj_ms if len(faulty.get(vm, [])) > 1)

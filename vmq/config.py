@@ -76,6 +76,9 @@ class Settings(BaseSettings):
         "Host workers list their domains this often (placement, migrations, shut-off domains)."))
     # -- replies, keys and retention
     max_reply_bytes: int = Field(8192, ge=256, description="Replies larger than this are refused as oversized.")
+    reply_save_interval_s: float = Field(10.0, ge=0, description=(
+        "Each VM's latest state parameters are saved to Redis at most this often (the judging monitor keeps "
+        "the newest in memory for verdicts); 0 saves every reply."))
     key_rotation_grace_s: float = Field(3600.0, ge=0, description=(
         "`vmq keys rotate`: the old key is still accepted this long."))
     reply_stream_maxlen: int = Field(200_000, ge=1000, description=(

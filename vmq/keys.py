@@ -82,7 +82,8 @@ class Keys:
 
     @property
     def last_reply(self) -> str:
-        """Hash vm -> JSON of its latest valid reply (state parameters, boot id, round)."""
+        """Hash vm -> JSON of a recent valid reply (state parameters, boot id, round), saved at most every
+        VMQ_REPLY_SAVE_INTERVAL_S per VM (vmq.ingest.LatestReplies)."""
         return self._k("last", "reply")
 
     # -- VMs

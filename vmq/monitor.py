@@ -16,7 +16,7 @@ from itertools import pairwise
 
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
-from vmq.ingest import RejectLog, ingest_replies
+from vmq.ingest import Ingestor, LatestReplies, RejectLog
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
 from vmq.policy import PolicyConfig, decide, storm_guard, with_overrides
 from vmq.responder import BACKOFF_CAP_S
@@ -156,7 +156,9 @@ class Monitor:
         # Short, and renewed before each round: a timeout worker killed while judging blocks the others for
         # at most this long. Overrunning it is safe (every transition is a compare-and-set), only wasteful.
         self._lease_s = max(2.0, 2 * settings.probe_interval_s)
-        self._reject_log = RejectLog(settings.probe_interval_s)  # one line per VM and reason per T1
+        self._ingestor = Ingestor(store, settings.max_reply_bytes,
+                                  RejectLog(settings.probe_interval_s),  # one line per VM and reason per T1
+                                  LatestReplies(int(settings.reply_save_interval_s * 1000)))
 
     # ---------------------------------------------------------------- probe
     def probe(self) -> tuple[int, int]:
@@ -207,6 +209,7 @@ class Monitor:
                     report.locked_out = True
                     return report
                 self._ingest(deadline_ms, report)
+                now_ms = self.store.time_ms()  # the verdict's time: after its evidence is in
                 sent_ms = self.store.round_sent_times() if sent_ms is None else sent_ms
                 gap = probing_gap(round_id, sent_ms, now_ms, int(self.settings.probe_interval_s * 1000),
                                   self._t2_ms)
@@ -315,7 +318,7 @@ class Monitor:
 
     # ---------------------------------------------------------------- ingest
     def _ingest(self, up_to_ms: int, report: TickReport) -> None:
-        ingest_replies(self.store, self.settings.max_reply_bytes, up_to_ms, report, self._reject_log)
+        self._ingestor.ingest(up_to_ms, report)
 
     # ---------------------------------------------------------------- judge
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport,
@@ -351,7 +354,7 @@ class Monitor:
             view = replace(view, storm=storm, host_restarts_in_flight=in_flight.get(view.host, 0))
             decision = decide(view, self._policy_for(records[i]), now_ms)
             held += 1 if storm and decision.reasons[-1] == storm else 0
-            last = last_replies[i]
+            last = self._ingestor.latest.freshest(view.vm, last_replies[i])
             evidence: dict[str, object] = {
                 "round": round_id, "deadline_ms": deadline_ms, "last_valid_ms": view.last_valid_ms,
                 "rounds_missed": round_id - int(answered[i] or 0),

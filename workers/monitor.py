@@ -13,8 +13,15 @@ from workers.context import monitor_of, settings_of, store_of
 
 log = logging.getLogger(__name__)
 
+# judge_round and drain_replies run twice per T1 and send no task events (send_events=False): in Flower they
+# would push the restart tasks out of its history (10,000 tasks by default: under 2 hours at T1 = 1 s), and
+# the events cost the monitor ≈ 6 broker publishes per round. Their work shows in vmq_probe_rounds_total,
+# `vmq check --monitor` and the audit stream; probe_round (once per T1, beat's pulse) keeps its events.
+
 #: Judges run this long after the deadline so every reply stamped at the deadline's millisecond is in.
 JUDGE_SLACK_S = 0.02
+#: Replies are drained this far (x T1) into each round: after the burst of answers, well before a deadline.
+DRAIN_AT = 0.5
 
 
 @shared_task(bind=True, name="vmq.monitor.probe_round", ignore_result=True)
@@ -29,10 +36,19 @@ def probe_round(self: Task) -> dict[str, Any]:
         return {"round": None, "duplicate": True}
     round_id, sent_ms, report = started
     judge_round.apply_async(args=[round_id], countdown=settings.reply_timeout_s + JUDGE_SLACK_S)
+    drain_replies.apply_async(countdown=settings.probe_interval_s * DRAIN_AT)
     return {"round": round_id, "sent_ms": sent_ms, "judged_rounds": report.judged_rounds}
 
 
-@shared_task(bind=True, name="vmq.timeouts.judge_round", ignore_result=True)
+@shared_task(bind=True, name="vmq.timeouts.drain_replies", ignore_result=True, send_events=False)
+def drain_replies(self: Task) -> dict[str, Any]:
+    """Ingest the replies to the round sent half a T1 ago (and judge anything due): the burst is verified
+    while nothing waits for it, so the judge at a deadline has only the last few replies left to read and
+    its verdict, and the restart, go out at once (bench/stack_bench.py: flag -> restart task running)."""
+    return asdict(monitor_of(self.app).tick())
+
+
+@shared_task(bind=True, name="vmq.timeouts.judge_round", ignore_result=True, send_events=False)
 def judge_round(self: Task, round_id: int) -> dict[str, Any]:
     """Judge every due round (this one included, however late); re-queue if it ran before its deadline."""
     report = monitor_of(self.app).tick()

@@ -28,6 +28,7 @@ from vmq.store.common import text as _text
 from vmq.store.evidence import EvidenceMixin
 from vmq.store.hosts import HostContext, HostStateMixin
 from vmq.store.metrics import MetricsMixin
+from vmq.store.replies import RepliesMixin, raw_client
 from vmq.store.secrets import SecretsMixin
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _load_lua(name: str) -> str:
     return resources.files("vmq").joinpath("lua", name).read_text()
 
 
-class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin, EvidenceMixin):
+class RedisStore(RepliesMixin, SecretsMixin, HostStateMixin, MetricsMixin, EvidenceMixin):
     """All state of vmq in one Redis; safe to share between threads of one process."""
 
     def __init__(self, client: redis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
@@ -101,6 +102,7 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin, EvidenceMixin):
         self._transition: Script = client.register_script(_load_lua("transition.lua"))
         self._claim: Script = client.register_script(_load_lua("claim.lua"))
         self._secrets_cache: tuple[int, dict[str, bytes], dict[str, tuple[bytes, int]]] = (-1, {}, {})
+        self._raw = raw_client(client)
 
     @classmethod
     def from_url(cls, url: str, keys: Keys, events_maxlen: int = 100_000) -> RedisStore:
@@ -195,53 +197,7 @@ class RedisStore(SecretsMixin, HostStateMixin, MetricsMixin, EvidenceMixin):
                 with contextlib.suppress(redis.RedisError):
                     lock.release()
 
-    # ------------------------------------------------------------------ replies
-    def read_replies(self, after_id: str, up_to_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``."""
-        start = f"({after_id}" if after_id != "0-0" else "-"
-        with translate_errors("XRANGE replies"):
-            return list(self.r.xrange(self.keys.reply_stream, start, str(up_to_ms), count=count))
-
-    def reply_cursor(self) -> str:
-        """Id of the last reply-stream entry ingested ("0-0" before the first)."""
-        with translate_errors("GET cursor"):
-            value = self.r.get(self.keys.reply_cursor)
-        return _text(value) if value else "0-0"
-
-    def last_rounds(self, vms: Sequence[str]) -> list[float | None]:
-        """Each VM's highest answered round (or registration mark), for replay detection."""
-        if not vms:
-            return []
-        with translate_errors("ZMSCORE last round"):
-            return list(self.r.zmscore(self.keys.last_round, vms))
-
-    def record_replies(
-        self,
-        rounds: Mapping[str, int],
-        arrivals: Mapping[str, int],
-        payloads: Mapping[str, bytes],
-        rejects: Mapping[str, int],
-        valid_count: int,
-        cursor: str,
-        read: int = 0,
-    ) -> None:
-        """Store one ingested batch in one round trip: liveness (ZADD GT), last replies, counters, cursor."""
-        k = self.keys
-        with translate_errors("record replies"):
-            pipe = self.r.pipeline(transaction=False)
-            if rounds:
-                pipe.zadd(k.last_round, dict(rounds), gt=True)
-                pipe.zadd(k.last_seen, dict(arrivals), gt=True)
-                pipe.hset(k.last_reply, mapping=dict(payloads))
-            for reason, count in rejects.items():
-                pipe.hincrby(k.rejects, reason, count)
-            if valid_count:
-                pipe.hincrby(k.stats, "replies_valid", valid_count)
-            if read:
-                pipe.hincrby(k.stats, "replies_read", read)  # entries consumed (vmq.store.evidence)
-            pipe.set(k.reply_cursor, cursor)
-            pipe.execute()
-
+    # ------------------------------------------------------------------ liveness
     def silent_since(self, round_id: int) -> list[str]:
         """VMs with no valid reply to ``round_id`` or later."""
         with translate_errors("silent VMs"):

@@ -1,0 +1,83 @@
+"""The reply half of RedisStore: read the reply stream as Redis sends it, record what was verified.
+
+The hot path of the monitor (every reply, every round): entries are read without redis-py's per-entry
+conversion to tuples and dicts (vmq.codec.ReplyVerifier takes them as they come), and one batch is written
+back in one pipelined round trip of multi-member commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+
+from vmq.codec import RawEntry
+from vmq.keys import Keys
+from vmq.store.common import text as _text
+from vmq.store.common import translate_errors
+
+
+def raw_client(client: redis.Redis) -> Any:
+    """A client on ``client``'s connection pool (so it follows the same server, TLS and Sentinel) whose
+    XRANGE returns Redis' reply as is: [[id, [field, value, ...]], ...]."""
+    raw = redis.Redis(connection_pool=client.connection_pool)
+    raw.set_response_callback("XRANGE", lambda response, **_: response)
+    return raw
+
+
+class RepliesMixin:
+    """Reply-stream reads and the per-batch write (needs ``r``, ``_raw`` and ``keys``)."""
+
+    r: Any
+    _raw: Any
+    keys: Keys
+
+    def read_replies(self, after_id: str, up_to_ms: int, count: int) -> list[RawEntry]:
+        """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``, as Redis sends
+        them: (id, [field, value, ...])."""
+        start = f"({after_id}" if after_id != "0-0" else "-"
+        with translate_errors("XRANGE replies"):
+            return list(self._raw.xrange(self.keys.reply_stream, start, str(up_to_ms), count=count))
+
+    def reply_cursor(self) -> str:
+        """Id of the last reply-stream entry ingested ("0-0" before the first)."""
+        with translate_errors("GET cursor"):
+            value = self.r.get(self.keys.reply_cursor)
+        return _text(value) if value else "0-0"
+
+    def last_rounds(self, vms: Sequence[str]) -> list[float | None]:
+        """Each VM's highest answered round (or registration mark), for replay detection."""
+        if not vms:
+            return []
+        with translate_errors("ZMSCORE last round"):
+            return list(self.r.zmscore(self.keys.last_round, vms))
+
+    def record_replies(
+        self,
+        rounds: Mapping[str, int],
+        arrivals: Mapping[str, int],
+        payloads: Mapping[str, bytes],
+        rejects: Mapping[str, int],
+        valid_count: int,
+        cursor: str,
+        read: int = 0,
+    ) -> None:
+        """Store one ingested batch in one round trip: liveness (ZADD GT), the latest replies due to be
+        saved (``payloads``, see vmq.ingest.LatestReplies), counters, cursor."""
+        k = self.keys
+        with translate_errors("record replies"):
+            pipe = self.r.pipeline(transaction=False)
+            if rounds:
+                pipe.zadd(k.last_round, dict(rounds), gt=True)
+                pipe.zadd(k.last_seen, dict(arrivals), gt=True)
+            if payloads:
+                pipe.hset(k.last_reply, mapping=dict(payloads))
+            for reason, count in rejects.items():
+                pipe.hincrby(k.rejects, reason, count)
+            if valid_count:
+                pipe.hincrby(k.stats, "replies_valid", valid_count)
+            if read:
+                pipe.hincrby(k.stats, "replies_read", read)  # entries consumed (vmq.store.evidence)
+            pipe.set(k.reply_cursor, cursor)
+            pipe.execute()
