@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     restart_timeout_s: float = Field(60.0, gt=0, description=(
         "A `restarting` VM whose host has not finished the task by then is judged again."))
     restart_task_expires_s: float = Field(30.0, gt=0, description=(
-        "A restart task not started by its host worker within this is discarded (the verdict is stale)."))
+        "A restart task its host worker starts later than this after the verdict (Redis time) is skipped as "
+        "stale."))
     max_restarts: int = Field(3, ge=0, description="Restart budget: at most this many restarts per VM per window.")
     restart_window_s: float = Field(3600.0, gt=0, description="The sliding window of the restart budget.")
     backoff_base_s: float = Field(10.0, ge=0, description=(

@@ -160,7 +160,7 @@ class LocalCluster:
             stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
 
-    def start_host(self, host: str) -> None:
+    def start_host(self, host: str, extra_env: Mapping[str, str] | None = None) -> None:
         """Write the host's test:/// node and start its host worker (queue host.<name> only)."""
         domains = [(vm, stable_uuid(vm), DomainStatus.RUNNING) for vm in self.spec.placement.get(host, [])]
         domains += [(vm, stable_uuid(vm), DomainStatus.SHUTOFF) for vm in self.spec.standby.get(host, [])]
@@ -168,7 +168,7 @@ class LocalCluster:
         self._celery(f"host-{host}", ["worker", "-Q", f"host.{host}", "-P", "threads", "-c", "2",
                                       "-n", f"{host}@%h", "--without-gossip", "--without-mingle",
                                       "--loglevel", "INFO"],
-                     {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri})
+                     {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri, **(extra_env or {})})
 
     def kill_host(self, host: str) -> None:
         """SIGKILL a host worker, as a crashed hypervisor would leave it (no goodbye, the heartbeat expires)."""

@@ -94,6 +94,7 @@ class RestartRequest:
     hard: bool = False  # destroy + create instead of reset (second rung of the ladder)
     crashed: bool = False  # the hypervisor reported a crash: no activity check needed
     manual: bool = False  # an operator asked (`vmq restart`): no activity check either
+    expires_ms: int = 0  # Redis ms after which the host must not act on it (the verdict is stale); 0: never
 
 
 @dataclass
@@ -447,7 +448,8 @@ class Monitor:
         if not ok:
             return False
         request = RestartRequest(view.vm, view.host, new_gen, incident, round_id, now_ms, hard=decision.hard,
-                                 crashed=view.domain_status is DomainStatus.CRASHED, manual=manual)
+                                 crashed=view.domain_status is DomainStatus.CRASHED, manual=manual,
+                                 expires_ms=now_ms + int(self.settings.restart_task_expires_s * 1000))
         try:
             self.dispatch(request)
         except Exception as exc:  # the broker refused: give the verdict back to the next round

@@ -77,12 +77,16 @@ def _sample_activity(hypervisor: Hypervisor, vm: str, check: ActivityCheck) -> d
 def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
                incident: str, claimant: str, hard: bool = False, crashed: bool = False,
                activity: ActivityCheck | None = None, manual: bool = False,
-               claim_hold_s: float = 60.0) -> RestartOutcome:
+               claim_hold_s: float = 60.0, expires_ms: int = 0) -> RestartOutcome:
     """Restart ``vm`` for attempt ``generation`` of ``incident`` if, and only if, it is still warranted.
 
     The claim holds replies off the attempt for ``claim_hold_s`` (VMQ_RESTART_TIMEOUT_S): if this worker
     dies after claiming, even after the reset, the VM is healed by its next reply after that, not left
     `restarting` for ever.
+
+    A request older than its ``expires_ms`` (Redis time; 0: none) is skipped: its verdict is stale, and the
+    monitor judges the VM afresh once ``claim_hold_s`` has passed without a restart. Redis' clock, not this
+    host's: a host whose clock runs ahead would otherwise discard every restart.
 
     Unless libvirt reported a crash or an operator asked (``manual``), silence is corroborated first
     (``activity``): a guest whose CPU, disk or network counters still move is held, not reset, when
@@ -107,6 +111,9 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
         store.count_restart_outcome(host, str(data.get("action", "none")), event_type.removeprefix("restart_"))
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
+    if expires_ms and now_ms > expires_ms:
+        return skip(f"expired: the verdict is {(now_ms - expires_ms) / 1000:.1f} s past its expiry "
+                    "(VMQ_RESTART_TASK_EXPIRES_S, Redis time)")
     if rec.get("state") != VmState.RESTARTING.value or rec.get("generation") != str(generation) \
             or rec.get("incident") != incident:
         return skip(f"attempt closed (state {rec.get('state', 'absent')}, generation {rec.get('generation')})")

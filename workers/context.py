@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -45,13 +44,12 @@ def monitor_of(app: Celery) -> Monitor:
     s = settings_of(app)
 
     def dispatch(request: RestartRequest) -> None:
-        # The expiry is absolute and counted from the verdict's Redis time: a relative one would be counted
-        # from this monitor's own clock, and a monitor node whose clock fell behind by more than
-        # VMQ_RESTART_TASK_EXPIRES_S had every restart discarded as expired on arrival
-        # (tests/integration/test_faults.py, the clock test).
-        expires = datetime.fromtimestamp(request.issued_ms / 1000 + s.restart_task_expires_s, tz=UTC)
-        app.send_task("vmq.host.restart_vm", args=[asdict(request)], queue=host_queue(request.host),
-                      expires=expires)
+        # No Celery `expires`: Celery checks it on the receiving worker's clock, so a host whose clock ran
+        # ahead of Redis by more than VMQ_RESTART_TASK_EXPIRES_S discarded every restart (and a monitor
+        # behind did the same with a relative one). The request carries its expiry in Redis time
+        # (``expires_ms``), and the task checks it against Redis' clock (vmq.restart.restart_vm;
+        # tests/integration/test_faults.py, the clock tests).
+        app.send_task("vmq.host.restart_vm", args=[asdict(request)], queue=host_queue(request.host))
 
     def notify(payload: dict[str, object]) -> None:
         if s.webhook_url:

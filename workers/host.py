@@ -49,6 +49,7 @@ def restart_vm(self: Task, request: dict[str, Any]) -> dict[str, Any]:
                                    hard=bool(request.get("hard", False)),
                                    crashed=bool(request.get("crashed", False)),
                                    manual=bool(request.get("manual", False)),
+                                   expires_ms=int(request.get("expires_ms") or 0),
                                    claim_hold_s=settings.restart_timeout_s,
                                    activity=ActivityCheck(settings.activity_window_s, settings.activity_blocks_reset,
                                                           settings.activity_min_bytes_per_s))

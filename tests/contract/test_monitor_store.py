@@ -272,7 +272,8 @@ def test_a_vm_that_answered_before_and_misses_a_round_is_faulty_and_restarted_on
     [request] = world.dispatched
     assert request == RestartRequest(vm="web-1", host=HOST_A, generation=generation_before + 2,
                                      incident=record["incident"], round=round_id,
-                                     issued_ms=request.issued_ms)
+                                     issued_ms=request.issued_ms,
+                                     expires_ms=request.issued_ms + 30_000)  # VMQ_RESTART_TASK_EXPIRES_S
     assert request.incident and faulty["incident"] == request.incident
     assert record["state"] == VmState.RESTARTING.value and record["generation"] == str(request.generation)
     assert json.loads(faulty["evidence"])["round"] == round_id
@@ -654,6 +655,21 @@ def test_a_vm_that_moved_to_another_host_is_not_touched_by_the_old_host(world: W
     assert hypervisor.calls == []
     assert world.state("web-1") == VmState.FAULTY.value
     assert len(world.events("restart_misrouted")) == 1
+
+
+def test_a_request_past_its_expiry_in_redis_time_is_skipped_without_touching_the_domain(world: World) -> None:
+    request = world.restarting("web-1")
+    hypervisor = hypervisor_with(DomainStatus.RUNNING)
+    now_ms = world.store.time_ms()
+    stale = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1",
+                       expires_ms=now_ms - 1_000)
+    assert (stale.acted, stale.action) == (False, RestartAction.LEFT_ALONE.value)
+    assert stale.result.startswith("expired") and hypervisor.calls == []
+    assert world.state("web-1") == VmState.RESTARTING.value  # unclaimed: judged afresh after the timeout
+    assert "expired" in world.events("restart_skipped")[0]["reason"]
+    fresh = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w2",
+                       expires_ms=now_ms + 60_000)
+    assert fresh.acted and [c for c in hypervisor.calls if c[0] != "domain_info"] == [("reset", "web-1")]
 
 
 def test_a_request_delivered_twice_restarts_the_domain_once(world: World) -> None:

@@ -378,6 +378,30 @@ def test_a_guest_an_hour_off_and_a_monitor_whose_clock_jumps_cause_no_false_faul
     assert len(events_of(cluster, type="restarted", vm="vm-6")) == 1
 
 
+def test_a_host_worker_whose_clock_is_an_hour_ahead_still_restarts_hung_vms(
+        make_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    """Celery's `expires` was checked on the host's clock: an hour ahead, every restart looked expired on
+    arrival and was dropped, so that host's VMs were never restarted. The expiry is now in Redis time."""
+    cluster = make_cluster(PLACEMENT)
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    host_clock = tmp_path / "host-clock"
+    host_clock.write_text("3600")
+    cluster.kill_host("node1")
+    cluster.start_host("node1", {"CLOCKSHIFT_FILE": str(host_clock),
+                                 "PYTHONPATH": os.pathsep.join([str(CLOCKSHIFT), cluster.env["PYTHONPATH"]])})
+    cluster.wait_for(lambda: (cluster.workdir / "host-node1.log").read_text().count(" ready.") >= 2, 30,
+                     "node1's worker started again")  # the log is appended to: the first start said it too
+    cluster.wait_healthy(timeout_s=30)
+    t_hang = cluster.store.time_ms()
+    cluster.fleet.hang("vm-2")  # on node1
+    cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-2")), 40, "vm-2 restarted and back")
+    [restarted] = events_of(cluster, type="restarted", vm="vm-2")
+    assert restarted["host"] == "node1" and int(restarted["time_ms"]) - t_hang < 15_000
+    assert [e for e in events_of(cluster, type="restart_skipped") if "expired" in e.get("reason", "")] == []
+    assert [e["vm"] for e in events_of(cluster, type="faulty")] == ["vm-2"]
+
+
 def test_the_clock_shifting_helper_really_shifts_the_clock(tmp_path: Path) -> None:
     clock = tmp_path / "clock"
     clock.write_text("3600")
