@@ -172,9 +172,6 @@ def _verified(vm: str, key: bytes, arrival_ms: int, message: bytes, signature: b
                  message=message, previous_key=previous_key)
 
 
-
-
-
 def _keyed_mac(key: bytes) -> Any:
     """HMAC-SHA256 state with ``key`` and ``REPLY_MAC_PREFIX`` absorbed. CPython's ``hmac.HMAC`` wraps an
     OpenSSL object (``_hmac``) with the same copy/update/hexdigest; calling it directly saves ≈ 1.5 µs per
@@ -234,7 +231,7 @@ class ReplyVerifier:
                                 known = rounds.get(round_id) if type(round_id) is int else None
                                 arrival_ms = int(entry_id.partition(b"-")[0])
                                 if (known is not None and same(check.hexdigest(), signature.decode("ascii"))
-                                        and nonce == known[0] and arrival_ms >= known[1]  # nonces are public
+                                        and nonce == known[0] and arrival_ms >= known[1]  # vmq's own nonce: 32 hex
                                         and type(boot_id) is str and 0 < len(boot_id) <= 128
                                         and type(body.get("params", _NO_PARAMS)) is dict):
                                     accepted.append((vm, round_id, arrival_ms, boot_id, message, False))
