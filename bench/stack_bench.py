@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCH))
 
 import guests
 import redis
-from loop_bench import DEFAULT_SERVER, HOSTS, setup_vms, sid
+from loop_bench import HOSTS, setup_vms, sid
 from measure import host_busy_s, pct, proc_cpu_s, redis_cpu_mem
 
 from vmq.localcluster import SOURCE_ROOT, LocalRedis, _stop_process
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monitors", type=int, default=1, help="monitor/timeout worker processes")
     parser.add_argument("--responders", type=int, default=2, help="guest processes, 1-3 (default 2)")
     parser.add_argument("--batch", type=int, default=500, help="XADDs per guest pipeline")
-    parser.add_argument("--redis-server", default=os.environ.get("VMQ_REDIS_SERVER", DEFAULT_SERVER))
+    parser.add_argument("--redis-server", default="", help="as in loop_bench.py (default: find_redis_server)")
     parser.add_argument("--guest-nice", type=int, default=0,
                         help="niceness of the simulated guests (they stand for other machines; on a quiet box "
                              "10 keeps them from starving the system under test; on a busy one they then fall "

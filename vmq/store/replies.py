@@ -69,10 +69,10 @@ class RepliesMixin:
         with translate_errors("record replies"):
             pipe = self.r.pipeline(transaction=False)
             if rounds:
-                pipe.zadd(k.last_round, dict(rounds), gt=True)
-                pipe.zadd(k.last_seen, dict(arrivals), gt=True)
+                pipe.zadd(k.last_round, rounds, gt=True)  # redis-py reads the mappings: no copies
+                pipe.zadd(k.last_seen, arrivals, gt=True)
             if payloads:
-                pipe.hset(k.last_reply, mapping=dict(payloads))
+                pipe.hset(k.last_reply, mapping=payloads)
             for reason, count in rejects.items():
                 pipe.hincrby(k.rejects, reason, count)
             if valid_count:
