@@ -20,7 +20,7 @@ from vmq.errors import CodecError
 from vmq.model import VmState
 from vmq.policy import ANSWER_HEALS
 from vmq.store.common import text as _text
-from vmq.store.redis import RedisStore, Transition
+from vmq.store.redis import JudgeLease, RedisStore, Transition
 
 if TYPE_CHECKING:
     from vmq.monitor import TickReport
@@ -113,25 +113,34 @@ class Ingestor:
         self.latest = latest
         self.verifier = ReplyVerifier()
 
-    def ingest(self, up_to_ms: int, report: TickReport) -> None:
-        """Verify and record every reply that arrived up to ``up_to_ms`` (Redis time)."""
+    def ingest(self, up_to_ms: int, report: TickReport, lease: JudgeLease | None = None) -> bool:
+        """Verify and record every reply that arrived up to ``up_to_ms`` (Redis time). Under the judge
+        lock (``lease``), the lease is renewed before each batch and the cursor only moves while it is held:
+        returns False, with the rest left unread, once it ran out (another judge may be reading them; at
+        50,000 replies a round outlasted the 2 s lease, two threads read the same entries and the count of
+        entries read that tells replies trimmed unread was inflated: rounds were judged without evidence)."""
         store = self.store
         cursor = store.reply_cursor()
         while True:
-            entries = store.read_replies(cursor, up_to_ms, BATCH)
+            if lease is not None and not lease.renew():
+                return False
+            entries, lost = store.read_replies(cursor, up_to_ms, BATCH)
+            if lost:
+                _lost(report, lost)
             if entries:
-                self._batch(entries, report)
+                if not self._batch(entries, report, lease.token if lease is not None else b""):
+                    return False
                 cursor = _text(entries[-1][0])
             if len(entries) < BATCH:
                 break
         # After reading: were replies trimmed before we got to them? (a MAXLEN-0 guest, a stalled monitor)
         lost = store.check_trimmed(cursor)
         if lost:
-            report.lost += lost
-            log.warning("%d replies were trimmed from the stream before vmq read them: the rounds they may "
-                        "have answered are not judged (no evidence)", lost)
+            _lost(report, lost)
+        return True
 
-    def _batch(self, entries: list[RawEntry], report: TickReport) -> None:
+    def _batch(self, entries: list[RawEntry], report: TickReport, lock_token: bytes) -> bool:
+        """Verify and record one batch; False (report untouched) when the judge lock's fence refused it."""
         store, reject_log = self.store, self.reject_log
         verified, rejected = self.verifier.verify(entries, store.secrets(), store.round_book(),
                                                   self.max_reply_bytes, store.previous_secrets())
@@ -165,7 +174,7 @@ class Ingestor:
                 continue
             rounds[vm] = reply[1]
             arrivals[vm] = reply[2]
-        store.record_replies(
+        if not store.record_replies(
             rounds=rounds,
             arrivals=arrivals,
             payloads=self.latest.note(accepted),
@@ -173,7 +182,9 @@ class Ingestor:
             valid_count=len(accepted),
             cursor=_text(entries[-1][0]),
             read=len(entries),
-        )
+            lock_token=lock_token,
+        ):
+            return False
         report.ingested += len(entries)
         report.valid += len(accepted)
         for reason, count in rejects.items():
@@ -183,6 +194,13 @@ class Ingestor:
         healing = sorted(store.attention() & accepted.keys())
         if healing:
             _heal(store, healing, {vm: accepted[vm][1:5] for vm in healing}, report)
+        return True
+
+
+def _lost(report: TickReport, count: int) -> None:
+    report.lost += count
+    log.warning("%d replies were trimmed from the stream before vmq read them: the rounds they may have answered "
+                "are not judged (no evidence)", count)
 
 
 def _heal(store: RedisStore, vms: list[str], answers: dict[str, tuple[int, int, str, bytes]],

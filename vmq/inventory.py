@@ -1,7 +1,7 @@
 """Host-side use case: register this host and publish its domains, following migrations.
 
 The domain name is the VM id. A VM belongs to the host where its domain is active; a domain that is
-defined but shut off here keeps the VM only if no other live host runs it.
+defined but inactive here (shut off, crashed) takes the VM only from a host that is gone or lost it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,12 @@ def mark_degraded(store: RedisStore, host: str, uri: str, ttl_s: float, error: s
 
 
 def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: float) -> SyncReport:
-    """List this host's domains and update the inventory; raises HypervisorError if libvirt fails."""
+    """List this host's domains and update the inventory; raises HypervisorError if libvirt fails.
+
+    Every host lists the domains defined on it, so a VM defined on several hosts is reported by each of them,
+    at any moment: its record is placed atomically per VM (RedisStore.place_domains), and a domain that is
+    only defined here never takes the VM from the live host its record names while that host has it defined.
+    """
     report = SyncReport()
     domains: list[DomainInfo] = []
     for info in hypervisor.list_domains():
@@ -72,39 +77,17 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
                                                     "reason": d.reason}) for d in domains})
     now_ms = store.time_ms()
     names = [d.name for d in domains]
-    placements = store.vm_placements(names)
-    hosts_alive = {name: alive for name, alive, _ in store.hosts_overview()}
-    updates: dict[str, dict[str, object]] = {}
-    for info, (owner, old_status, ran_before) in zip(domains, placements):
-        if store.register_vm(info.name, now_ms):
-            report.new_vms.append(info.name)
-            owner, old_status, ran_before = "", DomainStatus.ABSENT.value, False
-        active_here = info.status in ACTIVE
-        owner_elsewhere = bool(owner) and owner != host and hosts_alive.get(owner, False) \
-            and old_status in {s.value for s in ACTIVE}
-        if not active_here and owner_elsewhere:
-            continue  # a stale definition left behind by a migration: the VM lives on `owner`
-        fields: dict[str, object] = {"host": host, "domain_uuid": info.uuid, "domain_status": info.status.value,
-                                     "domain_reason": info.reason}
-        # A move of a VM that ran before; a never-started definition claimed first at startup is no migration.
-        if owner and owner != host and active_here and ran_before:
-            report.migrated.append(info.name)
-            store.audit("migrated", info.name, host, now_ms, previous_host=owner)
-            log.info("vm=%s migrated %s -> %s", info.name, owner, host)
-        was_active = old_status in {s.value for s in ACTIVE}
-        if active_here and not was_active:
-            fields["booted_at_ms"] = now_ms  # boot grace counts from the first sight of a started domain
-            report.started.append(info.name)
-        if owner != host or old_status != info.status.value:
-            updates[info.name] = fields
-        elif info.uuid:
-            updates.setdefault(info.name, {"domain_reason": info.reason})
-    # VMs recorded on this host whose domain vanished from it.
-    vanished = sorted(previously_listed - set(names))
-    for vm, (owner, status, _) in zip(vanished, store.vm_placements(vanished)):
-        if owner == host and status != DomainStatus.ABSENT.value:
-            updates[vm] = {"domain_status": DomainStatus.ABSENT.value, "domain_reason": f"not defined on {host}"}
-    store.write_many(updates)
+    report.new_vms = [name for name in names if store.register_vm(name, now_ms)]
+    # VMs listed here before whose domain vanished from this host: absent, if the record still says here.
+    vanished = [DomainInfo(vm, "", DomainStatus.ABSENT, f"not defined on {host}")
+                for vm in sorted(previously_listed - set(names))]
+    for placed in store.place_domains(host, domains + vanished, now_ms, ACTIVE):
+        if placed.migrated:
+            report.migrated.append(placed.vm)
+            store.audit("migrated", placed.vm, host, now_ms, previous_host=placed.previous_host)
+            log.info("vm=%s migrated %s -> %s", placed.vm, placed.previous_host, host)
+        if placed.started:
+            report.started.append(placed.vm)
     if report.skipped_names:
         log.warning("host=%s domains with unusable names skipped: %s", host, report.skipped_names)
     return report

@@ -139,6 +139,12 @@ class Keys:
         """Key with a TTL the host worker renews; its existence means the host is alive."""
         return self._k("host", host, "alive")
 
+    def host_heartbeat_parts(self) -> tuple[str, str]:
+        """(prefix, suffix) with prefix + host + suffix == ``host_heartbeat(host)``: for Lua that checks the
+        liveness of a host it has just read from a record."""
+        prefix, _, suffix = self.host_heartbeat("\0").partition("\0")
+        return prefix, suffix
+
     def host_domains(self, host: str) -> str:
         """Hash domain name -> JSON (uuid, status, reason) as last listed by that host."""
         return self._k("host", host, "domains")

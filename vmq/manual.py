@@ -2,8 +2,9 @@
 
 The request runs in the monitor worker under the judge lock, is decided by ``policy.decide_manual`` (the
 automatic guards minus the ones about silence; ``force`` skips the budget), opens an incident like a
-verdict does (``-> faulty``, event ``restart_requested``) and is dispatched through ``Monitor._dispatch``:
-the same ``host.<name>`` queue, claim, budget count and audit trail as any other restart.
+verdict does (``-> faulty``, event ``restart_requested``) and is dispatched through the monitor's
+``vmq.verdict.Verdicts.send_restart``: the same ``host.<name>`` queue, claim, budget count and audit trail
+as any other restart.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def manual_restart(monitor: Monitor, vm: str, force: bool = False, requested_by:
                                      host=view.host)
             view = replace(view, state=VmState.FAULTY, incident_attempts=0)
         report = TickReport()
-        if not monitor._dispatch(view, decision, incident, generation, store.current_round(), now_ms, base,
-                                 report, manual=True):
+        if not monitor.verdicts.send_restart(view, decision, incident, generation, store.current_round(), now_ms,
+                                             base, report, manual=True):
             return ManualOutcome(vm, "refused", ["the broker refused the restart task (see the monitor log)"],
                                  host=view.host, incident=incident)
         record = store.vm_record(vm)

@@ -3,13 +3,12 @@
 Written against ``RedisStore`` and a ``dispatch`` callable, so no Celery or libvirt here. One ``tick``
 ingests and judges everything that is due, under a lock; any number of timeout workers may call it
 and each round is judged exactly once, by arrival times recorded in Redis, however late the tick runs.
+Acting on a decision (transitions, escalation, restart requests) is ``vmq.verdict.Verdicts``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -17,11 +16,15 @@ from itertools import pairwise
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
 from vmq.ingest import Ingestor, LatestReplies, RejectLog
-from vmq.model import Action, Decision, DomainStatus, VmState, VmView
+from vmq.model import Action, DomainStatus, VmState, VmView
 from vmq.policy import PolicyConfig, decide, storm_guard, with_overrides
 from vmq.responder import BACKOFF_CAP_S
 from vmq.store.redis import HostContext, Record, RedisStore
 from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
+from vmq.verdict import RestartRequest, Verdicts, crash_evidence, silence_evidence
+
+__all__ = ["DUPLICATE_GAP", "EVENT_STATUS", "Monitor", "ProbingGap", "RestartRequest", "TickReport", "policy_config",
+           "probing_gap", "view_of"]
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +84,6 @@ EVENT_STATUS = {
 }
 
 
-@dataclass(frozen=True)
-class RestartRequest:
-    """What the monitor asks a host worker to do; JSON-serialisable (``asdict``)."""
-
-    vm: str
-    host: str
-    generation: int
-    incident: str
-    round: int
-    issued_ms: int
-    hard: bool = False  # destroy + create instead of reset (second rung of the ladder)
-    crashed: bool = False  # the hypervisor reported a crash: no activity check needed
-    manual: bool = False  # an operator asked (`vmq restart`): no activity check either
-    expires_ms: int = 0  # Redis ms after which the host must not act on it (the verdict is stale); 0: never
-
-
 @dataclass
 class TickReport:
     """What one tick did (for logs, tasks' return values and benchmarks)."""
@@ -149,8 +136,7 @@ class Monitor:
                  notify: Callable[[dict[str, object]], None] | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.dispatch = dispatch
-        self.notify = notify
+        self.verdicts = Verdicts(store, settings, dispatch, notify)
         self.policy = policy_config(settings)
         self._t2_ms = int(settings.reply_timeout_s * 1000)
         self._host_fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
@@ -160,6 +146,24 @@ class Monitor:
         self._ingestor = Ingestor(store, settings.max_reply_bytes,
                                   RejectLog(settings.probe_interval_s),  # one line per VM and reason per T1
                                   LatestReplies(int(settings.reply_save_interval_s * 1000)))
+
+    @property
+    def dispatch(self) -> Callable[[RestartRequest], None]:
+        """Sends a restart request to its host's queue (``Verdicts.dispatch``); may be replaced."""
+        return self.verdicts.dispatch
+
+    @dispatch.setter
+    def dispatch(self, dispatch: Callable[[RestartRequest], None]) -> None:
+        self.verdicts.dispatch = dispatch
+
+    @property
+    def notify(self) -> Callable[[dict[str, object]], None] | None:
+        """Queues an escalation of a `failed` VM (``Verdicts.notify``), or None; may be replaced."""
+        return self.verdicts.notify
+
+    @notify.setter
+    def notify(self, notify: Callable[[dict[str, object]], None] | None) -> None:
+        self.verdicts.notify = notify
 
     # ---------------------------------------------------------------- probe
     def probe(self) -> tuple[int, int]:
@@ -209,7 +213,9 @@ class Monitor:
                 if not lease.renew():  # we overran the lease: another judge carries on from here
                     report.locked_out = True
                     return report
-                self._ingest(deadline_ms, report)
+                if not self._ingestor.ingest(deadline_ms, report, lease):
+                    report.locked_out = True  # the lease ran out while reading: the next holder judges
+                    return report
                 now_ms = self.store.time_ms()  # the verdict's time: after its evidence is in
                 sent_ms = self.store.round_sent_times() if sent_ms is None else sent_ms
                 gap = probing_gap(round_id, sent_ms, now_ms, int(self.settings.probe_interval_s * 1000),
@@ -225,7 +231,9 @@ class Monitor:
                 report.judged_rounds.append(round_id)
             # Replies before the next deadline are final for it: ingest them now so recoveries show at once.
             upcoming = self.store.next_deadline()
-            self._ingest(now_ms - 1 if upcoming is None else min(now_ms - 1, upcoming), report)
+            if not self._ingestor.ingest(now_ms - 1 if upcoming is None else min(now_ms - 1, upcoming), report,
+                                         lease):
+                report.locked_out = True
         return report
 
     def _replies_lost_for(self, round_id: int, deadline_ms: int) -> bool:
@@ -273,11 +281,8 @@ class Monitor:
                 return report
             view = self._views([vm], [rec], now_ms)[0][0][1]
             decision = decide(view, self._policy_for(rec), now_ms)
-            evidence: dict[str, object] = {"hypervisor_event": {"event": event, "detail": detail},
-                                           "last_valid_ms": view.last_valid_ms,
-                                           "budget": {"used": view.restarts_in_window,
-                                                      "max": self.policy.max_restarts}}
-            self._act(view, rec, decision, evidence, self.store.current_round(), now_ms, report)
+            evidence = crash_evidence(view, event, detail, self.policy.max_restarts)
+            self.verdicts.act(view, rec, decision, evidence, self.store.current_round(), now_ms, report)
         return report
 
     def _policy_for(self, rec: Record) -> PolicyConfig:
@@ -317,10 +322,6 @@ class Monitor:
                 host_restarts_in_flight=in_flight.get(rec.get("host", ""), 0))))
         return views, last_replies, in_flight, hosts
 
-    # ---------------------------------------------------------------- ingest
-    def _ingest(self, up_to_ms: int, report: TickReport) -> None:
-        self._ingestor.ingest(up_to_ms, report)
-
     # ---------------------------------------------------------------- judge
     def _judge(self, round_id: int, deadline_ms: int, now_ms: int, report: TickReport,
                gap: ProbingGap | None = None) -> None:
@@ -356,111 +357,9 @@ class Monitor:
             decision = decide(view, self._policy_for(records[i]), now_ms)
             held += 1 if storm and decision.reasons[-1] == storm else 0
             last = self._ingestor.latest.freshest(view.vm, last_replies[i])
-            evidence: dict[str, object] = {
-                "round": round_id, "deadline_ms": deadline_ms, "last_valid_ms": view.last_valid_ms,
-                "rounds_missed": round_id - int(answered[i] or 0),
-                "domain": {"status": view.domain_status.value, "reason": view.domain_reason},
-                "budget": {"used": view.restarts_in_window, "max": self.policy.max_restarts,
-                           "attempts_this_incident": view.incident_attempts},
-                "guards": {"host_alive": view.host_alive, "host_degraded": view.host_degraded,
-                           "kill_switch": view.restarts_suspended, "storm": storm,
-                           "host_restarts_in_flight": view.host_restarts_in_flight},
-                "last_reply": json.loads(last) if last else None}
-            if self._act(view, records[i], decision, evidence, round_id, now_ms, report) and view.host:
+            evidence = silence_evidence(view, round_id, deadline_ms, int(answered[i] or 0), storm, last,
+                                        self.policy.max_restarts)
+            if self.verdicts.act(view, records[i], decision, evidence, round_id, now_ms, report) and view.host:
                 in_flight[view.host] = in_flight.get(view.host, 0) + 1  # the per-host limit counts this one
         if held:
             self.store.incr_stat("storm_holds", held)
-
-    def _act(self, view: VmView, rec: Record, decision: Decision, evidence: dict[str, object],
-             round_id: int, now_ms: int, report: TickReport) -> bool:
-        """Carry out one decision; True when a restart was dispatched."""
-        reasons = "; ".join(decision.reasons)
-        if decision.action is Action.NONE:
-            if rec.get("decision") != reasons:
-                self.store.set_fields(view.vm, {"decision": reasons, "decision_action": decision.action.value})
-            return False
-        generation = int(rec.get("generation") or 0)
-        incident = rec.get("incident", "")
-        grounds = "; ".join((decision.action.value, *decision.reasons[1:]))
-        base = {"host": view.host, "reasons": list(decision.reasons), "action": decision.action.value}
-        if view.state is not VmState.FAULTY:
-            # unknown/healthy/recovering/restarting -> faulty: open (or continue) the incident.
-            opened_ms = int(rec.get("incident_opened_ms") or now_ms) if incident else now_ms
-            incident_was_open = bool(incident)
-            incident = incident or f"{view.vm}:{round_id}:{uuid.uuid4().hex[:8]}"
-            ok, _, generation = self.store.transition(
-                view.vm, [view.state], VmState.FAULTY, now_ms, {"type": "faulty", "incident": incident,
-                                                                   **base, "evidence": evidence},
-                fields={"incident": incident, "incident_opened_ms": opened_ms, "decision": reasons,
-                        "decision_action": decision.action.value, "decision_grounds": grounds},
-                expected_generation=generation,
-            )
-            if not ok:
-                return False  # someone else moved it: their verdict stands
-            report.flagged.append(view.vm)
-            if not incident_was_open:  # a new incident: count it and time its detection (vmq.metrics)
-                self.store.record_fault(view.last_valid_ms, now_ms)
-            log.warning("vm=%s host=%s round=%s faulty: %s", view.vm, view.host, round_id, reasons)
-        else:
-            # The first reason states the silence and changes every round; the grounds after it do not,
-            # so only a change of grounds is an audit event.
-            if rec.get("decision_grounds") != grounds:
-                self.store.audit("decision", view.vm, view.host, now_ms, incident=incident,
-                                 reasons=list(decision.reasons), action=decision.action.value,
-                                 evidence=evidence)
-            self.store.set_fields(view.vm, {"decision": reasons, "decision_action": decision.action.value,
-                                            "decision_grounds": grounds})
-        if decision.action is Action.FAIL:
-            self._fail(view, incident, generation, now_ms, base, evidence)
-            return False
-        if decision.action is Action.RESTART:
-            return self._dispatch(view, decision, incident, generation, round_id, now_ms, base, report)
-        return False
-
-    def _fail(self, view: VmView, incident: str, generation: int, now_ms: int, base: dict[str, object],
-              evidence: dict[str, object]) -> None:
-        ok, _, _ = self.store.transition(view.vm, [VmState.FAULTY], VmState.FAILED, now_ms,
-                                         {"type": "failed", "incident": incident, **base},
-                                         expected_generation=generation)
-        if not ok:
-            return
-        log.error("vm=%s failed: %s", view.vm, "; ".join(base["reasons"]))  # type: ignore[arg-type]
-        escalation: dict[str, object] = {"type": "escalated", "vm": view.vm, "host": view.host,
-                                         "incident": incident, "time_ms": now_ms, "reasons": base["reasons"],
-                                         "evidence": evidence}
-        self.store.audit("escalated", view.vm, view.host, now_ms, incident=incident, reasons=base["reasons"])
-        if self.notify is not None:
-            try:
-                self.notify(escalation)  # a Celery task with retries: never blocks the judge
-            except Exception:
-                log.exception("vm=%s escalation could not be queued", view.vm)
-
-    def _dispatch(self, view: VmView, decision: Decision, incident: str, generation: int, round_id: int,
-                  now_ms: int, base: dict[str, object], report: TickReport, manual: bool = False) -> bool:
-        queue = f"host.{view.host}"
-        ok, _, new_gen = self.store.transition(
-            view.vm, [VmState.FAULTY], VmState.RESTARTING, now_ms,
-            {"type": "restart_dispatched", "incident": incident, "queue": queue, "hard": decision.hard, **base},
-            fields={"attempts": view.incident_attempts + 1, "last_restart_ms": now_ms},
-            expected_generation=generation, count_restart=True,
-            restart_window_ms=int(self.settings.restart_window_s * 1000),
-        )
-        if not ok:
-            return False
-        request = RestartRequest(view.vm, view.host, new_gen, incident, round_id, now_ms, hard=decision.hard,
-                                 crashed=view.domain_status is DomainStatus.CRASHED, manual=manual,
-                                 expires_ms=now_ms + int(self.settings.restart_task_expires_s * 1000))
-        try:
-            self.dispatch(request)
-        except Exception as exc:  # the broker refused: give the verdict back to the next round
-            log.exception("vm=%s restart dispatch to %s failed", view.vm, queue)
-            self.store.transition(view.vm, [VmState.RESTARTING], VmState.FAULTY, now_ms,
-                                  {"type": "dispatch_failed", "incident": incident, "host": view.host,
-                                   "error": str(exc)},
-                                  fields={"attempts": view.incident_attempts}, expected_generation=new_gen)
-            self.store.uncount_restart(view.vm, new_gen, now_ms)  # nothing was restarted: budget untouched
-            return False
-        report.dispatched.append(view.vm)
-        self.store.incr_stat("restarts_dispatched")
-        log.warning("vm=%s restart dispatched to %s incident=%s hard=%s", view.vm, queue, incident, decision.hard)
-        return True

@@ -79,3 +79,30 @@ def test_ordinary_trimming_of_replies_already_read_is_not_a_loss(world: World) -
     report = world.monitor.tick()
     assert (report.lost, report.unjudged) == (0, [])
     assert "replies_lost" not in world.store.counters()[0]
+
+
+def test_replies_trimmed_between_two_batches_of_one_ingest_leave_the_round_unjudged(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A monitor that falls behind (50,000 VMs at T1 = 1 s on 2 cores) sees the stream trimmed while it reads:
+    checked only after the whole ingest, the loss went unseen (the head was behind the cursor again by then)
+    and thousands of VMs whose replies were trimmed were flagged. Each batch's read now sees it."""
+    world.healthy("web-1", "web-2", "web-3")
+    round_id = world.probe()
+    for vm in ("web-1", "web-2", "web-3"):
+        world.reply(vm, round_id)
+    monkeypatch.setattr("vmq.ingest.BATCH", 1)
+    read = world.store.read_replies
+    calls = 0
+
+    def read_then_trim(*args: object) -> tuple[list[object], int]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # between the first batch and the second, Redis trims web-1's (read) and web-2's replies
+            world.client.xtrim(world.keys.reply_stream, maxlen=1, approximate=False)
+        return read(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(world.store, "read_replies", read_then_trim)
+    world.make_due(round_id)
+    report = world.monitor.tick()
+    assert report.lost == 1 and report.unjudged == [round_id]
+    assert world.dispatched == [] and world.events("faulty") == []

@@ -26,6 +26,7 @@ from vmq.codec import encode_reply, reply_signature
 from vmq.config import Settings, load_settings
 from vmq.errors import HypervisorError
 from vmq.hypervisor.fake import FakeHypervisor
+from vmq.ingest import Ingestor, LatestReplies, RejectLog
 from vmq.inventory import mark_degraded, sync_inventory
 from vmq.keys import Keys, host_queue
 from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
@@ -476,11 +477,6 @@ def test_a_second_incident_is_timed_from_its_own_opening(world: World) -> None:
     assert opened == int(second_faulty["time"])
 
 
-REJUDGE_CRASH = ("BUG: Monitor._act (vmq/monitor.py:249) calls store.audit('decision', vm, view.host, now_ms, "
-                 "incident=..., **base) and base already holds 'host': TypeError whenever a FAULTY VM is judged "
-                 "again with new reasons; the round is never finished, so every later tick (and probe) fails too")
-
-
 def test_the_kill_switch_flags_a_silent_vm_without_restarting_it(world: World) -> None:
     world.healthy("web-1")
     world.client.set(world.keys.restarts_suspended, "1")
@@ -869,3 +865,30 @@ def test_a_host_whose_libvirt_fails_is_degraded_and_its_silent_vms_are_flagged_n
     world.make_due(round_2)
     assert world.monitor.tick().dispatched == []
     assert "degraded" in world.events("faulty")[0]["reasons"]
+
+
+def test_a_judge_whose_lease_ran_out_stops_reading_and_moves_neither_cursor_nor_count(world: World) -> None:
+    """At 50,000 VMs one ingest outlasted the lock's lease: a second judge read the same entries, the count
+    of entries read doubled and hid replies trimmed unread, and rounds were judged without their evidence
+    (thousands of false faults in bench/stack_bench.py). Only the lock's holder may advance the cursor."""
+    world.register("web-1")
+    round_id = world.probe()
+    world.reply("web-1", round_id)
+    world.wait_past(world.store.time_ms())
+    ingestor = Ingestor(world.store, world.settings.max_reply_bytes, RejectLog(1.0), LatestReplies(0))
+    cursor, read = world.store.reply_cursor(), world.client.hget(world.keys.stats, "replies_read")
+
+    with world.store.judge_lock(lease_s=5, wait_s=1) as lease:
+        assert lease
+        world.client.set(world.keys.judge_lock, b"another judge's token")  # ours expired, another took it
+        report = TickReport()
+        assert ingestor.ingest(world.store.time_ms(), report, lease) is False
+        assert world.store.reply_cursor() == cursor
+        assert world.client.hget(world.keys.stats, "replies_read") == read
+        assert report.valid == 0
+    world.client.delete(world.keys.judge_lock)  # the other judge is done
+
+    with world.store.judge_lock(lease_s=5, wait_s=1) as lease:  # the control: the holder reads it all
+        report = TickReport()
+        assert ingestor.ingest(world.store.time_ms(), report, lease) is True
+        assert report.valid == 1 and world.store.reply_cursor() != cursor

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import events_of
+from tests.integration.conftest import FAST, events_of
 from vmq.localcluster import LocalCluster
 from workers.app import create_app
 
 pytestmark = pytest.mark.integration
 
 T1, T2 = 0.5, 1.5
+INVENTORY_INTERVAL_S = float(FAST["VMQ_INVENTORY_INTERVAL_S"])
 BOUND_MS = (T1 + T2 + 1.0) * 1000
 
 
@@ -84,7 +85,17 @@ def test_a_healthy_cluster_over_many_rounds_has_zero_faults(make_cluster: Callab
 def test_a_vm_moved_to_the_other_host_is_restarted_there(make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster({"node1": ["vm-1", "mover"], "node2": ["vm-2"]}, standby={"node2": ["mover"]})
     cluster.wait_healthy(timeout_s=60)
-    assert cluster.store.vm_record("mover")["host"] == "node1"
+    # "mover" turns healthy as soon as either host worker has listed it, so until node1's worker is up its
+    # record may name node2, where it is only defined. Once both hosts have listed it, it is node1's, where
+    # it runs, and stays there while node2 keeps listing its shut-off definition.
+    cluster.wait_for(lambda: all("mover" in cluster.store.domain_names(host) for host in ("node1", "node2")), 30,
+                     "both hosts listed mover")
+    cluster.wait_for(lambda: cluster.store.vm_record("mover").get("host") == "node1", 5, "mover placed on node1")
+    until = time.monotonic() + 3 * INVENTORY_INTERVAL_S
+    while time.monotonic() < until:
+        assert cluster.store.vm_record("mover")["host"] == "node1"
+        time.sleep(0.1)
+    assert events_of(cluster, type="migrated", vm="mover") == []
 
     app = create_app(cluster.settings)
     # The migration as libvirt shows it: the domain stops on node1 and runs on node2.

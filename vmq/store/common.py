@@ -1,9 +1,10 @@
-"""Shared pieces of the Redis adapter: error translation and reply decoding helpers."""
+"""Shared pieces of the Redis adapter: error translation, reply decoding and Lua loading helpers."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any
 
 import redis
@@ -11,6 +12,11 @@ import redis
 from vmq.errors import StoreError, StoreUnavailable
 
 Record = dict[str, str]
+
+
+def load_lua(name: str) -> str:
+    """The source of ``vmq/lua/<name>``, shipped as package data."""
+    return resources.files("vmq").joinpath("lua", name).read_text()
 
 
 def text(value: Any) -> str:

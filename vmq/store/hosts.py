@@ -5,13 +5,16 @@ A mixin of ``RedisStore`` (it uses the store's client ``r``, ``keys`` and record
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from redis.commands.core import Script
+
 from vmq.keys import Keys
-from vmq.model import DomainStatus, VmState
-from vmq.store.common import Record, translate_errors
+from vmq.model import DomainInfo, DomainStatus, VmState
+from vmq.store.common import Record, load_lua, translate_errors
 from vmq.store.common import text as _text
 
 
@@ -27,6 +30,17 @@ class HostContext:
     def in_maintenance(self, now_ms: int) -> bool:
         """True while the host's maintenance window lasts."""
         return self.maintenance_until_ms == -1 or self.maintenance_until_ms > now_ms
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What one host's listing of a domain did to its VM's record (see vmq/lua/place.lua)."""
+
+    vm: str
+    written: bool  # False: the record stays with previous_host, alive and with the domain defined there
+    previous_host: str  # the host the record named before ("" for a VM never placed)
+    migrated: bool  # the domain is active here after it ran on previous_host
+    started: bool  # the domain is active here and was not before: booted_at_ms was set
 
 
 class HostStateMixin:
@@ -208,6 +222,33 @@ class HostStateMixin:
                 pipe.hmget(self.keys.vm(vm), ["host", "domain_status", "booted_at_ms"])
             rows = pipe.execute()
         return [(_text(h or b""), _text(s or DomainStatus.ABSENT.value.encode()), bool(b)) for h, s, b in rows]
+
+    @cached_property
+    def _place(self) -> Script:
+        return self.r.register_script(load_lua("place.lua"))  # type: ignore[no-any-return]
+
+    def place_domains(self, host: str, listed: Sequence[DomainInfo], now_ms: int,
+                      active: Collection[DomainStatus]) -> list[Placement]:
+        """Record where each listed domain's VM lives, one atomic compare-and-set per VM, in one round trip.
+
+        ``listed`` is ``host``'s listing; a domain with status ABSENT vanished from it. A domain whose status
+        is in ``active`` takes the VM's record; an inactive one only if the host the record names is gone
+        (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). Idempotent: the same
+        listing again changes nothing but the reason. Raises StoreError/StoreUnavailable.
+        """
+        if not listed:
+            return []
+        prefix, suffix = self.keys.host_heartbeat_parts()
+        active_list = ",".join(sorted(status.value for status in active))
+        with translate_errors(f"place domains of {host}"):
+            pipe = self.r.pipeline(transaction=False)
+            for info in listed:
+                self._place(keys=[self.keys.vm(info.name)],
+                            args=[host, info.status.value, info.uuid, info.reason, now_ms, active_list, prefix,
+                                  suffix], client=pipe)
+            rows = pipe.execute()
+        return [Placement(info.name, bool(written), _text(previous), bool(migrated), bool(started))
+                for info, (written, previous, migrated, started) in zip(listed, rows)]
 
     def write_many(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """Write informational fields of many VM records in one round trip."""

@@ -61,6 +61,12 @@ class JudgeLease:
     def __bool__(self) -> bool:
         return self.acquired
 
+    @property
+    def token(self) -> bytes:
+        """This holder's token in the lock key (b"" when not acquired): fences writes (advance_cursor.lua)."""
+        token = getattr(self._lock.local, "token", None) if self.acquired else None
+        return token if isinstance(token, bytes) else b""
+
     def renew(self) -> bool:
         """Restart the lease (before each round judged); False once it expired and another judge may hold it."""
         with translate_errors("renew judge lock"):
@@ -101,6 +107,7 @@ class RedisStore(RepliesMixin, SecretsMixin, HostStateMixin, MetricsMixin, Evide
         self._start_round: Script = client.register_script(_load_lua("start_round.lua"))
         self._transition: Script = client.register_script(_load_lua("transition.lua"))
         self._claim: Script = client.register_script(_load_lua("claim.lua"))
+        self._advance_cursor: Script = client.register_script(_load_lua("advance_cursor.lua"))
         self._secrets_cache: tuple[int, dict[str, bytes], dict[str, tuple[bytes, int]]] = (-1, {}, {})
         self._raw = raw_client(client)
 

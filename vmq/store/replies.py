@@ -2,12 +2,12 @@
 
 The hot path of the monitor (every reply, every round): entries are read without redis-py's per-entry
 conversion to tuples and dicts (vmq.codec.ReplyVerifier takes them as they come), and one batch is written
-back in one pipelined round trip of multi-member commands.
+back in one pipelined round trip of multi-member commands, then the cursor moves, fenced by the judge lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -27,18 +27,34 @@ def raw_client(client: redis.Redis) -> Any:
 
 
 class RepliesMixin:
-    """Reply-stream reads and the per-batch write (needs ``r``, ``_raw`` and ``keys``)."""
+    """Reply-stream reads and the per-batch write (needs ``r``, ``_raw``, ``_advance_cursor`` and ``keys``)."""
 
     r: Any
     _raw: Any
+    _advance_cursor: Any  # the registered vmq/lua/advance_cursor.lua
     keys: Keys
+    account_trimmed: Callable[[Mapping[str, Any], int, str], int]  # vmq.store.evidence.EvidenceMixin
 
-    def read_replies(self, after_id: str, up_to_ms: int, count: int) -> list[RawEntry]:
+    def read_replies(self, after_id: str, up_to_ms: int, count: int) -> tuple[list[RawEntry], int]:
         """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``, as Redis sends
-        them: (id, [field, value, ...])."""
+        them: (id, [field, value, ...]); and how many replies after ``after_id`` were trimmed before this read
+        (recorded, see vmq.store.evidence). Both come from one MULTI/EXEC, so no trim can fall between them."""
+        k = self.keys
         start = f"({after_id}" if after_id != "0-0" else "-"
         with translate_errors("XRANGE replies"):
-            return list(self._raw.xrange(self.keys.reply_stream, start, str(up_to_ms), count=count))
+            pipe = self._raw.pipeline(transaction=True)
+            pipe.xinfo_stream(k.reply_stream)
+            pipe.hget(k.stats, "replies_read")
+            pipe.xrange(k.reply_stream, start, str(up_to_ms), count=count)
+            info, read, entries = pipe.execute(raise_on_error=False)
+            for result in (read, entries):
+                if isinstance(result, Exception):
+                    raise result
+            if isinstance(info, Exception):
+                if "no such key" in str(info).lower():
+                    return [], 0  # nothing added yet, nothing lost
+                raise info
+        return list(entries), self.account_trimmed(info, int(read or 0), after_id)
 
     def reply_cursor(self) -> str:
         """Id of the last reply-stream entry ingested ("0-0" before the first)."""
@@ -62,9 +78,13 @@ class RepliesMixin:
         valid_count: int,
         cursor: str,
         read: int = 0,
-    ) -> None:
-        """Store one ingested batch in one round trip: liveness (ZADD GT), the latest replies due to be
-        saved (``payloads``, see vmq.ingest.LatestReplies), counters, cursor."""
+        lock_token: bytes = b"",
+    ) -> bool:
+        """Store one ingested batch: liveness (ZADD GT), the latest replies due to be saved (``payloads``,
+        see vmq.ingest.LatestReplies) and counters in one pipeline, then the cursor and the count of entries
+        read, fenced by the judge lock (vmq/lua/advance_cursor.lua) when ``lock_token`` is given. Returns
+        False when the fence refused: the caller's lease ran out and it must stop reading. What it wrote
+        before the fence is harmless twice (ZADD GT never goes back; counters are statistics)."""
         k = self.keys
         with translate_errors("record replies"):
             pipe = self.r.pipeline(transaction=False)
@@ -77,7 +97,8 @@ class RepliesMixin:
                 pipe.hincrby(k.rejects, reason, count)
             if valid_count:
                 pipe.hincrby(k.stats, "replies_valid", valid_count)
-            if read:
-                pipe.hincrby(k.stats, "replies_read", read)  # entries consumed (vmq.store.evidence)
-            pipe.set(k.reply_cursor, cursor)
-            pipe.execute()
+            if len(pipe):
+                pipe.execute()
+            advanced = self._advance_cursor(keys=[k.judge_lock, k.reply_cursor, k.stats],
+                                            args=[lock_token, cursor, read])
+        return bool(advanced)

@@ -1,0 +1,106 @@
+"""Which host a VM record names when its domain is listed by several hosts, on fakeredis and a real Redis.
+
+Two inventory agents report at the same moment in production. ``_ReportLandsMidSync`` makes the worst
+interleaving deterministic: the other host's whole sync runs after this host's sync has read the records and
+before it writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tests.contract.test_monitor_store import HOST_A, HOST_B, World
+from vmq.hypervisor.fake import FakeHypervisor
+from vmq.inventory import sync_inventory
+from vmq.model import DomainInfo, DomainStatus
+from vmq.store.redis import RedisStore
+
+TTL_S = 30
+
+
+class _ReportLandsMidSync(RedisStore):
+    """A store whose first write of a sync is preceded by ``other`` (another host's complete sync)."""
+
+    def __init__(self, world: World, other: Callable[[], object]) -> None:
+        super().__init__(world.backend.client(), world.keys)
+        self._other: Callable[[], object] | None = other
+
+    def _other_host_reports(self) -> None:
+        if self._other is not None:
+            other, self._other = self._other, None
+            other()
+
+    def write_many(self, updates: Any) -> None:
+        self._other_host_reports()
+        super().write_many(updates)
+
+    def place_domains(self, *args: Any, **kwargs: Any) -> Any:
+        self._other_host_reports()
+        return super().place_domains(*args, **kwargs)
+
+
+def node(host: str, status: DomainStatus, vm: str = "web-1") -> FakeHypervisor:
+    return FakeHypervisor(f"fake://{host}", [DomainInfo(vm, "u-1", status, status.value)])
+
+
+def placement(world: World, vm: str = "web-1") -> tuple[str, str]:
+    record = world.record(vm)
+    return record.get("host", ""), record.get("domain_status", "")
+
+
+def test_a_running_hosts_first_report_landing_inside_a_shut_off_hosts_first_sync_keeps_the_vm(world: World) -> None:
+    runs, defined = node(HOST_A, DomainStatus.RUNNING), node(HOST_B, DomainStatus.SHUTOFF)
+    racing = _ReportLandsMidSync(world, lambda: sync_inventory(world.store, runs, HOST_A, TTL_S))
+    sync_inventory(racing, defined, HOST_B, TTL_S)
+    assert placement(world) == (HOST_A, "running")
+    for _ in range(3):  # the shut-off definition keeps reporting; the running host keeps the VM
+        sync_inventory(world.store, defined, HOST_B, TTL_S)
+        assert placement(world) == (HOST_A, "running")
+        sync_inventory(world.store, runs, HOST_A, TTL_S)
+    assert world.events("migrated") == []
+
+
+def test_a_shut_off_host_reporting_first_then_the_running_host_then_it_again_leaves_the_vm_running(
+        world: World) -> None:
+    runs, defined = node(HOST_A, DomainStatus.RUNNING), node(HOST_B, DomainStatus.SHUTOFF)
+    sync_inventory(world.store, defined, HOST_B, TTL_S)
+    assert placement(world) == (HOST_B, "shutoff")  # all vmq knows so far
+    sync_inventory(world.store, runs, HOST_A, TTL_S)
+    assert placement(world) == (HOST_A, "running")
+    for _ in range(3):
+        sync_inventory(world.store, defined, HOST_B, TTL_S)
+        assert placement(world) == (HOST_A, "running")
+    assert world.events("migrated") == []  # a start-up claim by a stale definition is no migration
+
+
+def test_a_host_whose_domain_vanished_does_not_mark_absent_a_vm_the_other_host_just_took(world: World) -> None:
+    sync_inventory(world.store, node(HOST_A, DomainStatus.RUNNING), HOST_A, TTL_S)
+    gone = FakeHypervisor(f"fake://{HOST_A}", [])  # migrated away and undefined on A
+    arrived = node(HOST_B, DomainStatus.RUNNING)
+    racing = _ReportLandsMidSync(world, lambda: sync_inventory(world.store, arrived, HOST_B, TTL_S))
+    sync_inventory(racing, gone, HOST_A, TTL_S)
+    assert placement(world) == (HOST_B, "running")
+    assert [e["previous_host"] for e in world.events("migrated")] == [HOST_A]
+
+
+def test_a_vm_shut_off_on_two_live_hosts_stays_where_it_was_until_its_host_dies(world: World) -> None:
+    off_a, off_b = node(HOST_A, DomainStatus.SHUTOFF), node(HOST_B, DomainStatus.SHUTOFF)
+    sync_inventory(world.store, off_a, HOST_A, TTL_S)
+    for _ in range(3):  # no flapping between two equally stale definitions
+        sync_inventory(world.store, off_b, HOST_B, TTL_S)
+        assert placement(world) == (HOST_A, "shutoff")
+        sync_inventory(world.store, off_a, HOST_A, TTL_S)
+        assert placement(world) == (HOST_A, "shutoff")
+    world.store.drop_heartbeat(HOST_A)  # A is gone: B's definition is the one vmq can still see
+    sync_inventory(world.store, off_b, HOST_B, TTL_S)
+    assert placement(world) == (HOST_B, "shutoff")
+
+
+def test_a_shut_off_definition_takes_over_a_vm_whose_recorded_domain_vanished_from_its_live_host(
+        world: World) -> None:
+    sync_inventory(world.store, node(HOST_A, DomainStatus.SHUTOFF), HOST_A, TTL_S)
+    sync_inventory(world.store, FakeHypervisor(f"fake://{HOST_A}", []), HOST_A, TTL_S)  # undefined on A
+    assert placement(world) == (HOST_A, "absent")
+    sync_inventory(world.store, node(HOST_B, DomainStatus.SHUTOFF), HOST_B, TTL_S)
+    assert placement(world) == (HOST_B, "shutoff")

@@ -1,0 +1,46 @@
+-- Place one VM's record after one host's domain listing: atomic, so two hosts listing the same domain at
+-- the same moment cannot overwrite each other with what they read before the other wrote.
+-- KEYS: vm_hash
+-- ARGV: host, status, uuid, reason, now_ms, active statuses (comma list),
+--       heartbeat key prefix, heartbeat key suffix (prefix .. host .. suffix exists while the host lives)
+-- status 'absent' means the domain vanished from this host's listing: only the host the record names
+-- marks it absent. An inactive domain (shut off, crashed) never takes the record from another live host
+-- that has the domain defined: the host where it is active keeps the VM, and two stale definitions do not
+-- take it from each other in turn. An active domain always takes the record (that is how a move is seen).
+-- Returns {written, previous_host, migrated, started}, the flags 1 or 0; started means booted_at_ms = now_ms.
+local vm_key, host, status, uuid, reason, now_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local active = {}
+for s in string.gmatch(ARGV[6], '[^,]+') do
+  active[s] = true
+end
+local owner = redis.call('HGET', vm_key, 'host') or ''
+local old_status = redis.call('HGET', vm_key, 'domain_status') or 'absent'
+local booted = redis.call('HGET', vm_key, 'booted_at_ms') or ''
+
+if status == 'absent' then
+  if owner == host and old_status ~= 'absent' then
+    redis.call('HSET', vm_key, 'domain_status', status, 'domain_reason', reason)
+    return {1, owner, 0, 0}
+  end
+  return {0, owner, 0, 0}
+end
+
+local elsewhere = owner ~= '' and owner ~= host
+if not active[status] and elsewhere and old_status ~= 'absent'
+    and redis.call('EXISTS', ARGV[7] .. owner .. ARGV[8]) == 1 then
+  return {0, owner, 0, 0}
+end
+
+-- A move of a VM that ran before; a never-started definition claimed first at startup is no migration.
+local migrated = (elsewhere and active[status] and booted ~= '') and 1 or 0
+local started = (active[status] and not active[old_status]) and 1 or 0
+if owner ~= host or old_status ~= status then
+  redis.call('HSET', vm_key, 'host', host, 'domain_uuid', uuid, 'domain_status', status, 'domain_reason', reason)
+  if started == 1 then
+    -- boot grace counts from the first sight of a started domain
+    redis.call('HSET', vm_key, 'booted_at_ms', now_ms)
+  end
+elseif uuid ~= '' then
+  redis.call('HSET', vm_key, 'domain_reason', reason)
+end
+return {1, owner, migrated, started}
