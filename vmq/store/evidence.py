@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import redis
-
 from vmq.keys import Keys
 from vmq.store.common import text as _text
 from vmq.store.common import translate_errors
@@ -37,22 +35,10 @@ class EvidenceMixin:
     r: Any
     keys: Keys
 
-    def check_trimmed(self, cursor: str) -> int:
-        """Count replies trimmed from the stream before they were read (call after reading up to ``cursor``);
-        when some were, raise ``lost_until`` to the newest instant they can have arrived. Returns the count."""
-        k = self.keys
-        with translate_errors("XINFO replies"):
-            try:
-                info = self.r.xinfo_stream(k.reply_stream)
-            except redis.ResponseError as exc:  # no such key yet: nothing added, nothing lost
-                if "no such key" in str(exc).lower():
-                    return 0
-                raise
-            return self.account_trimmed(info, int(self.r.hget(k.stats, "replies_read") or 0), cursor)
-
     def account_trimmed(self, info: Mapping[str, Any], read: int, cursor: str) -> int:
-        """The accounting of ``check_trimmed`` on one consistent view of the stream (``XINFO STREAM`` and the
-        count of entries read, taken together): records and returns the replies lost unread after ``cursor``."""
+        """Count replies trimmed from the stream before they were read, on one consistent view of it
+        (``XINFO STREAM`` and the count of entries read, taken with the read: vmq.store.replies.read_replies);
+        when some were, raise ``lost_until`` to the newest instant they can have arrived. Returns the count."""
         k = self.keys
         added = info.get("entries-added")
         if added is None:
