@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 from redis.commands.core import Script
 
 from vmq.keys import Keys
 from vmq.model import DomainInfo, DomainStatus, VmState
-from vmq.store.common import Record, load_lua, translate_errors
+from vmq.store.common import Record, translate_errors
 from vmq.store.common import text as _text
 
 
@@ -48,6 +47,7 @@ class HostStateMixin:
 
     r: Any
     keys: Keys
+    _place: Script  # the registered vmq/lua/place.lua
 
     def audit(self, event_type: str, vm: str, host: str, now_ms: int, **data: Any) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -142,7 +142,7 @@ class HostStateMixin:
     def vms_on_host(self, host: str) -> list[str]:
         """VMs whose record places them on ``host``."""
         names = sorted(self.domain_names(host))
-        return [vm for vm, (owner, _, _) in zip(names, self.vm_placements(names)) if owner == host]
+        return [vm for vm, owner in zip(names, self.vm_hosts(names)) if owner == host]
 
     # ------------------------------------------------------------------ hosts and inventory
     def heartbeat(self, host: str, info: Mapping[str, Any], ttl_ms: int) -> None:
@@ -214,18 +214,14 @@ class HostStateMixin:
                 pipe.hset(key, mapping=dict(domains))
             pipe.execute()
 
-    def vm_placements(self, vms: Sequence[str]) -> list[tuple[str, str, bool]]:
-        """(host, domain_status, ever seen active) of each VM as last recorded."""
+    def vm_hosts(self, vms: Sequence[str]) -> list[str]:
+        """The host each VM's record names ("" for none)."""
         with translate_errors("placements"):
             pipe = self.r.pipeline(transaction=False)
             for vm in vms:
-                pipe.hmget(self.keys.vm(vm), ["host", "domain_status", "booted_at_ms"])
+                pipe.hget(self.keys.vm(vm), "host")
             rows = pipe.execute()
-        return [(_text(h or b""), _text(s or DomainStatus.ABSENT.value.encode()), bool(b)) for h, s, b in rows]
-
-    @cached_property
-    def _place(self) -> Script:
-        return self.r.register_script(load_lua("place.lua"))  # type: ignore[no-any-return]
+        return [_text(h or b"") for h in rows]
 
     def place_domains(self, host: str, listed: Sequence[DomainInfo], now_ms: int,
                       active: Collection[DomainStatus]) -> list[Placement]:

@@ -10,7 +10,6 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import redis
@@ -23,7 +22,7 @@ from vmq.config import Settings
 from vmq.keys import Keys
 from vmq.model import VmState
 from vmq.policy import can_transition
-from vmq.store.common import Record, translate_errors
+from vmq.store.common import Record, load_lua, translate_errors
 from vmq.store.common import text as _text
 from vmq.store.evidence import EvidenceMixin
 from vmq.store.hosts import HostContext, HostStateMixin
@@ -92,10 +91,6 @@ def connect(url: str, sentinels: Sequence[tuple[str, int]] = (), master: str = "
     return client
 
 
-def _load_lua(name: str) -> str:
-    return resources.files("vmq").joinpath("lua", name).read_text()
-
-
 class RedisStore(RepliesMixin, SecretsMixin, HostStateMixin, MetricsMixin, EvidenceMixin):
     """All state of vmq in one Redis; safe to share between threads of one process."""
 
@@ -104,10 +99,11 @@ class RedisStore(RepliesMixin, SecretsMixin, HostStateMixin, MetricsMixin, Evide
         self.r: Any = client
         self.keys = keys
         self.events_maxlen = events_maxlen
-        self._start_round: Script = client.register_script(_load_lua("start_round.lua"))
-        self._transition: Script = client.register_script(_load_lua("transition.lua"))
-        self._claim: Script = client.register_script(_load_lua("claim.lua"))
-        self._advance_cursor: Script = client.register_script(_load_lua("advance_cursor.lua"))
+        self._start_round: Script = client.register_script(load_lua("start_round.lua"))
+        self._transition: Script = client.register_script(load_lua("transition.lua"))
+        self._claim: Script = client.register_script(load_lua("claim.lua"))
+        self._advance_cursor: Script = client.register_script(load_lua("advance_cursor.lua"))
+        self._place: Script = client.register_script(load_lua("place.lua"))
         self._secrets_cache: tuple[int, dict[str, bytes], dict[str, tuple[bytes, int]]] = (-1, {}, {})
         self._raw = raw_client(client)
 
