@@ -47,6 +47,7 @@ class VmqCollector(Collector):
 
     def __init__(self, store: RedisStore, settings: Settings) -> None:
         self.store = store
+        self._capacity = settings.reply_stream_maxlen
         self._host_fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
 
     def describe(self) -> list[Metric]:
@@ -67,12 +68,23 @@ class VmqCollector(Collector):
             return
         yield _gauge("vmq_up", "1 when the monitor could read vmq's state from Redis for this scrape.", 1)
         yield from _families(snap, hosts)
+        yield from _backlog(snap, self._capacity)
         yield _gauge("vmq_scrape_duration_seconds", "Time this scrape spent reading Redis.",
                      time.monotonic() - started)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _backlog(snap: MetricsSnapshot, capacity: int) -> Iterator[Metric]:
+    """The monitors' lag behind the reply stream: a warning before replies are trimmed unread (and lost)."""
+    if snap.replies_unread is not None:
+        yield _gauge("vmq_replies_unread", "Replies in the stream that no monitor has read yet; past "
+                     "vmq_reply_stream_capacity they are trimmed unread and rounds go unjudged.", snap.replies_unread)
+    yield _gauge("vmq_reply_stream_capacity", "Replies the stream keeps (VMQ_REPLY_STREAM_MAXLEN).", capacity)
+    yield _gauge("vmq_oldest_unread_reply_seconds", "Age of the oldest reply no monitor has read yet (0 when all "
+                 "are read); under T1 while the monitors keep up.", snap.oldest_unread_s)
 
 
 def _families(snap: MetricsSnapshot, hosts: dict[str, int]) -> Iterator[Metric]:

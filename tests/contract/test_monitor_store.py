@@ -32,7 +32,7 @@ from vmq.keys import Keys, host_queue
 from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
 from vmq.monitor import Monitor, RestartRequest, TickReport
 from vmq.restart import ActivityCheck, restart_vm
-from vmq.store.redis import Record, RedisStore
+from vmq.store.redis import Record, RedisStore, connect
 
 REDIS_SERVER = next((path for path in ("/usr/bin/redis-server", shutil.which("redis-server")) if path
                      and os.path.exists(path)), "")
@@ -99,7 +99,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         made = Backend("fakeredis", lambda: fakeredis.FakeRedis(server=server))
     else:
         port = request.getfixturevalue("redis_server")
-        made = Backend("redis", lambda: redis.Redis(port=port, socket_timeout=10))
+        made = Backend("redis", lambda: connect(f"redis://127.0.0.1:{port}/0"))  # vmq's own client options
         made.client().flushall()
     yield made
     for client in made.clients:

@@ -14,7 +14,9 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 
+from tests.contract.test_monitor_store import redis_server  # noqa: F401 - the real-server fixture
 from vmq.codec import encode_reply
 from vmq.config import Settings, load_settings
 from vmq.hypervisor.fake import FakeHypervisor
@@ -24,7 +26,7 @@ from vmq.model import DomainInfo, DomainStatus
 from vmq.monitor import Monitor, RestartRequest
 from vmq.restart import restart_vm
 from vmq.store.metrics import DETECTION_BUCKETS_S, bucket_field, read_histogram
-from vmq.store.redis import RedisStore
+from vmq.store.redis import RedisStore, connect
 
 HOST = "node1"
 SECRET = {"web-1": "a1" * 32, "web-2": "b2" * 32}
@@ -34,9 +36,9 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "vmq-da
 class Cluster:
     """A monitor on fakeredis with two keyed VMs on one live host; time is Redis' own clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: redis.Redis | None = None) -> None:
         self.server = fakeredis.FakeServer()
-        self.client = fakeredis.FakeRedis(server=self.server)
+        self.client = client if client is not None else fakeredis.FakeRedis(server=self.server)
         self.keys = Keys("m")
         self.settings: Settings = load_settings({"namespace": "m", "probe_interval_s": 1, "reply_timeout_s": 3,
                                                  "boot_grace_s": 0, "host_heartbeat_interval_s": 20})
@@ -257,3 +259,35 @@ def test_replies_under_a_rotated_out_key_are_exported_beside_the_valid_ones() ->
     assert got[("vmq_replies_previous_key_total", ())] == 1
     assert got[("vmq_replies_total", (("result", "valid"),))] == 4
     assert got[("vmq_replies_total", (("result", "bad_signature"),))] == 0
+
+
+@pytest.mark.parametrize("backend", ["fakeredis", "redis"])
+def test_the_monitors_lag_behind_the_reply_stream_is_exported_and_clears_once_they_read_it(
+        backend: str, request: pytest.FixtureRequest) -> None:
+    client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    if backend == "redis":
+        client = connect(f"redis://127.0.0.1:{request.getfixturevalue('redis_server')}/0")
+        client.flushall()
+    cluster = Cluster(client)
+    collector = VmqCollector(cluster.store, cluster.settings)
+
+    def lag() -> tuple[float, float, float]:
+        got = samples(collector)
+        return (got[("vmq_replies_unread", ())], got[("vmq_oldest_unread_reply_seconds", ())],
+                got[("vmq_reply_stream_capacity", ())])
+
+    assert lag() == (0, 0, cluster.settings.reply_stream_maxlen)  # no stream yet
+    cluster.round(("web-1", "web-2"))
+    assert lag()[:2] == (0, 0)
+    round_id, _ = cluster.monitor.probe()  # replies land and no monitor reads them (a monitor behind)
+    nonce = (cluster.client.hget(cluster.keys.rounds, round_id) or b"").decode().partition(":")[0]
+    for vm, secret in SECRET.items():
+        message, signature = encode_reply(vm, round_id, nonce, "boot-1", round_id, {}, bytes.fromhex(secret))
+        cluster.client.xadd(cluster.keys.reply_stream, {"m": message, "s": signature})
+    time.sleep(0.2)
+    unread, oldest_s, _ = lag()
+    assert unread == 2
+    assert 0.2 <= oldest_s < 5
+    cluster.monitor.tick()  # reads them
+    assert lag()[:2] == (0, 0)
+    cluster.client.close()

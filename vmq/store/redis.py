@@ -22,7 +22,7 @@ from vmq.config import Settings
 from vmq.keys import Keys
 from vmq.model import VmState
 from vmq.policy import can_transition
-from vmq.store.common import Record, load_lua, translate_errors
+from vmq.store.common import CommandPacker, Record, load_lua, translate_errors
 from vmq.store.common import text as _text
 from vmq.store.evidence import EvidenceMixin
 from vmq.store.hosts import HostContext, HostStateMixin
@@ -80,7 +80,8 @@ def connect(url: str, sentinels: Sequence[tuple[str, int]] = (), master: str = "
     """The one place vmq builds a Redis client: to ``url``, or with ``sentinels`` to the master they name
     ``master`` (``url`` then gives only user, password and db). A Sentinel-managed client asks the sentinels
     again after a disconnect or a READONLY reply, so it follows a failover."""
-    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 30}
+    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 30,
+                               "command_packer": CommandPacker()}
     if not sentinels:
         return redis.Redis.from_url(url, **options)
     parsed = parse_url(url)  # type: ignore[no-untyped-call]
