@@ -1,7 +1,8 @@
 """Host-side use case: register this host and publish its domains, following migrations.
 
 The domain name is the VM id. A VM belongs to the host where its domain is active; a domain that is
-defined but inactive here (shut off, crashed) takes the VM only from a host that is gone or lost it.
+defined but inactive here (shut off, crashed), or paused by a live migration, takes the VM only from a host
+that is gone or lost it: a live migration moves the VM once, when the destination's copy runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from vmq.store.redis import RedisStore
 log = logging.getLogger(__name__)
 
 ACTIVE = frozenset({DomainStatus.RUNNING, DomainStatus.PAUSED, DomainStatus.OTHER})
+#: Reasons (vmq.hypervisor.libvirt's words) of a domain paused by a live migration: the destination's copy
+#: while memory is copied in (libvirt starts it paused, reason "migration"), the source's at the switch-over,
+#: and the source's during post-copy. Such a copy does not take the VM from a live host that has it.
+MIGRATING_PAUSE_REASONS = frozenset({"migration", "postcopy", "postcopy_failed"})
 
 
 @dataclass
@@ -81,7 +86,7 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
     # VMs listed here before whose domain vanished from this host: absent, if the record still says here.
     vanished = [DomainInfo(vm, "", DomainStatus.ABSENT, f"not defined on {host}")
                 for vm in sorted(previously_listed - set(names))]
-    for placed in store.place_domains(host, domains + vanished, now_ms, ACTIVE):
+    for placed in store.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS):
         if placed.migrated:
             report.migrated.append(placed.vm)
             store.audit("migrated", placed.vm, host, now_ms, previous_host=placed.previous_host)

@@ -104,3 +104,59 @@ def test_a_shut_off_definition_takes_over_a_vm_whose_recorded_domain_vanished_fr
     assert placement(world) == (HOST_A, "absent")
     sync_inventory(world.store, node(HOST_B, DomainStatus.SHUTOFF), HOST_B, TTL_S)
     assert placement(world) == (HOST_B, "shutoff")
+
+
+def copy(host: str, status: DomainStatus, reason: str, vm: str = "web-1") -> FakeHypervisor:
+    """``host``'s copy of the domain in ``status`` for ``reason`` (vmq.hypervisor.libvirt's words)."""
+    return FakeHypervisor(f"fake://{host}", [DomainInfo(vm, "u-1", status, reason)])
+
+
+def test_a_live_migration_moves_the_vm_once_when_the_destination_runs(world: World) -> None:
+    """libvirt starts the destination's copy paused ("migration") while memory is copied in, then runs it
+    ("migrated") and pauses the source's ("migration") before shutting it off ("migrated") or undefining
+    it. Every host keeps reporting on its own interval; both copies are active for the whole migration."""
+    source, destination = HOST_A, HOST_B
+    sync_inventory(world.store, copy(source, DomainStatus.RUNNING, "booted"), source, TTL_S)
+    steps = [
+        (destination, copy(destination, DomainStatus.PAUSED, "migration")),  # incoming, source still running
+        (source, copy(source, DomainStatus.RUNNING, "booted")),
+        (destination, copy(destination, DomainStatus.PAUSED, "migration")),
+    ]
+    for host, hypervisor in steps:
+        sync_inventory(world.store, hypervisor, host, TTL_S)
+        assert placement(world) == (source, "running")
+    sync_inventory(world.store, copy(destination, DomainStatus.RUNNING, "migrated"), destination, TTL_S)
+    assert placement(world) == (destination, "running")
+    for host, hypervisor in [
+        (source, copy(source, DomainStatus.PAUSED, "migration")),  # the source's copy at the switch-over
+        (destination, copy(destination, DomainStatus.RUNNING, "migrated")),
+        (source, copy(source, DomainStatus.SHUTOFF, "migrated")),
+        (source, FakeHypervisor(f"fake://{source}", [])),  # undefined on the source
+    ]:
+        sync_inventory(world.store, hypervisor, host, TTL_S)
+        assert placement(world) == (destination, "running")
+    assert [e["previous_host"] for e in world.events("migrated")] == [source]
+
+
+def test_a_post_copy_migration_moves_the_vm_when_the_destination_runs_and_the_paused_source_does_not_take_it_back(
+        world: World) -> None:
+    sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
+    sync_inventory(world.store, copy(HOST_B, DomainStatus.RUNNING, "postcopy"), HOST_B, TTL_S)
+    assert placement(world) == (HOST_B, "running")
+    for reason in ("postcopy", "postcopy_failed"):
+        sync_inventory(world.store, copy(HOST_A, DomainStatus.PAUSED, reason), HOST_A, TTL_S)
+        assert placement(world) == (HOST_B, "running")
+    assert len(world.events("migrated")) == 1
+
+
+def test_an_incoming_migration_copy_takes_the_vm_from_a_host_that_is_gone(world: World) -> None:
+    sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
+    world.store.drop_heartbeat(HOST_A)  # the source died mid-migration: the paused copy is all that is left
+    sync_inventory(world.store, copy(HOST_B, DomainStatus.PAUSED, "migration"), HOST_B, TTL_S)
+    assert placement(world) == (HOST_B, "paused")
+
+
+def test_a_copy_paused_for_another_reason_still_takes_the_vm_like_any_active_domain(world: World) -> None:
+    sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
+    sync_inventory(world.store, copy(HOST_B, DomainStatus.PAUSED, "user"), HOST_B, TTL_S)
+    assert placement(world) == (HOST_B, "paused")  # active on B: the move is seen, as before

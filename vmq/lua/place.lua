@@ -2,17 +2,24 @@
 -- the same moment cannot overwrite each other with what they read before the other wrote.
 -- KEYS: vm_hash
 -- ARGV: host, status, uuid, reason, now_ms, active statuses (comma list),
---       heartbeat key prefix, heartbeat key suffix (prefix .. host .. suffix exists while the host lives)
+--       heartbeat key prefix, heartbeat key suffix (prefix .. host .. suffix exists while the host lives),
+--       paused reasons of a live migration (comma list: libvirt's "migration", "postcopy", ...)
 -- status 'absent' means the domain vanished from this host's listing: only the host the record names
 -- marks it absent. An inactive domain (shut off, crashed) never takes the record from another live host
 -- that has the domain defined: the host where it is active keeps the VM, and two stale definitions do not
--- take it from each other in turn. An active domain always takes the record (that is how a move is seen).
+-- take it from each other in turn. An active domain takes the record (that is how a move is seen), except one
+-- paused by a live migration: the destination's copy while memory is copied in, the source's at the switch-over;
+-- it claims only like an inactive one, so a migration moves the record once, when the destination runs.
 -- Returns {written, previous_host, migrated, started}, the flags 1 or 0; started means booted_at_ms = now_ms.
 local vm_key, host, status, uuid, reason, now_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local active = {}
+local active, migrating = {}, {}
 for s in string.gmatch(ARGV[6], '[^,]+') do
   active[s] = true
 end
+for r in string.gmatch(ARGV[9] or '', '[^,]+') do
+  migrating[r] = true
+end
+local claims = active[status] and not (status == 'paused' and migrating[reason])
 local owner = redis.call('HGET', vm_key, 'host') or ''
 local old_status = redis.call('HGET', vm_key, 'domain_status') or 'absent'
 local booted = redis.call('HGET', vm_key, 'booted_at_ms') or ''
@@ -26,7 +33,7 @@ if status == 'absent' then
 end
 
 local elsewhere = owner ~= '' and owner ~= host
-if not active[status] and elsewhere and old_status ~= 'absent'
+if not claims and elsewhere and old_status ~= 'absent'
     and redis.call('EXISTS', ARGV[7] .. owner .. ARGV[8]) == 1 then
   return {0, owner, 0, 0}
 end

@@ -224,11 +224,12 @@ class HostStateMixin:
         return [_text(h or b"") for h in rows]
 
     def place_domains(self, host: str, listed: Sequence[DomainInfo], now_ms: int,
-                      active: Collection[DomainStatus]) -> list[Placement]:
+                      active: Collection[DomainStatus], migrating: Collection[str] = ()) -> list[Placement]:
         """Record where each listed domain's VM lives, one atomic compare-and-set per VM, in one round trip.
 
         ``listed`` is ``host``'s listing; a domain with status ABSENT vanished from it. A domain whose status
-        is in ``active`` takes the VM's record; an inactive one only if the host the record names is gone
+        is in ``active`` takes the VM's record, unless it is paused with a reason in ``migrating`` (a live
+        migration under way); an inactive or migrating one only if the host the record names is gone
         (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). Idempotent: the same
         listing again changes nothing but the reason. Raises StoreError/StoreUnavailable.
         """
@@ -236,12 +237,13 @@ class HostStateMixin:
             return []
         prefix, suffix = self.keys.host_heartbeat_parts()
         active_list = ",".join(sorted(status.value for status in active))
+        migrating_list = ",".join(sorted(migrating))
         with translate_errors(f"place domains of {host}"):
             pipe = self.r.pipeline(transaction=False)
             for info in listed:
                 self._place(keys=[self.keys.vm(info.name)],
                             args=[host, info.status.value, info.uuid, info.reason, now_ms, active_list, prefix,
-                                  suffix], client=pipe)
+                                  suffix, migrating_list], client=pipe)
             rows = pipe.execute()
         return [Placement(info.name, bool(written), _text(previous), bool(migrated), bool(started))
                 for info, (written, previous, migrated, started) in zip(listed, rows)]
