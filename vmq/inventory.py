@@ -70,6 +70,7 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
     """
     report = SyncReport()
     domains: list[DomainInfo] = []
+    listed_us = store.time_us()  # before listing: the listing shows libvirt no older than this
     for info in hypervisor.list_domains():
         if valid_name(info.name):
             domains.append(info)
@@ -86,7 +87,7 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
     # VMs listed here before whose domain vanished from this host: absent, if the record still says here.
     vanished = [DomainInfo(vm, "", DomainStatus.ABSENT, f"not defined on {host}")
                 for vm in sorted(previously_listed - set(names))]
-    for placed in store.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS):
+    for placed in store.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS, listed_us):
         if placed.migrated:
             report.migrated.append(placed.vm)
             store.audit("migrated", placed.vm, host, now_ms, previous_host=placed.previous_host)

@@ -160,3 +160,16 @@ def test_a_copy_paused_for_another_reason_still_takes_the_vm_like_any_active_dom
     sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
     sync_inventory(world.store, copy(HOST_B, DomainStatus.PAUSED, "user"), HOST_B, TTL_S)
     assert placement(world) == (HOST_B, "paused")  # active on B: the move is seen, as before
+
+
+def test_a_source_listing_from_before_the_switch_over_landing_after_the_destinations_leaves_the_vm_there(
+        world: World) -> None:
+    sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
+    switched = copy(HOST_B, DomainStatus.RUNNING, "migrated")
+    # A listed its copy running just before the switch-over; B's whole sync lands before A writes.
+    racing = _ReportLandsMidSync(world, lambda: sync_inventory(world.store, switched, HOST_B, TTL_S))
+    sync_inventory(racing, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
+    assert placement(world) == (HOST_B, "running")
+    assert [e["previous_host"] for e in world.events("migrated")] == [HOST_A]  # one move, no move back
+    sync_inventory(world.store, copy(HOST_A, DomainStatus.SHUTOFF, "migrated"), HOST_A, TTL_S)  # A's next
+    assert placement(world) == (HOST_B, "running")

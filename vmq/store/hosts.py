@@ -224,13 +224,15 @@ class HostStateMixin:
         return [_text(h or b"") for h in rows]
 
     def place_domains(self, host: str, listed: Sequence[DomainInfo], now_ms: int,
-                      active: Collection[DomainStatus], migrating: Collection[str] = ()) -> list[Placement]:
+                      active: Collection[DomainStatus], migrating: Collection[str] = (),
+                      listed_us: int = 0) -> list[Placement]:
         """Record where each listed domain's VM lives, one atomic compare-and-set per VM, in one round trip.
 
         ``listed`` is ``host``'s listing; a domain with status ABSENT vanished from it. A domain whose status
         is in ``active`` takes the VM's record, unless it is paused with a reason in ``migrating`` (a live
         migration under way); an inactive or migrating one only if the host the record names is gone
-        (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). Idempotent: the same
+        (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). ``listed_us``, Redis
+        time (µs) taken before the listing: a listing older than another host's last placement of a VM leaves it. Idempotent: the same
         listing again changes nothing but the reason. Raises StoreError/StoreUnavailable.
         """
         if not listed:
@@ -243,7 +245,7 @@ class HostStateMixin:
             for info in listed:
                 self._place(keys=[self.keys.vm(info.name)],
                             args=[host, info.status.value, info.uuid, info.reason, now_ms, active_list, prefix,
-                                  suffix, migrating_list], client=pipe)
+                                  suffix, migrating_list, listed_us], client=pipe)
             rows = pipe.execute()
         return [Placement(info.name, bool(written), _text(previous), bool(migrated), bool(started))
                 for info, (written, previous, migrated, started) in zip(listed, rows)]
