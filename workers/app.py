@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         worker_send_task_events=True,
         beat_schedule=beat_schedule(settings),
+        beat_scheduler="workers.schedules:SteadyScheduler",  # keeps probing when beat's clock jumps back
         timezone="UTC",
         enable_utc=True,
     )

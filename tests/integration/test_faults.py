@@ -410,3 +410,28 @@ def test_the_clock_shifting_helper_really_shifts_the_clock(tmp_path: Path) -> No
     out = subprocess.run([sys.executable, "-c", code],
                          env=env, capture_output=True, text=True, check=True, timeout=30).stdout.split()
     assert all(3590 < float(x) - time.time() < 3610 for x in out)
+
+
+def test_beat_keeps_probing_when_its_clock_jumps_back(make_cluster: Callable[..., LocalCluster],
+                                                      tmp_path: Path) -> None:
+    """Celery beat counts the next run from the last one in wall-clock time: a beat whose clock went an hour
+    back waited that hour, and nothing was probed (0 rounds in 5 s before workers.schedules.SteadyScheduler)."""
+    cluster = make_cluster(PLACEMENT)
+    cluster.wait_healthy(timeout_s=60)
+    beat_clock = tmp_path / "beat-clock"
+    beat_clock.write_text("-3600")  # the node's clock was stepped back an hour while beat was down
+    cluster.kill("beat")  # beat again, with its schedule file (last run: an hour ahead of its clock now)
+    cluster._celery("beat", ["beat", "-s", str(cluster.workdir / "beat-schedule"), "--loglevel", "INFO"],
+                    {"CLOCKSHIFT_FILE": str(beat_clock),
+                     "PYTHONPATH": os.pathsep.join([str(CLOCKSHIFT), cluster.env["PYTHONPATH"]])})
+    first = cluster.store.current_round()
+    cluster.wait_for(lambda: cluster.store.current_round() >= first + 4, 30, "rounds under the restarted beat")
+    for shift, what in (("-3590", "10 s forward"), ("-7200", "another hour back while running")):
+        beat_clock.write_text(shift)
+        before = cluster.store.current_round()
+        time.sleep(5)
+        sent = cluster.store.current_round() - before
+        assert sent >= 0.6 * 5 / T1, f"beat's clock {what}: {sent} rounds in 5 s"
+    assert events_of(cluster, type="faulty") == []
+    assert set(cluster.states().values()) == {VmState.HEALTHY.value}
+    assert "the clock went back" in (cluster.workdir / "beat.log").read_text()
