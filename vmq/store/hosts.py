@@ -231,9 +231,10 @@ class HostStateMixin:
         ``listed`` is ``host``'s listing; a domain with status ABSENT vanished from it. A domain whose status
         is in ``active`` takes the VM's record, unless it is paused with a reason in ``migrating`` (a live
         migration under way); an inactive or migrating one only if the host the record names is gone
-        (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). ``listed_us``, Redis
-        time (µs) taken before the listing: a listing older than another host's last placement of a VM leaves it. Idempotent: the same
-        listing again changes nothing but the reason. Raises StoreError/StoreUnavailable.
+        (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). ``listed_us`` is
+        Redis' time (µs) taken before the listing: a listing older than another host's last placement of a VM
+        does not move it. Idempotent: the same listing again changes nothing but the reason.
+        Raises StoreError/StoreUnavailable.
         """
         if not listed:
             return []

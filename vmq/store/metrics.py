@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from vmq.codec import stream_id_ms
 from vmq.keys import Keys
 from vmq.model import VmState
 from vmq.store.common import text as _text
@@ -228,5 +229,4 @@ class MetricsMixin:
         if not first:
             return unread, 0.0
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        arrived_ms = int(_text(first[0][0]).partition("-")[0])
-        return unread, max(0.0, (now_ms - arrived_ms) / 1000.0)
+        return unread, max(0.0, (now_ms - stream_id_ms(first[0][0])) / 1000.0)
