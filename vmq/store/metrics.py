@@ -17,13 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from vmq.codec import stream_id_ms
 from vmq.keys import Keys
 from vmq.model import VmState
 from vmq.store.common import text as _text
@@ -116,6 +115,7 @@ class MetricsMixin:
 
     r: Any
     keys: Keys
+    reply_backlog: Callable[[], tuple[int | None, float]]  # vmq.store.replies.RepliesMixin
 
     # ------------------------------------------------------------------ writing
     def _observe(self, pipe: Any, name: str, values: Iterable[float]) -> None:
@@ -202,31 +202,3 @@ class MetricsMixin:
             snap.guard_episodes[scope] += 1
         snap.replies_unread, snap.oldest_unread_s = self.reply_backlog()
         return snap
-
-    def reply_backlog(self) -> tuple[int | None, float]:
-        """How far the monitors are behind the reply stream: (replies not read yet, age in s of the oldest).
-
-        Unread is ``entries-added - replies read`` (vmq.store.evidence; None before Redis 7.0); the age is
-        Redis' clock minus the arrival of the first entry after the cursor. Drains run half a T1 into each
-        round, so a healthy monitor stays under T1; replies are lost once unread passes the stream's
-        ``VMQ_REPLY_STREAM_MAXLEN`` (docs/metrics.md: the VmqMonitorBehind alert)."""
-        k = self.keys
-        with translate_errors("reply backlog"):
-            pipe = self.r.pipeline(transaction=True)  # one view: count read and stream counters together
-            pipe.time()
-            pipe.get(k.reply_cursor)
-            pipe.hget(k.stats, "replies_read")
-            pipe.xinfo_stream(k.reply_stream)
-            (seconds, micros), cursor, read, info = pipe.execute(raise_on_error=False)
-            if isinstance(info, redis.ResponseError) and "no such key" in str(info).lower():
-                return 0, 0.0  # no reply added yet
-            if isinstance(info, Exception):
-                raise info
-            added = info.get("entries-added")
-            unread = None if added is None else max(0, int(added) - int(read or 0))
-            start = f"({_text(cursor)}" if cursor and _text(cursor) != "0-0" else "-"
-            first = self.r.xrange(k.reply_stream, start, "+", count=1)
-        if not first:
-            return unread, 0.0
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        return unread, max(0.0, (now_ms - stream_id_ms(first[0][0])) / 1000.0)

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from vmq.codec import RawEntry
+from vmq.codec import RawEntry, stream_id_ms
 from vmq.keys import Keys
 from vmq.store.common import text as _text
 from vmq.store.common import translate_errors
@@ -39,22 +39,49 @@ class RepliesMixin:
         """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``, as Redis sends
         them: (id, [field, value, ...]); and how many replies after ``after_id`` were trimmed before this read
         (recorded, see vmq.store.evidence). Both come from one MULTI/EXEC, so no trim can fall between them."""
-        k = self.keys
         start = f"({after_id}" if after_id != "0-0" else "-"
         with translate_errors("XRANGE replies"):
             pipe = self._raw.pipeline(transaction=True)
-            pipe.xinfo_stream(k.reply_stream)
-            pipe.hget(k.stats, "replies_read")
-            pipe.xrange(k.reply_stream, start, str(up_to_ms), count=count)
+            self._queue_stream_view(pipe)
+            pipe.xrange(self.keys.reply_stream, start, str(up_to_ms), count=count)
             info, read, entries = pipe.execute(raise_on_error=False)
-            for result in (read, entries):
-                if isinstance(result, Exception):
-                    raise result
-            if isinstance(info, Exception):
-                if "no such key" in str(info).lower():
-                    return [], 0  # nothing added yet, nothing lost
-                raise info
-        return list(entries), self.account_trimmed(info, int(read or 0), after_id)
+            _raise_any(entries)
+            view = _stream_view(info, read)
+        if view is None:
+            return [], 0  # nothing added yet, nothing lost
+        return list(entries), self.account_trimmed(view[0], view[1], after_id)
+
+    def reply_backlog(self) -> tuple[int | None, float]:
+        """How far the monitors are behind the reply stream: (replies not read yet, age in s of the oldest).
+
+        Unread is ``entries-added - replies read`` (vmq.store.evidence; None before Redis 7.0); the age is
+        Redis' clock minus the arrival of the first entry after the cursor. Drains run half a T1 into each
+        round, so a healthy monitor stays under T1; replies are lost once unread passes the stream's
+        ``VMQ_REPLY_STREAM_MAXLEN`` (docs/metrics.md: the VmqMonitorBehind alert). Read at scrape time only."""
+        k = self.keys
+        with translate_errors("reply backlog"):
+            pipe = self.r.pipeline(transaction=True)  # one view: the count read and the stream's counters
+            pipe.time()
+            pipe.get(k.reply_cursor)
+            self._queue_stream_view(pipe)
+            now, cursor, info, read = pipe.execute(raise_on_error=False)
+            _raise_any(now, cursor)
+            view = _stream_view(info, read)
+            if view is None:
+                return 0, 0.0  # no reply added yet
+            added = view[0].get("entries-added")
+            unread = None if added is None else max(0, int(added) - view[1])
+            start = f"({_text(cursor)}" if cursor and _text(cursor) != "0-0" else "-"
+            first = self.r.xrange(k.reply_stream, start, "+", count=1)
+        if not first:
+            return unread, 0.0
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        return unread, max(0.0, (now_ms - stream_id_ms(first[0][0])) / 1000.0)
+
+    def _queue_stream_view(self, pipe: Any) -> None:
+        """Queue the stream's counters (XINFO STREAM) and the count of entries read: see ``_stream_view``."""
+        pipe.xinfo_stream(self.keys.reply_stream)
+        pipe.hget(self.keys.stats, "replies_read")
 
     def reply_cursor(self) -> str:
         """Id of the last reply-stream entry ingested ("0-0" before the first)."""
@@ -102,3 +129,21 @@ class RepliesMixin:
             advanced = self._advance_cursor(keys=[k.judge_lock, k.reply_cursor, k.stats],
                                             args=[lock_token, cursor, read])
         return bool(advanced)
+
+
+def _raise_any(*results: Any) -> None:
+    """Raise the first error among a pipeline's results (executed with ``raise_on_error=False``)."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
+def _stream_view(info: Any, read: Any) -> tuple[Mapping[str, Any], int] | None:
+    """(XINFO STREAM, entries read) from the results ``_queue_stream_view`` queued; None when no reply was
+    ever added (the stream does not exist yet)."""
+    _raise_any(read)
+    if isinstance(info, Exception):
+        if "no such key" in str(info).lower():
+            return None
+        raise info
+    return info, int(read or 0)
