@@ -35,7 +35,8 @@ from measure import host_busy_s, naive_judge, pct, print_table, proc_cpu_s, redi
 from vmq.codec import new_secret
 from vmq.config import load_settings
 from vmq.localcluster import LocalRedis
-from vmq.monitor import Monitor, RestartRequest, TickReport
+from vmq.model import RestartRequest
+from vmq.monitor import Monitor, TickReport
 from vmq.store.redis import RedisStore
 
 log = logging.getLogger("loop_bench")
@@ -120,8 +121,8 @@ class Loop:
                 self._timed(self.monitor.tick, self.tick_calls)
             elif self.next_heartbeat <= now:
                 for host in HOSTS:
-                    info = {"queue": f"host.{host}", "pid": os.getpid(), "seen_ms": self.store.time_ms()}
-                    self.store.heartbeat(host, info, HEARTBEAT_TTL_MS)
+                    info = {"queue": f"host.{host}", "pid": os.getpid(), "seen_ms": self.store.clock.time_ms()}
+                    self.store.hosts.heartbeat(host, info, HEARTBEAT_TTL_MS)
                 self.next_heartbeat = now + HEARTBEAT_EVERY_S
             else:
                 inject()
@@ -137,12 +138,12 @@ def setup_vms(store: RedisStore, n: int) -> tuple[list[str], dict[str, str]]:
     """Register n VMs with keys, host and running domain; returns (vms, secrets)."""
     vms = [f"vm-{i:05d}" for i in range(n)]
     secrets = {vm: new_secret() for vm in vms}
-    now_ms = store.time_ms()
+    now_ms = store.clock.time_ms()
     for vm in vms:  # the real per-VM APIs (3-4 round trips each); bulk HSET for the inventory fields
-        store.register_vm(vm, now_ms)
-        store.set_secret(vm, secrets[vm])
+        store.vms.register_vm(vm, now_ms)
+        store.keyring.set_secret(vm, secrets[vm])
     for start in range(0, n, 5000):
-        store.write_many({vm: {"host": HOSTS[i % len(HOSTS)], "domain_status": "running"}
+        store.vms.write_many({vm: {"host": HOSTS[i % len(HOSTS)], "domain_status": "running"}
                           for i, vm in enumerate(vms[start:start + 5000], start)})
     return vms, secrets
 
@@ -180,7 +181,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
         fleet.revive(request.vm)
 
     monitor = Monitor(store, settings, dispatch)
-    clock_offset = store.time_ms() / 1000 - time.monotonic()
+    clock_offset = store.clock.time_ms() / 1000 - time.monotonic()
     loop = Loop(monitor, store, settings.probe_interval_s, settings.reply_timeout_s, clock_offset,
                 next_probe=time.monotonic())
     if args.profile:
@@ -210,7 +211,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
         def inject() -> None:
             while pool:
                 vm = pool.pop()
-                if store.vm_record(vm).get("state") == "healthy":
+                if store.vms.record(vm).state == "healthy":
                     injected.append(vm)
                     fleet.silence(vm)
                     return
@@ -231,7 +232,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
         loop.run(time.monotonic() + bound_s + 1.0)  # drain: let the last injections be judged
 
         # -- naive per-VM judge, same N, same Redis, same data (responders idle by now)
-        naive = [naive_judge(client, k.last_seen, vms, store.time_ms() - args.reply_timeout * 1000)
+        naive = [naive_judge(client, k.last_seen, vms, store.clock.time_ms() - args.reply_timeout * 1000)
                  for _ in range(args.naive_rounds)]
     finally:
         guest_stats = fleet.stop()
@@ -239,7 +240,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     # -- verdicts from the audit stream: 'faulty' events (written at their stream id, Redis ms) vs injections
     faulty: dict[str, list[int]] = {}
     warmup_faults, after, lags = 0, "0-0", []  # lags: verdict time - deadline of the missed round, ms
-    while batch := store.events(after=after, count=5000):
+    while batch := store.audit.read(after=after, count=5000):
         for event_id, event in batch:
             if event.get("type") == "faulty":
                 if sid(event_id) <= sid(mark):
@@ -254,7 +255,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
     false_faults += sum(1 for vm in inj_ms for t in faulty.get(vm, []) if t < inj_ms[vm])  # before it
     false_faults += sum(len(faulty[vm]) - 1 for vm in inj_ms if len(faulty.get(vm, [])) > 1)  # again
     missed = sum(1 for vm in injected if vm not in faulty)
-    _, rejects_stored = store.counters()
+    _, rejects_stored = store.stats.counters()
 
     # -- per-round monitor CPU: everything the monitor ran from one probe to the next
     starts = [p[0] for p in loop.probes]
@@ -313,7 +314,7 @@ def bench_one(n: int, args: argparse.Namespace, url: str) -> dict[str, Any]:
         for key in client.scan_iter(f"{ns}:*", count=1000):
             client.unlink(key)
     client.close()
-    store.r.close()
+    store.client.close()
     return row
 
 

@@ -27,7 +27,7 @@ from measure import pct
 from redis.connection import HiredisRespSerializer
 
 from vmq.localcluster import LocalRedis
-from vmq.store.common import CommandPacker
+from vmq.store.client import CommandPacker
 from vmq.store.redis import connect
 
 

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cluster.wait_healthy(timeout_s=120 + args.vms / 20)
         warmup_s = time.monotonic() - t0
         mark = client.xrevrange(keys.events, count=1)[0][0].decode()
-        rounds0 = cluster.store.current_round()
+        rounds0 = cluster.store.rounds.current_round()
         _log(f"{args.vms} VMs healthy after {warmup_s:.0f} s; injecting one hang every ~{args.fault_every:g} s "
              f"for {args.minutes:g} min")
         pool = vms[:]
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     raise RuntimeError(f"{name} exited ({proc.returncode}): see {cluster.workdir}/{name}.log")
             if now >= next_inject and pool:
                 vm = pool.pop()
-                if cluster.store.vm_record(vm).get("state") == "healthy":
+                if cluster.store.vms.record(vm).state == "healthy":
                     injected.append(vm)
                     fleet.silence(vm)
                 next_inject += args.fault_every * random.uniform(0.5, 1.5)
@@ -119,11 +119,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 _log(f"{(now - start) / 60:.0f} min: {len(injected)} hangs injected, {len(revived)} restarts seen")
                 next_note += 60
             time.sleep(0.05)
-        rounds = cluster.store.current_round() - rounds0
+        rounds = cluster.store.rounds.current_round() - rounds0
         # Drain: the last hangs are detected, restarted and answer again.
         drain_until = time.monotonic() + args.probe_interval + args.reply_timeout + 30
         while time.monotonic() < drain_until:
-            states = dict(zip(injected, (r.get("state") for r in cluster.store.vm_records(injected))))
+            states = dict(zip(injected, (r.get("state") for r in cluster.store.vms.records(injected))))
             if all(s == "healthy" for s in states.values()):
                 break
             time.sleep(0.5)
@@ -145,7 +145,7 @@ def _count(cluster: LocalCluster, client: Any, mark: str, injected: list[str], i
            vms: list[str]) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     after = mark
-    while batch := cluster.store.events(after=after, count=5000):
+    while batch := cluster.store.audit.read(after=after, count=5000):
         events += [event_json(i, e) for i, e in batch]
         after = batch[-1][0]
     inj_ms = {k.decode(): int(v) for k, v in client.hgetall(injected_key).items()}

@@ -117,9 +117,9 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     def background() -> None:
         """Host heartbeats (the stub host workers have no inventory agent) and guest reboots."""
         while not done.is_set():
-            now_ms = store.time_ms()
+            now_ms = store.clock.time_ms()
             for host in HOSTS:
-                store.heartbeat(host, {"queue": f"host.{host}", "seen_ms": now_ms}, 15_000)
+                store.hosts.heartbeat(host, {"queue": f"host.{host}", "seen_ms": now_ms}, 15_000)
             for vm in {v.decode() for v in client.hkeys(started_key)} - revived:
                 revived.add(vm)
                 fleet.revive(vm)
@@ -158,7 +158,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
             run.check()
             if now >= next_inject and pool:
                 vm = pool.pop()
-                if store.vm_record(vm).get("state") == "healthy":
+                if store.vms.record(vm).state == "healthy":
                     injected.append(vm)
                     fleet.silence(vm)
                 next_inject += random.uniform(0.5, 1.5) * args.fault_every
@@ -178,7 +178,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     faulty: dict[str, list[int]] = {}
     dispatched: dict[str, int] = {}
     after = mark
-    while batch := store.events(after=after, count=5000):
+    while batch := store.audit.read(after=after, count=5000):
         for event_id, event in batch:
             if sid(event_id) <= sid(mark):
                 continue
@@ -219,7 +219,7 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     row["pass"] = (false == 0 and missed == 0 and len(detect) > 0 and row["detect_s_p99"] <= bound
                    and len(to_task) >= len(detect))
     client.close()
-    store.r.close()
+    store.client.close()
     return row
 
 

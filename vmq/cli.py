@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from vmq import lifecycle
 from vmq.codec import new_secret
 from vmq.config import Settings, load_settings
 from vmq.errors import VmqError
@@ -114,10 +115,10 @@ def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_
            limit: int) -> None:
     """The audit stream: every transition and action with its evidence."""
     _, store = _store()
-    rows = store.events(count=1_000_000)[-limit:] if limit else []
+    rows = store.audit.read(count=1_000_000)[-limit:] if limit else []
     cursor = rows[-1][0] if rows else "$"
     if not rows and follow:
-        existing = store.events(count=1_000_000)
+        existing = store.audit.read(count=1_000_000)
         cursor = existing[-1][0] if existing else "0-0"
 
     def emit(entry_id: str, fields: dict[str, str]) -> None:
@@ -136,7 +137,7 @@ def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_
         emit(entry_id, fields)
     try:
         while follow:
-            for entry_id, fields in store.events(after=cursor, count=500, block_ms=1000):
+            for entry_id, fields in store.audit.read(after=cursor, count=500, block_ms=1000):
                 cursor = entry_id
                 emit(entry_id, fields)
     except KeyboardInterrupt:
@@ -171,12 +172,12 @@ def keys_add(vm: str, guest_redis_url: str | None, force: bool) -> None:
     if not valid_name(vm):
         raise click.BadParameter("VM names are 1-128 of A-Z a-z 0-9 _ . -", param_hint="VM")
     settings, store = _store()
-    if vm in store.secrets() and not force:
+    if vm in store.keyring.secrets() and not force:
         raise click.UsageError(f"{vm} already has a key; use --force to replace it")
     secret = new_secret()
     config = responder_config(settings, vm, secret, guest_redis_url)  # refused before any key is stored
-    store.set_secret(vm, secret)
-    store.start_monitoring(vm, store.time_ms())
+    store.keyring.set_secret(vm, secret)
+    store.vms.start_monitoring(vm, store.clock.time_ms())
     click.echo(f"# /etc/vmq/responder.toml for {vm} (mode 0600). Run in the guest:\n"
                f"#   python3 vmq_responder.py --config /etc/vmq/responder.toml\n{config}")
 
@@ -187,7 +188,7 @@ def keys_add(vm: str, guest_redis_url: str | None, force: bool) -> None:
 def keys_revoke(vm: str) -> None:
     """Delete VM's key: its replies are refused and it is no longer judged."""
     _, store = _store()
-    if not store.delete_secret(vm):
+    if not store.keyring.delete_secret(vm):
         raise click.UsageError(f"{vm} has no key")
     click.echo(f"key of {vm} revoked")
 
@@ -198,19 +199,15 @@ def keys_revoke(vm: str) -> None:
 def clear(vm: str) -> None:
     """Operator clear: a failed/faulty VM goes back to `unknown` with a fresh restart budget."""
     _, store = _store()
-    now_ms = store.time_ms()
-    rec = store.vm_record(vm)
-    if not rec:
+    now_ms = store.clock.time_ms()
+    rec = store.vms.record(vm)
+    if not rec.exists:
         raise click.UsageError(f"unknown VM {vm}")
-    ok, previous, _ = store.transition(
-        vm, [VmState.FAILED, VmState.FAULTY, VmState.MAINTENANCE, VmState.DISABLED], VmState.UNKNOWN, now_ms,
-        {"type": "cleared", "host": rec.get("host", ""), "reason": "operator clear"},
-        fields={"incident": "", "decision": ""})
-    if not ok:
-        raise click.UsageError(f"{vm} is {previous}: only failed, faulty, maintenance or disabled VMs are cleared")
-    store.reset_budget(vm)
-    store.start_monitoring(vm, now_ms)
-    click.echo(f"{vm}: {previous} -> unknown, restart budget reset")
+    result = lifecycle.clear(store.vms, rec, now_ms)
+    if not result.applied:
+        raise click.UsageError(f"{vm} is {result.previous}: only failed, faulty, maintenance or disabled VMs "
+                               "are cleared")
+    click.echo(f"{vm}: {result.previous} -> unknown, restart budget reset")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

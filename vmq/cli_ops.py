@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vmq.cli import _one_line_errors, _store, main
-from vmq.model import VmState
+from vmq import lifecycle
+from vmq.model import EXPLAINED_EVENTS, AuditEvent, VmState
 from vmq.report import event_json
 
 
@@ -37,8 +38,8 @@ def suspend(for_: str | None) -> None:
     """Kill switch: hold every restart cluster-wide (VMs are still judged and flagged)."""
     _, store = _store()
     seconds = _duration_s(for_)
-    store.set_kill_switch(seconds)
-    store.audit("restarts_suspended", "", "", store.time_ms(), reason="operator", for_s=seconds)
+    store.hosts.set_kill_switch(seconds)
+    store.audit.append(AuditEvent.RESTARTS_SUSPENDED, "", "", store.clock.time_ms(), reason="operator", for_s=seconds)
     click.echo("restarts suspended" + (f" for {seconds:g} s" if seconds else " until `vmq resume`"))
 
 
@@ -47,8 +48,8 @@ def suspend(for_: str | None) -> None:
 def resume() -> None:
     """Lift the kill switch."""
     _, store = _store()
-    store.set_kill_switch(None, on=False)
-    store.audit("restarts_resumed", "", "", store.time_ms(), reason="operator")
+    store.hosts.set_kill_switch(None, on=False)
+    store.audit.append(AuditEvent.RESTARTS_RESUMED, "", "", store.clock.time_ms(), reason="operator")
     click.echo("restarts resumed")
 
 
@@ -63,36 +64,25 @@ def maintenance(vm: str | None, host: str | None, for_: str | None, off: bool) -
     if bool(vm) == bool(host):
         raise click.UsageError("name either a VM or --host HOST")
     _, store = _store()
-    now_ms = store.time_ms()
+    now_ms = store.clock.time_ms()
     seconds = _duration_s(for_)
     until_ms = -1 if seconds is None else now_ms + int(seconds * 1000)
     if host:
-        store.set_host_fields(host, {"maintenance_until_ms": 0 if off else until_ms})
-        store.audit("host_maintenance", "", host, now_ms, on=not off, until_ms=None if off else until_ms)
+        store.hosts.set_host_fields(host, {"maintenance_until_ms": 0 if off else until_ms})
+        store.audit.append(AuditEvent.HOST_MAINTENANCE, "", host, now_ms, on=not off, until_ms=None if off else until_ms)
         click.echo(f"host {host}: maintenance {'off' if off else 'on'}")
         return
     assert vm is not None
-    rec = store.vm_record(vm)
-    if not rec:
+    rec = store.vms.record(vm)
+    if not rec.exists:
         raise click.UsageError(f"unknown VM {vm}")
-    generation = int(rec.get("generation") or 0)
     if off:
-        ok, previous, _ = store.transition(vm, [VmState.MAINTENANCE], VmState.UNKNOWN, now_ms,
-                                           {"type": "maintenance_ended", "host": rec.get("host", ""),
-                                            "reason": "operator"}, fields={"maintenance_until_ms": 0},
-                                           expected_generation=generation)
-        if ok:
-            store.start_monitoring(vm, now_ms)
+        result = lifecycle.maintenance_off(store.vms, rec, now_ms)
     else:
-        sources = [s for s in VmState if s not in (VmState.MAINTENANCE, VmState.RESTARTING)]
-        ok, previous, _ = store.transition(vm, sources, VmState.MAINTENANCE, now_ms,
-                                           {"type": "maintenance", "host": rec.get("host", ""),
-                                            "reason": "operator", "until_ms": until_ms},
-                                           fields={"maintenance_until_ms": max(until_ms, 0), "incident": ""},
-                                           expected_generation=generation)
-    if not ok:
-        raise click.UsageError(f"{vm} is {previous}: cannot change its maintenance now")
-    click.echo(f"{vm}: {previous} -> {'unknown' if off else 'maintenance'}")
+        result = lifecycle.maintenance_on(store.vms, rec, now_ms, until_ms)
+    if not result.applied:
+        raise click.UsageError(f"{vm} is {result.previous}: cannot change its maintenance now")
+    click.echo(f"{vm}: {result.previous} -> {'unknown' if off else 'maintenance'}")
 
 
 @main.command("set")
@@ -105,7 +95,7 @@ def set_knobs(vm: str, knobs: tuple[str, ...]) -> None:
     from vmq.policy import OVERRIDABLE, PolicyConfig, with_overrides
 
     _, store = _store()
-    if not store.vm_record(vm):
+    if not store.vms.record(vm).exists:
         raise click.UsageError(f"unknown VM {vm}")
     fields: dict[str, str] = {}
     for item in knobs:
@@ -115,8 +105,8 @@ def set_knobs(vm: str, knobs: tuple[str, ...]) -> None:
         if value and with_overrides(PolicyConfig(), {knob: value})[1]:
             raise click.BadParameter(f"{item!r}: {knob} must be a non-negative {OVERRIDABLE[knob].__name__}")
         fields[f"policy.{knob}"] = value
-    store.set_policy_overrides(vm, fields)
-    store.audit("overrides", vm, "", store.time_ms(), overrides=fields)
+    store.vms.set_policy_overrides(vm, fields)
+    store.audit.append(AuditEvent.OVERRIDES, vm, "", store.clock.time_ms(), overrides=fields)
     click.echo(f"{vm}: " + ", ".join(f"{k[7:]}={v or '(cluster default)'}" for k, v in fields.items()))
 
 
@@ -126,10 +116,10 @@ def set_knobs(vm: str, knobs: tuple[str, ...]) -> None:
 def hosts(as_json: bool) -> None:
     """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat."""
     settings, store = _store()
-    now_ms = store.time_ms()
-    fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
-    overview = store.hosts_overview()
-    context = store.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
+    now_ms = store.clock.time_ms()
+    fresh_ms = settings.host_fresh_ms
+    overview = store.hosts.hosts_overview()
+    context = store.hosts.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
     rows: list[dict[str, Any]] = [{"name": name, "alive": alive, "fresh": context[name].alive, "degraded": context[name].degraded,
              "maintenance": context[name].in_maintenance(now_ms), "domains": context[name].vm_count,
              "queue": info.get("queue", ""), "libvirt_uri": info.get("libvirt_uri", ""),
@@ -157,18 +147,18 @@ def hosts(as_json: bool) -> None:
 def check(host: str | None, monitor: bool) -> None:
     """Health check for scripts and containers: exit 0 when healthy, 1 (with the reason) when not."""
     settings, store = _store()
-    now_ms = store.time_ms()  # raises (exit 2) when Redis is unreachable
+    now_ms = store.clock.time_ms()  # raises (exit 2) when Redis is unreachable
     problems: list[str] = []
     if host:
-        fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
-        context = store.host_context([host], now_ms, fresh_ms)[host]
+        fresh_ms = settings.host_fresh_ms
+        context = store.hosts.host_context([host], now_ms, fresh_ms)[host]
         if not context.alive:
             problems.append(f"host {host}: no fresh heartbeat")
         elif context.degraded:
             problems.append(f"host {host}: libvirt unreachable (degraded)")
     if monitor:
-        latest = store.current_round()
-        sent = store.round_sent_ms(latest) if latest else None
+        latest = store.rounds.current_round()
+        sent = store.rounds.round_sent_ms(latest) if latest else None
         if sent is None or now_ms - sent > 3 * settings.probe_interval_s * 1000:
             age = "never" if sent is None else f"{(now_ms - sent) / 1000:.1f} s ago"
             problems.append(f"no probe round in the last {3 * settings.probe_interval_s:g} s (last: {age})")
@@ -178,22 +168,15 @@ def check(host: str | None, monitor: bool) -> None:
     click.echo("ok")
 
 
-def _switch(vm: str, target: VmState, sources: list[VmState], reason: str) -> None:
+def _switch(vm: str, enable: bool) -> None:
     _, store = _store()
-    rec = store.vm_record(vm)
-    if not rec:
+    rec = store.vms.record(vm)
+    if not rec.exists:
         raise click.UsageError(f"unknown VM {vm}")
-    now_ms = store.time_ms()
-    ok, previous, _ = store.transition(vm, sources, target, now_ms,
-                                       {"type": target.value if target is VmState.DISABLED else "enabled",
-                                        "host": rec.get("host", ""), "reason": reason},
-                                       fields={"incident": "", "decision": reason},
-                                       expected_generation=int(rec.get("generation") or 0))
-    if not ok:
-        raise click.UsageError(f"{vm} is {previous}: cannot {reason} it now")
-    if target is VmState.UNKNOWN:
-        store.start_monitoring(vm, now_ms)
-    click.echo(f"{vm}: {previous} -> {target.value}")
+    result = (lifecycle.enable if enable else lifecycle.disable)(store.vms, rec, store.clock.time_ms())
+    if not result.applied:
+        raise click.UsageError(f"{vm} is {result.previous}: cannot {'enable' if enable else 'disable'} it now")
+    click.echo(f"{vm}: {result.previous} -> {(VmState.UNKNOWN if enable else VmState.DISABLED).value}")
 
 
 @main.command()
@@ -201,8 +184,7 @@ def _switch(vm: str, target: VmState, sources: list[VmState], reason: str) -> No
 @_one_line_errors
 def disable(vm: str) -> None:
     """Stop monitoring VM until `vmq enable` (its replies are still verified and counted)."""
-    _switch(vm, VmState.DISABLED, [s for s in VmState if s not in (VmState.DISABLED, VmState.RESTARTING)],
-            "disable")
+    _switch(vm, enable=False)
 
 
 @main.command()
@@ -210,12 +192,8 @@ def disable(vm: str) -> None:
 @_one_line_errors
 def enable(vm: str) -> None:
     """Monitor a disabled VM again; it is judged after its grace period."""
-    _switch(vm, VmState.UNKNOWN, [VmState.DISABLED], "enable")
+    _switch(vm, enable=True)
 
-
-DECISION_EVENTS = {"faulty", "decision", "restart_dispatched", "restarted", "restart_failed", "restart_skipped",
-                   "restart_left_alone", "silent_but_active", "recovered", "failed", "escalated", "unreachable",
-                   "domain_event", "maintenance", "maintenance_ended", "cleared", "healthy"}
 
 
 @main.command()
@@ -225,15 +203,15 @@ DECISION_EVENTS = {"faulty", "decision", "restart_dispatched", "restarted", "res
 def explain(vm: str, last: int) -> None:
     """Why vmq did (or did not) act on VM: its state and its last decisions in plain words."""
     _, store = _store()
-    rec = store.vm_record(vm)
-    if not rec:
+    rec = store.vms.record(vm)
+    if not rec.exists:
         raise click.UsageError(f"unknown VM {vm}")
-    click.echo(f"{vm} on {rec.get('host') or '?'}: {rec.get('state', 'unknown')}"
-               + (f" (incident {rec['incident']})" if rec.get("incident") else ""))
-    if rec.get("decision"):
-        click.echo(f"  now: {rec.get('decision_action', '')}: {rec['decision']}")
-    rows = [event_json(i, f) for i, f in store.events(count=1_000_000) if f.get("vm") == vm]
-    rows = [e for e in rows if e["type"] in DECISION_EVENTS][-last:]
+    click.echo(f"{vm} on {rec.host or '?'}: {rec.state.value}"
+               + (f" (incident {rec.incident})" if rec.incident else ""))
+    if rec.decision:
+        click.echo(f"  now: {rec.decision_action}: {rec.decision}")
+    rows = [event_json(i, f) for i, f in store.audit.read(count=1_000_000) if f.get("vm") == vm]
+    rows = [e for e in rows if e["type"] in EXPLAINED_EVENTS][-last:]
     for event in rows:
         words = "; ".join(event.get("reasons") or []) or event.get("reason") or event.get("result") or ""
         extra = ""

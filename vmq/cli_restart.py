@@ -17,12 +17,10 @@ import click
 from vmq.cli import _one_line_errors, _store, keys, main, responder_config
 from vmq.codec import new_secret
 from vmq.errors import VmqError
+from vmq.model import HOST_OUTCOME_EVENTS, INCIDENT_END_EVENTS, AuditEvent
 from vmq.report import event_json
 
 #: Events that end a manual restart's wait: the host's outcome, then the guest's answer.
-HOST_OUTCOMES = {"restarted", "restart_failed", "restart_skipped", "restart_left_alone", "restart_misrouted",
-                 "silent_but_active", "dispatch_failed"}
-DONE = {"recovered", "healthy", "failed"}
 
 
 def _who() -> str:
@@ -48,9 +46,9 @@ def restart(vm: str, force: bool, wait: bool, timeout_s: float, as_json: bool) -
     from workers.app import create_app
 
     settings, store = _store()
-    if not store.vm_record(vm):
+    if not store.vms.record(vm).exists:
         raise click.UsageError(f"unknown VM {vm}")
-    past = store.events(count=1_000_000)
+    past = store.audit.read(count=1_000_000)
     cursor = past[-1][0] if past else "0-0"
     deadline = time.monotonic() + timeout_s
     app = create_app(settings)
@@ -88,24 +86,24 @@ def _follow(store: Any, vm: str, incident: str, cursor: str, deadline: float, as
     restarted = False
     while time.monotonic() < deadline:
         block_ms = max(1, min(1000, int((deadline - time.monotonic()) * 1000)))
-        for entry_id, fields in store.events(after=cursor, count=500, block_ms=block_ms):
+        for entry_id, fields in store.audit.read(after=cursor, count=500, block_ms=block_ms):
             cursor = entry_id
             event = event_json(entry_id, fields)
             if event["vm"] != vm or event.get("incident", incident) != incident:
                 continue
             kind = event["type"]
-            if kind not in HOST_OUTCOMES | DONE:
+            if kind not in HOST_OUTCOME_EVENTS | INCIDENT_END_EVENTS:
                 continue
             words = event.get("result") or event.get("reason") or ""
-            if kind == "restarted":
+            if kind == AuditEvent.RESTARTED:
                 restarted = True
                 words = f"{event.get('action')} on {event['host']} in {event.get('took_ms')} ms"
-            elif kind == "recovered":
+            elif kind == AuditEvent.RECOVERED:
                 words = f"answering again after {event.get('recovered_after_s')} s, boot {event.get('boot_id')}"
             _say(as_json, event, f"{vm}: {kind}: {words}")
-            if kind in DONE:
-                return bool(kind == "failed")
-            if kind in HOST_OUTCOMES and kind != "restarted":
+            if kind in INCIDENT_END_EVENTS:
+                return bool(kind == AuditEvent.FAILED)
+            if kind in HOST_OUTCOME_EVENTS and kind != AuditEvent.RESTARTED:
                 return True
     if restarted:
         _say(as_json, {"vm": vm, "type": "waiting", "incident": incident},
@@ -138,8 +136,8 @@ def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None
         grace_s = _duration_s(grace) or 0.0
     secret = new_secret()
     config = responder_config(settings, vm, secret, guest_redis_url)  # refused before the key is rotated
-    until_ms = store.rotate_secret(vm, secret, int(grace_s * 1000))
-    store.audit("key_rotated", vm, "", store.time_ms(), grace_s=grace_s, old_key_until_ms=until_ms)
+    until_ms = store.keyring.rotate_secret(vm, secret, int(grace_s * 1000))
+    store.audit.append(AuditEvent.KEY_ROTATED, vm, "", store.clock.time_ms(), grace_s=grace_s, old_key_until_ms=until_ms)
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until_ms / 1000))
     click.echo(f"# new key for {vm}; the old one is accepted until {until} ({grace_s:g} s)\n"
                f"# replace /etc/vmq/responder.toml in the guest (mode 0600) and restart the responder\n{config}")

@@ -99,15 +99,15 @@ def sim_guests(hosts_text: str, vms: int, workdir: str, guest_redis_url: str, bo
 
     settings, store = _store()
     vm_names = [vm for host in _host_list(hosts_text) for vm in sim_vm_names(host, vms)]
-    existing = store.secrets()
+    existing = store.keyring.secrets()
     secrets: dict[str, str] = {}
     for vm in vm_names:
         if vm in existing:
             secrets[vm] = existing[vm].hex()
             continue
         secrets[vm] = new_secret()
-        store.set_secret(vm, secrets[vm])
-        store.start_monitoring(vm, store.time_ms())
+        store.keyring.set_secret(vm, secrets[vm])
+        store.vms.start_monitoring(vm, store.clock.time_ms())
     directory = Path(workdir)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         return Keys(self.namespace)
 
     @property
+    def host_fresh_ms(self) -> int:
+        """A host counts as alive for restarts while its heartbeat was renewed this recently: 3 renewals."""
+        return int(3 * self.host_heartbeat_interval_s * 1000)
+
+    @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         """VMQ_REDIS_SENTINELS as (host, port) pairs; empty without Sentinel."""
         pairs = [a.strip().rpartition(":") for a in self.redis_sentinels.split(",") if a.strip()]

@@ -118,16 +118,16 @@ def run_demo(hosts: int, vms: int, fault: str | None, probe_interval_s: float, r
 def _run_fault(cluster: LocalCluster, console: Console, result: DemoResult, timeout_s: float) -> None:
     store = cluster.store
     assert cluster.fleet is not None
-    cursor = store.events(count=1_000_000)[-1][0] if store.events(count=1) else "0-0"
+    cursor = store.audit.read(count=1_000_000)[-1][0] if store.audit.read(count=1) else "0-0"
     console.print(f"all VMs healthy; [bold red]injecting a hang into {result.fault_vm}[/] (guest frozen)")
-    t_fault = store.time_ms()
+    t_fault = store.clock.time_ms()
     cluster.fleet.hang(result.fault_vm)
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
     while time.monotonic() < deadline:
         if settle_until is not None and time.monotonic() > settle_until:
             return
-        for entry_id, fields in store.events(after=cursor, count=500, block_ms=250):
+        for entry_id, fields in store.audit.read(after=cursor, count=500, block_ms=250):
             cursor = entry_id
             event = event_json(entry_id, fields)
             _show(console, event, t_fault)

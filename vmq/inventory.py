@@ -14,9 +14,9 @@ import socket
 from dataclasses import dataclass, field
 
 from vmq.keys import host_queue, valid_name
-from vmq.model import DomainInfo, DomainStatus
+from vmq.model import AuditEvent, DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
-from vmq.store.redis import RedisStore
+from vmq.ports import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,39 +38,39 @@ class SyncReport:
     skipped_names: list[str] = field(default_factory=list)
 
 
-def heartbeat(store: RedisStore, host: str, uri: str, ttl_s: float, domains: int) -> None:
+def heartbeat(store: Store, host: str, uri: str, ttl_s: float, domains: int) -> None:
     """Refresh this host's registration and heartbeat (liveness by TTL); libvirt answered."""
-    if store.host_info(host).get("libvirt_ok") == "0":
-        store.audit("host_recovered", "", host, store.time_ms(), reason="libvirt answers again")
-    store.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "hostname": socket.gethostname(),
-                           "pid": os.getpid(), "domains": domains, "seen_ms": store.time_ms(),
+    if store.hosts.host_info(host).get("libvirt_ok") == "0":
+        store.audit.append(AuditEvent.HOST_RECOVERED, "", host, store.clock.time_ms(), reason="libvirt answers again")
+    store.hosts.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "hostname": socket.gethostname(),
+                           "pid": os.getpid(), "domains": domains, "seen_ms": store.clock.time_ms(),
                            "libvirt_ok": 1, "libvirt_error": ""},
                     int(ttl_s * 1000))
 
 
-def renew_heartbeat(store: RedisStore, host: str, ttl_s: float) -> None:
+def renew_heartbeat(store: Store, host: str, ttl_s: float) -> None:
     """Between inventory syncs: just say this worker is alive (libvirt health unchanged)."""
-    store.heartbeat(host, {"seen_ms": store.time_ms()}, int(ttl_s * 1000))
+    store.hosts.heartbeat(host, {"seen_ms": store.clock.time_ms()}, int(ttl_s * 1000))
 
 
-def mark_degraded(store: RedisStore, host: str, uri: str, ttl_s: float, error: str) -> None:
+def mark_degraded(store: Store, host: str, uri: str, ttl_s: float, error: str) -> None:
     """The worker lives but libvirt does not answer: keep the heartbeat, flag the host `degraded` once."""
-    if store.host_info(host).get("libvirt_ok") != "0":
-        store.audit("host_degraded", "", host, store.time_ms(), reason=error)
-    store.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "libvirt_ok": 0,
-                           "libvirt_error": error[:500], "seen_ms": store.time_ms()}, int(ttl_s * 1000))
+    if store.hosts.host_info(host).get("libvirt_ok") != "0":
+        store.audit.append(AuditEvent.HOST_DEGRADED, "", host, store.clock.time_ms(), reason=error)
+    store.hosts.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "libvirt_ok": 0,
+                           "libvirt_error": error[:500], "seen_ms": store.clock.time_ms()}, int(ttl_s * 1000))
 
 
-def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: float) -> SyncReport:
+def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float) -> SyncReport:
     """List this host's domains and update the inventory; raises HypervisorError if libvirt fails.
 
     Every host lists the domains defined on it, so a VM defined on several hosts is reported by each of them,
-    at any moment: its record is placed atomically per VM (RedisStore.place_domains), and a domain that is
+    at any moment: its record is placed atomically per VM (the store's place_domains), and a domain that is
     only defined here never takes the VM from the live host its record names while that host has it defined.
     """
     report = SyncReport()
     domains: list[DomainInfo] = []
-    listed_us = store.time_us()  # before listing: the listing shows libvirt no older than this
+    listed_us = store.clock.time_us()  # before listing: the listing shows libvirt no older than this
     for info in hypervisor.list_domains():
         if valid_name(info.name):
             domains.append(info)
@@ -78,19 +78,19 @@ def sync_inventory(store: RedisStore, hypervisor: Hypervisor, host: str, ttl_s: 
             report.skipped_names.append(info.name)
     report.domains = len(domains)
     heartbeat(store, host, hypervisor.uri, ttl_s, len(domains))
-    previously_listed = store.domain_names(host)
-    store.store_domains(host, {d.name: json.dumps({"uuid": d.uuid, "status": d.status.value,
+    previously_listed = store.hosts.domain_names(host)
+    store.hosts.store_domains(host, {d.name: json.dumps({"uuid": d.uuid, "status": d.status.value,
                                                     "reason": d.reason}) for d in domains})
-    now_ms = store.time_ms()
+    now_ms = store.clock.time_ms()
     names = [d.name for d in domains]
-    report.new_vms = [name for name in names if store.register_vm(name, now_ms)]
+    report.new_vms = [name for name in names if store.vms.register_vm(name, now_ms)]
     # VMs listed here before whose domain vanished from this host: absent, if the record still says here.
     vanished = [DomainInfo(vm, "", DomainStatus.ABSENT, f"not defined on {host}")
                 for vm in sorted(previously_listed - set(names))]
-    for placed in store.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS, listed_us):
+    for placed in store.vms.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS, listed_us):
         if placed.migrated:
             report.migrated.append(placed.vm)
-            store.audit("migrated", placed.vm, host, now_ms, previous_host=placed.previous_host)
+            store.audit.append(AuditEvent.MIGRATED, placed.vm, host, now_ms, previous_host=placed.previous_host)
             log.info("vm=%s migrated %s -> %s", placed.vm, placed.previous_host, host)
         if placed.started:
             report.started.append(placed.vm)

@@ -189,7 +189,7 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for vm in self.vms:
             self.secrets[vm] = new_secret()
-            self.store.set_secret(vm, self.secrets[vm])
+            self.store.keyring.set_secret(vm, self.secrets[vm])
         for n in range(1, self.spec.monitors + 1):
             suffix = "" if n == 1 else f"-{n}"
             self._celery(f"monitor{suffix}", ["worker", "-Q", "vmq.monitor,vmq.timeouts", "-P", "threads", "-c", "4",
@@ -220,8 +220,8 @@ class LocalCluster:
 
     def states(self) -> dict[str, str]:
         """VM -> current state."""
-        vms = self.store.all_vms()
-        return {vm: rec.get("state", "") for vm, rec in zip(vms, self.store.vm_records(vms))}
+        vms = self.store.vms.all_vms()
+        return {rec.vm: rec.state.value if rec.exists else "" for rec in self.store.vms.records(vms)}
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Wait until every VM of the spec is registered and healthy."""
@@ -238,4 +238,4 @@ class LocalCluster:
             proc = self.processes.get(name)
             if proc is not None:
                 _stop_process(proc)
-        self.store.r.close()
+        self.store.client.close()

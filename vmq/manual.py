@@ -3,8 +3,7 @@
 The request runs in the monitor worker under the judge lock, is decided by ``policy.decide_manual`` (the
 automatic guards minus the ones about silence; ``force`` skips the budget), opens an incident like a
 verdict does (``-> faulty``, event ``restart_requested``) and is dispatched through the monitor's
-``vmq.verdict.Verdicts.send_restart``: the same ``host.<name>`` queue, claim, budget count and audit trail
-as any other restart.
+``Verdicts.send_restart``: the same ``host.<name>`` queue, claim, budget count and audit trail.
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ import logging
 import uuid
 from dataclasses import dataclass, field, replace
 
-from vmq.model import Action, VmState
-from vmq.monitor import Monitor, TickReport
+from vmq import lifecycle
+from vmq.keys import host_queue
+from vmq.model import Action, AuditEvent, VmState
+from vmq.monitor import Monitor
 from vmq.policy import decide_manual
 
 log = logging.getLogger(__name__)
@@ -35,47 +36,43 @@ class ManualOutcome:
 
 def manual_restart(monitor: Monitor, vm: str, force: bool = False, requested_by: str = "") -> ManualOutcome:
     """Decide and, if allowed, dispatch an operator's restart of ``vm``; every outcome is audited."""
-    store = monitor.store
+    store, judge = monitor.store, monitor.judge
     wait_s = max(1.0, monitor.settings.probe_interval_s)
-    with store.judge_lock(lease_s=monitor._lease_s, wait_s=wait_s) as acquired:
+    with store.rounds.judge_lock(lease_s=judge.lease_s, wait_s=wait_s) as acquired:
         if not acquired:
             return ManualOutcome(vm, "refused", ["the judge is busy (lock held): try again"])
-        now_ms = store.time_ms()
-        rec = store.vm_record(vm)
-        if not rec:
+        now_ms = store.clock.time_ms()
+        rec = store.vms.record(vm)
+        if not rec.exists:
             return ManualOutcome(vm, "refused", [f"unknown VM {vm}"])
-        view = monitor._views([vm], [rec], now_ms)[0][0][1]
-        decision = decide_manual(view, monitor._policy_for(rec), force)
+        view = judge.view(rec, now_ms)
+        decision = decide_manual(view, judge.policy_for(rec), force)
         reasons = list(decision.reasons)
         base: dict[str, object] = {"host": view.host, "reasons": reasons, "action": decision.action.value,
                                    "manual": True, "force": force, "requested_by": requested_by}
         if decision.action is not Action.RESTART:
-            store.audit("restart_refused", vm, view.host, now_ms, reasons=reasons, force=force,
-                        requested_by=requested_by)
+            store.audit.append(AuditEvent.RESTART_REFUSED, vm, view.host, now_ms, reasons=reasons, force=force,
+                               requested_by=requested_by)
             log.info("vm=%s manual restart refused: %s", vm, reasons[0])
             return ManualOutcome(vm, "refused", reasons, host=view.host)
-        generation = int(rec.get("generation") or 0)
-        incident = rec.get("incident", "")
+        generation, incident = rec.generation, rec.incident
         text = "; ".join(reasons)
         if view.state is VmState.FAULTY:
-            store.audit("restart_requested", vm, view.host, now_ms, incident=incident, **base)
+            store.audit.append(AuditEvent.RESTART_REQUESTED, vm, view.host, now_ms, incident=incident, **base)
         else:
             incident = f"{vm}:manual:{uuid.uuid4().hex[:8]}"
-            ok, current, generation = store.transition(
-                vm, [view.state], VmState.FAULTY, now_ms,
-                {"type": "restart_requested", "incident": incident, **base},
-                fields={"incident": incident, "incident_opened_ms": now_ms, "decision": text,
-                        "decision_action": decision.action.value, "decision_grounds": text, "attempts": 0},
-                expected_generation=generation)
-            if not ok:
-                return ManualOutcome(vm, "refused", [f"its state changed meanwhile (now {current}): try again"],
+            result = lifecycle.open_incident(
+                store.vms, rec, now_ms, incident, now_ms, AuditEvent.RESTART_REQUESTED, base,
+                {"decision": text, "decision_action": decision.action.value, "decision_grounds": text,
+                 "attempts": 0})
+            if not result.applied:
+                return ManualOutcome(vm, "refused", [f"its state changed meanwhile (now {result.previous}): try again"],
                                      host=view.host)
+            generation = result.generation
             view = replace(view, state=VmState.FAULTY, incident_attempts=0)
-        report = TickReport()
-        if not monitor.verdicts.send_restart(view, decision, incident, generation, store.current_round(), now_ms,
-                                             base, report, manual=True):
+        if not monitor.verdicts.send_restart(view, decision, incident, generation, store.rounds.current_round(),
+                                             now_ms, base, manual=True):
             return ManualOutcome(vm, "refused", ["the broker refused the restart task (see the monitor log)"],
                                  host=view.host, incident=incident)
-        record = store.vm_record(vm)
-        return ManualOutcome(vm, "dispatched", reasons, host=view.host, queue=f"host.{view.host}",
-                             incident=incident, generation=int(record.get("generation") or 0))
+        return ManualOutcome(vm, "dispatched", reasons, host=view.host, queue=host_queue(view.host),
+                             incident=incident, generation=store.vms.record(vm).generation)

@@ -20,19 +20,19 @@ from prometheus_client.registry import Collector
 from vmq.config import Settings
 from vmq.errors import VmqError
 from vmq.model import RejectReason
-from vmq.store.metrics import DETECTION, RECOVERY, MetricsSnapshot
-from vmq.store.redis import RedisStore
+from vmq.store.stats import DETECTION, RECOVERY, MetricsSnapshot
+from vmq.ports import Store
 
 log = logging.getLogger(__name__)
 
 HOST_STATES = ("up", "late", "degraded", "maintenance", "down")
 
 
-def hosts_by_state(store: RedisStore, fresh_ms: int) -> dict[str, int]:
+def hosts_by_state(store: Store, fresh_ms: int) -> dict[str, int]:
     """Registered hosts counted as `vmq hosts` shows them: down, late, degraded, maintenance or up."""
-    now_ms = store.time_ms()
-    overview = store.hosts_overview()
-    context = store.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
+    now_ms = store.clock.time_ms()
+    overview = store.hosts.hosts_overview()
+    context = store.hosts.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
     counts = dict.fromkeys(HOST_STATES, 0)
     for name, alive, _ in overview:
         ctx = context[name]
@@ -45,10 +45,10 @@ def hosts_by_state(store: RedisStore, fresh_ms: int) -> dict[str, int]:
 class VmqCollector(Collector):
     """A custom collector: every scrape reads the cluster's counters from Redis; never raises."""
 
-    def __init__(self, store: RedisStore, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self._capacity = settings.reply_stream_maxlen
-        self._host_fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
+        self._host_fresh_ms = settings.host_fresh_ms
 
     def describe(self) -> list[Metric]:
         """Nothing to describe up front (so registering never touches Redis)."""
@@ -58,7 +58,8 @@ class VmqCollector(Collector):
         """All vmq metric families, or only ``vmq_up 0`` (and the scrape time) when Redis fails."""
         started = time.monotonic()
         try:
-            snap = self.store.metrics_snapshot()
+            snap = self.store.stats.metrics_snapshot()
+            snap.replies_unread, snap.oldest_unread_s = self.store.replies.reply_backlog()
             hosts = hosts_by_state(self.store, self._host_fresh_ms)
         except VmqError as exc:
             log.warning("metrics scrape: redis unavailable: %s", exc)
@@ -146,14 +147,14 @@ def _families(snap: MetricsSnapshot, hosts: dict[str, int]) -> Iterator[Metric]:
                  1 if snap.restarts_suspended else 0)
 
 
-def metrics_registry(store: RedisStore, settings: Settings) -> CollectorRegistry:
+def metrics_registry(store: Store, settings: Settings) -> CollectorRegistry:
     """A registry of its own holding only the vmq collector (no process or platform collectors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(VmqCollector(store, settings))
     return registry
 
 
-def serve_metrics(store: RedisStore, settings: Settings) -> Any:
+def serve_metrics(store: Store, settings: Settings) -> Any:
     """Serve /metrics on ``VMQ_METRICS_ADDR:VMQ_METRICS_PORT`` from a daemon thread; returns the server
     (``server.shutdown()`` stops it). Raises OSError when the port cannot be bound."""
     server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_addr,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -129,3 +130,199 @@ class VmView:
     last_restart_ms: int = 0
     host_restarts_in_flight: int = 0
     storm: str = ""  # why the storm/partition guard holds this round, "" when it does not
+
+
+class AuditEvent(str, Enum):
+    """Every ``type`` an entry of the audit stream (``vmq events``) can have; the value is the wire word."""
+
+    # transitions of a VM's state (vmq.lifecycle)
+    HEALTHY = "healthy"  # first valid reply, no incident open
+    RECOVERED = "recovered"  # first valid reply after an incident
+    FAULTY = "faulty"
+    FAILED = "failed"
+    RESTART_REQUESTED = "restart_requested"
+    RESTART_DISPATCHED = "restart_dispatched"
+    DISPATCH_FAILED = "dispatch_failed"
+    RESTARTED = "restarted"
+    RESTART_FAILED = "restart_failed"
+    RESTART_MISROUTED = "restart_misrouted"
+    RESTART_LEFT_ALONE = "restart_left_alone"
+    SILENT_BUT_ACTIVE = "silent_but_active"
+    UNREACHABLE = "unreachable"
+    REACHABLE = "reachable"
+    MAINTENANCE = "maintenance"
+    MAINTENANCE_ENDED = "maintenance_ended"
+    DISABLED = "disabled"
+    ENABLED = "enabled"
+    CLEARED = "cleared"
+    # events that change no state
+    DECISION = "decision"
+    ESCALATED = "escalated"
+    RESTART_REFUSED = "restart_refused"
+    RESTART_SKIPPED = "restart_skipped"
+    EVIDENCE_LOST = "evidence_lost"
+    DOMAIN_EVENT = "domain_event"
+    DOMAIN_EVENT_IGNORED = "domain_event_ignored"
+    MIGRATED = "migrated"
+    OPERATOR_ACTION = "operator_action"
+    OVERRIDES = "overrides"
+    KEY_ROTATED = "key_rotated"
+    RESTARTS_SUSPENDED = "restarts_suspended"
+    RESTARTS_RESUMED = "restarts_resumed"
+    STORM = "storm"
+    HOST_SUSPECT = "host_suspect"
+    STORM_OVER = "storm_over"
+    HOST_DOWN = "host_down"
+    HOST_UP = "host_up"
+    HOST_DEGRADED = "host_degraded"
+    HOST_RECOVERED = "host_recovered"
+    HOST_MAINTENANCE = "host_maintenance"
+
+
+def _values(*events: AuditEvent) -> frozenset[str]:
+    return frozenset(event.value for event in events)
+
+
+#: Events `vmq explain` lists as a VM's decisions (wire words, to test the ``type`` of an entry read back).
+EXPLAINED_EVENTS = _values(
+    AuditEvent.FAULTY, AuditEvent.DECISION, AuditEvent.RESTART_DISPATCHED, AuditEvent.RESTARTED,
+    AuditEvent.RESTART_FAILED, AuditEvent.RESTART_SKIPPED, AuditEvent.RESTART_LEFT_ALONE,
+    AuditEvent.SILENT_BUT_ACTIVE, AuditEvent.RECOVERED, AuditEvent.FAILED, AuditEvent.ESCALATED,
+    AuditEvent.UNREACHABLE, AuditEvent.DOMAIN_EVENT, AuditEvent.MAINTENANCE, AuditEvent.MAINTENANCE_ENDED,
+    AuditEvent.CLEARED, AuditEvent.HEALTHY)
+#: What a host worker reports about a restart request it carried out or gave back.
+HOST_OUTCOME_EVENTS = _values(
+    AuditEvent.RESTARTED, AuditEvent.RESTART_FAILED, AuditEvent.RESTART_SKIPPED, AuditEvent.RESTART_LEFT_ALONE,
+    AuditEvent.RESTART_MISROUTED, AuditEvent.SILENT_BUT_ACTIVE, AuditEvent.DISPATCH_FAILED)
+#: Events that end an incident one way or the other.
+INCIDENT_END_EVENTS = _values(AuditEvent.RECOVERED, AuditEvent.HEALTHY, AuditEvent.FAILED)
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """What the judge needs to know about a host."""
+
+    alive: bool
+    degraded: bool
+    maintenance_until_ms: int  # 0: none; -1: until lifted
+    vm_count: int
+
+    def in_maintenance(self, now_ms: int) -> bool:
+        """True while the host's maintenance window lasts."""
+        return self.maintenance_until_ms == -1 or self.maintenance_until_ms > now_ms
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What one host's listing of a domain did to its VM's record (see vmq/lua/place.lua)."""
+
+    vm: str
+    written: bool  # False: the record stays with previous_host, alive and with the domain defined there
+    previous_host: str  # the host the record named before ("" for a VM never placed)
+    migrated: bool  # the domain is active here after it ran on previous_host
+    started: bool  # the domain is active here and was not before: booted_at_ms was set
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One compare-and-set of a VM's state with its audit event (carried out by vmq/lua/transition.lua).
+
+    ``expected_generation`` None: any generation; ``count_restart`` adds the attempt to the VM's restart
+    budget (kept for ``restart_window_ms``).
+    """
+
+    vm: str
+    from_states: tuple[VmState, ...]
+    to_state: VmState
+    now_ms: int
+    event: Mapping[str, Any]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    expected_generation: int | None = None
+    count_restart: bool = False
+    restart_window_ms: int = 3_600_000
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """What a compare-and-set found: applied or not, the state before it, and the generation after it."""
+
+    applied: bool
+    previous: str
+    generation: int
+
+
+def _int(value: str | None) -> int:
+    return int(value) if value else 0
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """A VM's stored record (``<ns>:vm:<id>``), parsed once; times in Redis ms, 0 when never set.
+
+    ``exists`` is False for a VM with no record (removed or never seen); ``overrides`` holds its
+    ``policy.<knob>`` fields by knob name.
+    """
+
+    vm: str
+    exists: bool = False
+    state: VmState = VmState.UNKNOWN
+    generation: int = 0
+    state_since_ms: int = 0
+    host: str = ""
+    domain_status: DomainStatus | None = None  # None: never listed by a host
+    domain_reason: str = ""
+    booted_at_ms: int = 0
+    monitored_since_ms: int = 0
+    incident: str = ""
+    incident_opened_ms: int = 0
+    attempts: int = 0
+    last_restart_ms: int = 0
+    decision: str = ""
+    decision_action: str = ""
+    decision_grounds: str = ""
+    boot_id: str = ""
+    claim: str = ""
+    maintenance_until_ms: int = 0
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, vm: str, fields: Mapping[str, str]) -> VmRecord:
+        """The record from its hash fields (an empty hash: ``exists`` False). Raises ValueError on a state or
+        number that is not one."""
+        if not fields:
+            return cls(vm)
+        get = fields.get
+        status = get("domain_status")
+        return cls(
+            vm=vm, exists=True, state=VmState(get("state") or VmState.UNKNOWN.value),
+            generation=_int(get("generation")), state_since_ms=_int(get("state_since_ms")), host=get("host", ""),
+            domain_status=DomainStatus(status) if status else None, domain_reason=get("domain_reason", ""),
+            booted_at_ms=_int(get("booted_at_ms")), monitored_since_ms=_int(get("monitored_since_ms")),
+            incident=get("incident", ""), incident_opened_ms=_int(get("incident_opened_ms")),
+            attempts=_int(get("attempts")), last_restart_ms=_int(get("last_restart_ms")),
+            decision=get("decision", ""), decision_action=get("decision_action", ""),
+            decision_grounds=get("decision_grounds", ""), boot_id=get("boot_id", ""), claim=get("claim", ""),
+            maintenance_until_ms=_int(get("maintenance_until_ms")),
+            overrides={name[7:]: value for name, value in fields.items() if name.startswith("policy.")},
+        )
+
+    @property
+    def grace_anchor_ms(self) -> int:
+        """Where the boot grace counts from: the later of the last boot and the start of monitoring."""
+        return max(self.booted_at_ms, self.monitored_since_ms)
+
+
+@dataclass(frozen=True)
+class RestartRequest:
+    """What the monitor asks a host worker to do; JSON-serialisable (``asdict``), times in Redis ms."""
+
+    vm: str
+    host: str
+    generation: int
+    incident: str
+    round: int
+    issued_ms: int
+    hard: bool = False  # destroy + create instead of reset (second rung of the ladder)
+    crashed: bool = False  # the hypervisor reported a crash: no activity check needed
+    manual: bool = False  # an operator asked (`vmq restart`): no activity check either
+    expires_ms: int = 0  # after this the host must not act on it (the verdict is stale); 0: never

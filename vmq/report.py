@@ -7,22 +7,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmq.config import Settings
-from vmq.store.redis import Record, RedisStore
+from vmq.ports import Store
 
 
-def cluster_status(store: RedisStore, settings: Settings) -> dict[str, Any]:
+def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
     """Hosts (name, alive, VM count) and VMs (id, host, state, seconds since last valid reply, restarts)."""
-    now_ms = store.time_ms()
-    vms = store.all_vms()
-    records = store.vm_records(vms)
+    now_ms = store.clock.time_ms()
+    vms = store.vms.all_vms()
+    records = store.vms.records(vms)
     window_start = now_ms - int(settings.restart_window_s * 1000)
-    restarts, _, keyed, suspended = store.judge_context(vms, window_start)
-    seen = store.last_seen_many(vms)
-    hosts = store.hosts_overview()
+    restarts, _, keyed, suspended = store.vms.judge_context(vms, window_start)
+    seen = store.replies.last_seen_many(vms)
+    hosts = store.hosts.hosts_overview()
     per_host: dict[str, int] = {}
     for rec in records:
-        per_host[rec.get("host", "")] = per_host.get(rec.get("host", ""), 0) + 1
-    stats, rejects = store.counters()
+        per_host[rec.host] = per_host.get(rec.host, 0) + 1
+    stats, rejects = store.stats.counters()
     return {
         "time_ms": now_ms,
         "restarts_suspended": suspended,
@@ -31,14 +31,14 @@ def cluster_status(store: RedisStore, settings: Settings) -> dict[str, Any]:
         "vms": [
             {
                 "id": vm,
-                "host": rec.get("host", ""),
-                "state": rec.get("state", "unknown"),
+                "host": rec.host,
+                "state": rec.state.value,
                 "since_last_reply_s": None if not seen[i] else round((now_ms - float(seen[i] or 0)) / 1000, 3),
                 "restarts_in_window": restarts[i],
                 "has_key": vm in keyed,
-                "domain_status": rec.get("domain_status", ""),
-                "incident": rec.get("incident", ""),
-                "decision": rec.get("decision", ""),
+                "domain_status": rec.domain_status.value if rec.domain_status else "",
+                "incident": rec.incident,
+                "decision": rec.decision,
             }
             for i, (vm, rec) in enumerate(zip(vms, records))
         ],
@@ -47,7 +47,7 @@ def cluster_status(store: RedisStore, settings: Settings) -> dict[str, Any]:
     }
 
 
-def event_json(entry_id: str, fields: Record) -> dict[str, Any]:
+def event_json(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """One audit entry as a JSON object with at least type, vm, host and time (ISO 8601, UTC)."""
     out: dict[str, Any] = {"id": entry_id}
     for name, raw in fields.items():

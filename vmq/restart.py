@@ -11,11 +11,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from vmq import lifecycle
 from vmq.errors import DomainNotFound, HypervisorError
 from vmq.hypervisor.types import busy, moving
-from vmq.model import DomainStatus, RestartAction, VmState
-from vmq.ports import Hypervisor
-from vmq.store.redis import RedisStore
+from vmq.model import AuditEvent, DomainStatus, RestartAction, VmState
+from vmq.ports import Hypervisor, Store
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _sample_activity(hypervisor: Hypervisor, vm: str, check: ActivityCheck) -> d
             "first": asdict(first), "second": asdict(second)}
 
 
-def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, generation: int,
+def restart_vm(store: Store, hypervisor: Hypervisor, host: str, vm: str, generation: int,
                incident: str, claimant: str, hard: bool = False, crashed: bool = False,
                activity: ActivityCheck | None = None, manual: bool = False,
                claim_hold_s: float = 60.0, expires_ms: int = 0) -> RestartOutcome:
@@ -92,91 +92,84 @@ def restart_vm(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, ge
     (``activity``): a guest whose CPU, disk or network counters still move is held, not reset, when
     ``activity.blocks``.
     """
-    rec = store.vm_record(vm)
-    now_ms = store.time_ms()
+    rec = store.vms.record(vm)
+    now_ms = store.clock.time_ms()
 
     def skip(result: str) -> RestartOutcome:
-        store.audit("restart_skipped", vm, host, now_ms, incident=incident, generation=generation,
+        store.audit.append(AuditEvent.RESTART_SKIPPED, vm, host, now_ms, incident=incident, generation=generation,
                     reason=result)
         log.info("vm=%s host=%s restart skipped: %s", vm, host, result)
-        store.count_restart_outcome(host, "none", "skipped")
+        store.stats.count_restart_outcome(host, "none", "skipped")
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
-    def back_to_faulty(event_type: str, result: str, undo: dict[str, object] | None = None,
+    def back_to_faulty(event_type: AuditEvent, result: str, undo: dict[str, object] | None = None,
                        **data: object) -> RestartOutcome:
-        store.transition(vm, [VmState.RESTARTING], VmState.FAULTY, now_ms,
-                         {"type": event_type, "host": host, "incident": incident, "result": result, **data},
-                         fields={"decision": result, **(undo or {})}, expected_generation=generation)
-        log.warning("vm=%s host=%s %s: %s", vm, host, event_type, result)
-        store.count_restart_outcome(host, str(data.get("action", "none")), event_type.removeprefix("restart_"))
+        lifecycle.give_back(store.vms, vm, generation, now_ms, event_type, host, incident, result, undo, **data)
+        log.warning("vm=%s host=%s %s: %s", vm, host, event_type.value, result)
+        store.stats.count_restart_outcome(host, str(data.get("action", "none")),
+                                          event_type.value.removeprefix("restart_"))
         return RestartOutcome(vm, host, False, RestartAction.LEFT_ALONE.value, result)
 
     if expires_ms and now_ms > expires_ms:
         return skip(f"expired: the verdict is {(now_ms - expires_ms) / 1000:.1f} s past its expiry "
                     "(VMQ_RESTART_TASK_EXPIRES_S, Redis time)")
-    if rec.get("state") != VmState.RESTARTING.value or rec.get("generation") != str(generation) \
-            or rec.get("incident") != incident:
-        return skip(f"attempt closed (state {rec.get('state', 'absent')}, generation {rec.get('generation')})")
+    if rec.state is not VmState.RESTARTING or rec.generation != generation or rec.incident != incident:
+        state = rec.state.value if rec.exists else "absent"
+        return skip(f"attempt closed (state {state}, generation {rec.generation if rec.exists else None})")
     # Claim first: from here on only this delivery may act on, or give back, this attempt.
-    if not store.claim_restart(vm, generation, incident, claimant, int(claim_hold_s * 1000)):
+    if not store.vms.claim_restart(vm, generation, incident, claimant, int(claim_hold_s * 1000)):
         return skip("attempt already claimed by another delivery of this task")
-    if rec.get("host") != host:
-        return back_to_faulty("restart_misrouted", f"vm now runs on {rec.get('host') or 'no host'}, not {host}")
+    if rec.host != host:
+        return back_to_faulty(AuditEvent.RESTART_MISROUTED, f"vm now runs on {rec.host or 'no host'}, not {host}")
     try:
         info = hypervisor.domain_info(vm)
     except DomainNotFound:
-        return back_to_faulty("restart_failed", f"domain {vm} is not defined on {host}")
+        return back_to_faulty(AuditEvent.RESTART_FAILED, f"domain {vm} is not defined on {host}")
     except HypervisorError as exc:
-        return back_to_faulty("restart_failed", f"hypervisor unavailable: {exc}")
+        return back_to_faulty(AuditEvent.RESTART_FAILED, f"hypervisor unavailable: {exc}")
     action = _action_for(info.status, hard)
     if action is RestartAction.LEFT_ALONE:
         result = f"domain is {info.status.value} ({info.reason or 'no reason'}): left alone"
-        store.transition(vm, [VmState.RESTARTING], VmState.UNKNOWN, now_ms,
-                         {"type": "restart_left_alone", "host": host, "incident": incident, "result": result,
-                          "domain_status": info.status.value},
-                         fields={"incident": "", "decision": result, "domain_status": info.status.value,
-                                 "domain_reason": info.reason}, expected_generation=generation)
-        store.count_restart_outcome(host, "none", "left_alone")
+        lifecycle.left_alone(store.vms, vm, generation, now_ms, host, incident, result, info.status.value,
+                             info.reason)
+        store.stats.count_restart_outcome(host, "none", "left_alone")
         return RestartOutcome(vm, host, False, action.value, result)
     sample: dict[str, object] | None = None
     if activity is not None and not crashed and not manual and action is not RestartAction.CREATE:
         try:
             sample = _sample_activity(hypervisor, vm, activity)
         except HypervisorError as exc:
-            return back_to_faulty("restart_failed", f"could not sample activity: {exc}")
+            return back_to_faulty(AuditEvent.RESTART_FAILED, f"could not sample activity: {exc}")
         if sample["busy"] and activity.blocks:
             result = (f"silent but active: {', '.join(sample['busy'])} above "  # type: ignore[arg-type]
                       f"{activity.min_bytes_per_s:g} B/s")
             # Not an attempt: give back the budget entry, the ladder rung and the back-off it started.
-            attempts = max(0, int(rec.get("attempts") or 1) - 1)
-            outcome = back_to_faulty("silent_but_active", result, undo={"attempts": attempts, "last_restart_ms": 0},
+            attempts = max(0, (rec.attempts or 1) - 1)
+            outcome = back_to_faulty(AuditEvent.SILENT_BUT_ACTIVE, result, undo={"attempts": attempts, "last_restart_ms": 0},
                                      activity=sample)
-            store.uncount_restart(vm, generation, int(rec.get("last_restart_ms") or 0))
+            store.vms.uncount_restart(vm, generation, rec.last_restart_ms)
             return outcome
     started = time.monotonic()
     try:
         _perform(hypervisor, vm, action)
     except HypervisorError as exc:
-        return back_to_faulty("restart_failed", f"{action.value} failed: {exc}", action=action.value,
+        return back_to_faulty(AuditEvent.RESTART_FAILED, f"{action.value} failed: {exc}", action=action.value,
                               domain_status=info.status.value)
     took_ms = round((time.monotonic() - started) * 1000, 1)
-    done_ms = store.time_ms()
-    store.transition(vm, [VmState.RESTARTING], VmState.RECOVERING, done_ms,
-                     {"type": "restarted", "host": host, "incident": incident, "action": action.value,
-                      "result": "ok", "domain_status": info.status.value, "took_ms": took_ms,
-                      "activity": sample},
-                     fields={"booted_at_ms": done_ms, "last_action": action.value, "decision": ""},
-                     expected_generation=generation)
+    done_ms = store.clock.time_ms()
+    lifecycle.restarted(store.vms, vm, generation, done_ms, host, incident,
+                        {"result": "ok", "domain_status": info.status.value, "took_ms": took_ms, "activity": sample},
+                        action.value)
     log.warning("vm=%s host=%s restarted action=%s took_ms=%s incident=%s", vm, host, action.value, took_ms,
                 incident)
-    store.count_restart_outcome(host, action.value, "ok")
+    store.stats.count_restart_outcome(host, action.value, "ok")
     return RestartOutcome(vm, host, True, action.value, "ok")
 
 
 OPERATIONS = ("start", "destroy", "suspend", "resume")
 
 
-def operate_domain(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str, operation: str) -> str:
+def operate_domain(store: Store, hypervisor: Hypervisor, host: str, vm: str, operation: str) -> str:
     """An operator's lifecycle action on a domain of this host (audited); returns the new domain status.
 
     Raises ValueError for an unknown operation and HypervisorError when libvirt refuses.
@@ -185,7 +178,7 @@ def operate_domain(store: RedisStore, hypervisor: Hypervisor, host: str, vm: str
         raise ValueError(f"unknown operation {operation!r}; expected one of {OPERATIONS}")
     getattr(hypervisor, operation)(vm)
     info = hypervisor.domain_info(vm)
-    store.audit("operator_action", vm, host, store.time_ms(), operation=operation,
+    store.audit.append(AuditEvent.OPERATOR_ACTION, vm, host, store.clock.time_ms(), operation=operation,
                 domain_status=info.status.value)
     log.info("vm=%s host=%s operator %s -> %s", vm, host, operation, info.status.value)
     return info.status.value

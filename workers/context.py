@@ -11,7 +11,8 @@ from celery import Celery
 
 from vmq.config import Settings
 from vmq.keys import host_queue
-from vmq.monitor import Monitor, RestartRequest
+from vmq.model import RestartRequest
+from vmq.monitor import Monitor
 from vmq.ports import Hypervisor
 from vmq.store.redis import RedisStore
 

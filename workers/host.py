@@ -182,6 +182,6 @@ def _stop_agent(sender: Any = None, **_: Any) -> None:
         _agent.listener.stop()
     settings = settings_of(_agent.app)
     try:
-        store_of(_agent.app).drop_heartbeat(settings.require_host())
+        store_of(_agent.app).hosts.drop_heartbeat(settings.require_host())
     except VmqError as exc:
         log.warning("could not drop heartbeat: %s", exc)

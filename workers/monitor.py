@@ -54,11 +54,11 @@ def judge_round(self: Task, round_id: int) -> dict[str, Any]:
     report = monitor_of(self.app).tick()
     if round_id not in report.judged_rounds and not report.locked_out:
         store = store_of(self.app)
-        sent = store.round_sent_ms(round_id)
+        sent = store.rounds.round_sent_ms(round_id)
         deadline = None if sent is None else sent + int(settings_of(self.app).reply_timeout_s * 1000)
-        pending = {r for r, _ in store.due_rounds(2**62)}
+        pending = {r for r, _ in store.rounds.due_rounds(2**62)}
         if deadline is not None and round_id in pending:
-            wait_s = max(0.0, (deadline - store.time_ms()) / 1000.0) + JUDGE_SLACK_S
+            wait_s = max(0.0, (deadline - store.clock.time_ms()) / 1000.0) + JUDGE_SLACK_S
             judge_round.apply_async(args=[round_id], countdown=wait_s)  # our clock ran ahead of Redis'
     return asdict(report)
 

@@ -43,9 +43,9 @@ def test_a_beat_probe_right_after_a_round_sends_and_schedules_nothing(world: Wor
     published = probes_published(world, lambda: results.append(monitor.probe_from_beat()))
     assert results == [None]
     assert published == []
-    assert world.store.current_round() == first[0]
-    assert world.store.due_rounds(2**62) == [(first[0], first[1] + 3000)]
-    assert world.store.counters()[0]["rounds_duplicate"] == 1
+    assert world.store.rounds.current_round() == first[0]
+    assert world.store.rounds.due_rounds(2**62) == [(first[0], first[1] + 3000)]
+    assert world.store.stats.counters()[0]["rounds_duplicate"] == 1
 
 
 def test_a_beat_probe_once_the_gap_has_passed_starts_the_next_round(world: World) -> None:
@@ -57,7 +57,7 @@ def test_a_beat_probe_once_the_gap_has_passed_starts_the_next_round(world: World
     published = probes_published(world, lambda: results.append(monitor.probe_from_beat()))
     assert results[0] is not None and results[0][0] == first[0] + 1
     assert len(published) == 1 and b'"round":%d' % (first[0] + 1) in published[0]
-    assert "rounds_duplicate" not in world.store.counters()[0]
+    assert "rounds_duplicate" not in world.store.stats.counters()[0]
 
 
 def test_two_beats_probing_at_once_start_exactly_one_round(world: World) -> None:
@@ -76,7 +76,7 @@ def test_two_beats_probing_at_once_start_exactly_one_round(world: World) -> None
     for thread in threads:
         thread.join(timeout=10)
     assert sorted(r is None for r in results) == [False, True]
-    assert world.store.current_round() == 1
+    assert world.store.rounds.current_round() == 1
 
 
 def test_a_latest_round_stamped_in_the_future_never_blocks_the_beat(world: World) -> None:

@@ -52,7 +52,7 @@ def test_replies_trimmed_unread_by_a_maxlen_0_guest_leave_the_round_unjudged_not
     assert world.dispatched == [] and world.events("faulty") == []
     [lost] = world.events("evidence_lost")
     assert lost["round"] == str(round_id) and lost["silent"] == "3"
-    assert world.store.counters()[0]["replies_lost"] == 3
+    assert world.store.stats.counters()[0]["replies_lost"] == 3
     # The next round is judged as usual: whoever answers is healthy, whoever is silent is flagged.
     next_round = world.probe()
     world.reply("web-1", next_round)
@@ -78,7 +78,7 @@ def test_ordinary_trimming_of_replies_already_read_is_not_a_loss(world: World) -
     world.make_due(round_id)
     report = world.monitor.tick()
     assert (report.lost, report.unjudged) == (0, [])
-    assert "replies_lost" not in world.store.counters()[0]
+    assert "replies_lost" not in world.store.stats.counters()[0]
 
 
 def test_replies_trimmed_between_two_batches_of_one_ingest_leave_the_round_unjudged(
@@ -91,7 +91,7 @@ def test_replies_trimmed_between_two_batches_of_one_ingest_leave_the_round_unjud
     for vm in ("web-1", "web-2", "web-3"):
         world.reply(vm, round_id)
     monkeypatch.setattr("vmq.ingest.BATCH", 1)
-    read = world.store.read_replies
+    read = world.store.replies.read_replies
     calls = 0
 
     def read_then_trim(*args: object) -> tuple[list[object], int]:
@@ -101,7 +101,7 @@ def test_replies_trimmed_between_two_batches_of_one_ingest_leave_the_round_unjud
             world.client.xtrim(world.keys.reply_stream, maxlen=1, approximate=False)
         return read(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(world.store, "read_replies", read_then_trim)
+    monkeypatch.setattr(world.store.replies, "read_replies", read_then_trim)
     world.make_due(round_id)
     report = world.monitor.tick()
     assert report.lost == 1 and report.unjudged == [round_id]

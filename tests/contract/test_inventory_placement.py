@@ -15,12 +15,13 @@ from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
 from vmq.model import DomainInfo, DomainStatus
 from vmq.store.redis import RedisStore
+from vmq.store.vms import RedisVms
 
 TTL_S = 30
 
 
-class _ReportLandsMidSync(RedisStore):
-    """A store whose first write of a sync is preceded by ``other`` (another host's complete sync)."""
+class _ReportLandsMidSync(RedisVms):
+    """VM records whose first write of a sync is preceded by ``other`` (another host's complete sync)."""
 
     def __init__(self, world: World, other: Callable[[], object]) -> None:
         super().__init__(world.backend.client(), world.keys)
@@ -40,6 +41,13 @@ class _ReportLandsMidSync(RedisStore):
         return super().place_domains(*args, **kwargs)
 
 
+def racing_store(world: World, other: Callable[[], object]) -> RedisStore:
+    """A store on ``world``'s data whose VM records let ``other`` run just before their first write."""
+    store = RedisStore(world.backend.client(), world.keys)
+    store.vms = _ReportLandsMidSync(world, other)
+    return store
+
+
 def node(host: str, status: DomainStatus, vm: str = "web-1") -> FakeHypervisor:
     return FakeHypervisor(f"fake://{host}", [DomainInfo(vm, "u-1", status, status.value)])
 
@@ -51,7 +59,7 @@ def placement(world: World, vm: str = "web-1") -> tuple[str, str]:
 
 def test_a_running_hosts_first_report_landing_inside_a_shut_off_hosts_first_sync_keeps_the_vm(world: World) -> None:
     runs, defined = node(HOST_A, DomainStatus.RUNNING), node(HOST_B, DomainStatus.SHUTOFF)
-    racing = _ReportLandsMidSync(world, lambda: sync_inventory(world.store, runs, HOST_A, TTL_S))
+    racing = racing_store(world, lambda: sync_inventory(world.store, runs, HOST_A, TTL_S))
     sync_inventory(racing, defined, HOST_B, TTL_S)
     assert placement(world) == (HOST_A, "running")
     for _ in range(3):  # the shut-off definition keeps reporting; the running host keeps the VM
@@ -78,7 +86,7 @@ def test_a_host_whose_domain_vanished_does_not_mark_absent_a_vm_the_other_host_j
     sync_inventory(world.store, node(HOST_A, DomainStatus.RUNNING), HOST_A, TTL_S)
     gone = FakeHypervisor(f"fake://{HOST_A}", [])  # migrated away and undefined on A
     arrived = node(HOST_B, DomainStatus.RUNNING)
-    racing = _ReportLandsMidSync(world, lambda: sync_inventory(world.store, arrived, HOST_B, TTL_S))
+    racing = racing_store(world, lambda: sync_inventory(world.store, arrived, HOST_B, TTL_S))
     sync_inventory(racing, gone, HOST_A, TTL_S)
     assert placement(world) == (HOST_B, "running")
     assert [e["previous_host"] for e in world.events("migrated")] == [HOST_A]
@@ -92,7 +100,7 @@ def test_a_vm_shut_off_on_two_live_hosts_stays_where_it_was_until_its_host_dies(
         assert placement(world) == (HOST_A, "shutoff")
         sync_inventory(world.store, off_a, HOST_A, TTL_S)
         assert placement(world) == (HOST_A, "shutoff")
-    world.store.drop_heartbeat(HOST_A)  # A is gone: B's definition is the one vmq can still see
+    world.store.hosts.drop_heartbeat(HOST_A)  # A is gone: B's definition is the one vmq can still see
     sync_inventory(world.store, off_b, HOST_B, TTL_S)
     assert placement(world) == (HOST_B, "shutoff")
 
@@ -151,7 +159,7 @@ def test_a_post_copy_migration_moves_the_vm_when_the_destination_runs_and_the_pa
 
 def test_an_incoming_migration_copy_takes_the_vm_from_a_host_that_is_gone(world: World) -> None:
     sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
-    world.store.drop_heartbeat(HOST_A)  # the source died mid-migration: the paused copy is all that is left
+    world.store.hosts.drop_heartbeat(HOST_A)  # the source died mid-migration: the paused copy is all that is left
     sync_inventory(world.store, copy(HOST_B, DomainStatus.PAUSED, "migration"), HOST_B, TTL_S)
     assert placement(world) == (HOST_B, "paused")
 
@@ -167,7 +175,7 @@ def test_a_source_listing_from_before_the_switch_over_landing_after_the_destinat
     sync_inventory(world.store, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
     switched = copy(HOST_B, DomainStatus.RUNNING, "migrated")
     # A listed its copy running just before the switch-over; B's whole sync lands before A writes.
-    racing = _ReportLandsMidSync(world, lambda: sync_inventory(world.store, switched, HOST_B, TTL_S))
+    racing = racing_store(world, lambda: sync_inventory(world.store, switched, HOST_B, TTL_S))
     sync_inventory(racing, copy(HOST_A, DomainStatus.RUNNING, "booted"), HOST_A, TTL_S)
     assert placement(world) == (HOST_B, "running")
     assert [e["previous_host"] for e in world.events("migrated")] == [HOST_A]  # one move, no move back

@@ -7,14 +7,14 @@ import pytest
 from tests.contract.test_monitor_store import HOST_A, SECRET, World, _BusyGuest
 from vmq.codec import encode_reply
 from vmq.manual import manual_restart
-from vmq.model import DomainInfo, DomainStatus, VmState
+from vmq.model import DomainInfo, DomainStatus, Transition, VmState
 from vmq.restart import ActivityCheck, restart_vm
 
 NEW_KEY = "d4" * 32
 
 
 def _budget_spent(world: World, vm: str, count: int) -> None:
-    now_ms = world.store.time_ms()
+    now_ms = world.store.clock.time_ms()
     world.client.zadd(world.keys.vm_restarts(vm), {f"old-{i}:{now_ms - 1000 - i}": now_ms - 1000 - i
                                                    for i in range(count)})
 
@@ -61,14 +61,14 @@ def test_the_host_resets_a_manual_restart_even_when_the_guest_counters_move(worl
 def test_a_manual_restart_is_refused_with_the_reason_and_audited(world: World, setup: str, words: str) -> None:
     world.healthy("web-1")
     if setup == "maintenance":
-        world.store.transition("web-1", [VmState.HEALTHY], VmState.MAINTENANCE, world.store.time_ms(),
-                               {"type": "maintenance", "host": HOST_A})
+        world.store.vms.transition(Transition("web-1", (VmState.HEALTHY,), VmState.MAINTENANCE,
+                                              world.store.clock.time_ms(), {"type": "maintenance", "host": HOST_A}))
     elif setup == "kill_switch":
-        world.store.set_kill_switch(None)
+        world.store.hosts.set_kill_switch(None)
     elif setup == "host_gone":
-        world.store.drop_heartbeat(HOST_A)
+        world.store.hosts.drop_heartbeat(HOST_A)
     elif setup == "shutoff":
-        world.store.write_many({"web-1": {"domain_status": "shutoff", "domain_reason": "destroyed"}})
+        world.store.vms.write_many({"web-1": {"domain_status": "shutoff", "domain_reason": "destroyed"}})
     elif setup == "restarting":
         manual_restart(world.monitor, "web-1")
         world.dispatched.clear()
@@ -104,21 +104,21 @@ def _reply_with(world: World, vm: str, round_id: int, key_hex: str) -> None:
 
 def test_a_rotated_key_is_accepted_alongside_the_new_one_during_the_grace(world: World) -> None:
     world.healthy("web-1")
-    world.store.rotate_secret("web-1", NEW_KEY, grace_ms=60_000)
+    world.store.keyring.rotate_secret("web-1", NEW_KEY, grace_ms=60_000)
     round_1 = world.probe()
     _reply_with(world, "web-1", round_1, SECRET["web-1"])  # the guest has not been updated yet
     report = world.tick_after_arrivals()
     assert (report.valid, report.rejected) == (1, {})
-    assert world.store.counters()[0]["replies_previous_key"] == 1
+    assert world.store.stats.counters()[0]["replies_previous_key"] == 1
     round_2 = world.probe()
     _reply_with(world, "web-1", round_2, NEW_KEY)  # now it has
     assert world.tick_after_arrivals().valid == 1
-    assert world.store.counters()[0]["replies_previous_key"] == 1
+    assert world.store.stats.counters()[0]["replies_previous_key"] == 1
 
 
 def test_a_rotated_key_is_refused_once_its_grace_has_passed(world: World) -> None:
     world.healthy("web-1")
-    until_ms = world.store.rotate_secret("web-1", NEW_KEY, grace_ms=5)
+    until_ms = world.store.keyring.rotate_secret("web-1", NEW_KEY, grace_ms=5)
     world.wait_past(until_ms + 1)
     round_id = world.probe()
     _reply_with(world, "web-1", round_id, SECRET["web-1"])
@@ -128,7 +128,7 @@ def test_a_rotated_key_is_refused_once_its_grace_has_passed(world: World) -> Non
 
 def test_a_rotation_without_grace_refuses_the_old_key_at_once_and_a_third_key_never_works(world: World) -> None:
     world.healthy("web-1")
-    world.store.rotate_secret("web-1", NEW_KEY, grace_ms=0)
+    world.store.keyring.rotate_secret("web-1", NEW_KEY, grace_ms=0)
     round_id = world.probe()
     _reply_with(world, "web-1", round_id, SECRET["web-1"])
     _reply_with(world, "web-1", round_id, SECRET["web-2"])
@@ -139,9 +139,9 @@ def test_rotating_a_vm_without_a_key_is_an_error_and_revoking_drops_the_grace_ke
     from vmq.errors import StoreError
 
     with pytest.raises(StoreError, match="has no key"):
-        world.store.rotate_secret("ghost", NEW_KEY, grace_ms=1000)
+        world.store.keyring.rotate_secret("ghost", NEW_KEY, grace_ms=1000)
     world.healthy("web-1")
-    world.store.rotate_secret("web-1", NEW_KEY, grace_ms=60_000)
-    assert "web-1" in world.store.previous_secrets()
-    assert world.store.delete_secret("web-1")
-    assert world.store.previous_secrets() == {} and "web-1" not in world.store.secrets()
+    world.store.keyring.rotate_secret("web-1", NEW_KEY, grace_ms=60_000)
+    assert "web-1" in world.store.keyring.previous_secrets()
+    assert world.store.keyring.delete_secret("web-1")
+    assert world.store.keyring.previous_secrets() == {} and "web-1" not in world.store.keyring.secrets()

@@ -30,9 +30,10 @@ from vmq.ingest import Ingestor, LatestReplies, RejectLog
 from vmq.inventory import mark_degraded, sync_inventory
 from vmq.keys import Keys, host_queue
 from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
-from vmq.monitor import Monitor, RestartRequest, TickReport
+from vmq.model import RestartRequest
+from vmq.monitor import Monitor, TickReport
 from vmq.restart import ActivityCheck, restart_vm
-from vmq.store.redis import Record, RedisStore, connect
+from vmq.store.redis import RedisStore, connect
 
 REDIS_SERVER = next((path for path in ("/usr/bin/redis-server", shutil.which("redis-server")) if path
                      and os.path.exists(path)), "")
@@ -115,6 +116,19 @@ def make_settings(**changes: Any) -> Settings:
 
 
 
+class Broker:
+    """The restart tasks' broker as the monitor sees it: records each request, or refuses while ``down``."""
+
+    def __init__(self) -> None:
+        self.sent: list[RestartRequest] = []
+        self.down = False
+
+    def dispatch(self, request: RestartRequest) -> None:
+        if self.down:
+            raise ConnectionError(f"broker down, cannot route {request.vm}")
+        self.sent.append(request)
+
+
 @dataclass
 class World:
     backend: Backend
@@ -123,23 +137,27 @@ class World:
     store: RedisStore
     settings: Settings
     monitor: Monitor
-    dispatched: list[RestartRequest]
+    broker: Broker
+
+    @property
+    def dispatched(self) -> list[RestartRequest]:
+        return self.broker.sent
 
     # -- setup
     def register(self, vm: str, host: str = HOST_A, status: DomainStatus = DomainStatus.RUNNING) -> None:
         """A VM as inventory + `vmq key set` leave it: unknown, keyed, placed on a live host."""
-        assert self.store.register_vm(vm, self.store.time_ms())
-        self.store.set_secret(vm, SECRET[vm])
-        self.store.write_many({vm: {"host": host, "domain_status": status.value}})
+        assert self.store.vms.register_vm(vm, self.store.clock.time_ms())
+        self.store.keyring.set_secret(vm, SECRET[vm])
+        self.store.vms.write_many({vm: {"host": host, "domain_status": status.value}})
         self.heartbeat(host)
 
     def heartbeat(self, host: str) -> None:
-        self.store.heartbeat(host, {"queue": host_queue(host), "seen_ms": self.store.time_ms()}, 60_000)
+        self.store.hosts.heartbeat(host, {"queue": host_queue(host), "seen_ms": self.store.clock.time_ms()}, 60_000)
 
     def other_monitor(self) -> Monitor:
         """A second timeout worker: its own connection, the same data and the same dispatch recorder."""
         store = RedisStore(self.backend.client(), self.keys)
-        return Monitor(store, self.settings, self.dispatched.append)
+        return Monitor(store, self.settings, self.broker.dispatch)
 
     # -- rounds and replies
     def probe(self) -> int:
@@ -166,34 +184,36 @@ class World:
         return self.send({"m": message, "s": signature})
 
     def wait_past(self, ms: int) -> None:
-        while self.store.time_ms() <= ms:
+        while self.store.clock.time_ms() <= ms:
             time.sleep(0.002)
 
     def make_due(self, round_id: int, deadline_ms: int | None = None) -> int:
         """Set the round's deadline to ``deadline_ms`` (default: now) and wait until it has passed."""
-        deadline = self.store.time_ms() if deadline_ms is None else deadline_ms
+        deadline = self.store.clock.time_ms() if deadline_ms is None else deadline_ms
         self.client.zadd(self.keys.rounds_pending, {str(round_id): deadline})
         self.wait_past(deadline)
         return deadline
 
     def tick_after_arrivals(self) -> TickReport:
         """Tick once every reply added so far lies strictly in the past (so the tick ingests it)."""
-        self.wait_past(self.store.time_ms())
+        self.wait_past(self.store.clock.time_ms())
         return self.monitor.tick()
 
     # -- reading
-    def record(self, vm: str) -> Record:
-        return self.store.vm_record(vm)
+    def record(self, vm: str) -> dict[str, str]:
+        """The VM's hash as stored (every field, as text)."""
+        raw = self.client.hgetall(self.keys.vm(vm))
+        return {name.decode(): value.decode() for name, value in raw.items()}
 
     def state(self, vm: str) -> str:
         return self.record(vm).get("state", "")
 
-    def events(self, event_type: str | None = None, vm: str | None = None) -> list[Record]:
-        return [event for _, event in self.store.events()
+    def events(self, event_type: str | None = None, vm: str | None = None) -> list[dict[str, str]]:
+        return [event for _, event in self.store.audit.read()
                 if (event_type is None or event.get("type") == event_type) and (vm is None or event.get("vm") == vm)]
 
     def rejects(self) -> dict[str, int]:
-        return self.store.counters()[1]
+        return self.store.stats.counters()[1]
 
     # -- scenarios
     def healthy(self, *vms: str, host: str = HOST_A) -> int:
@@ -225,8 +245,8 @@ def world(backend: Backend) -> World:
     keys = Keys(NAMESPACE)
     settings = make_settings()
     store = RedisStore(client, keys)
-    dispatched: list[RestartRequest] = []
-    return World(backend, client, keys, store, settings, Monitor(store, settings, dispatched.append), dispatched)
+    broker = Broker()
+    return World(backend, client, keys, store, settings, Monitor(store, settings, broker.dispatch), broker)
 
 
 # ---------------------------------------------------------------- monitor: healing and judging
@@ -241,7 +261,7 @@ def test_an_unknown_vm_becomes_healthy_on_its_first_valid_reply(world: World) ->
     [event] = world.events("healthy")
     assert (event["vm"], event["from"], event["to"]) == ("web-1", "unknown", "healthy")
     assert (event["round"], event["time"], event["boot_id"]) == (str(round_id), str(arrival), BOOT_ID)
-    assert "web-1" not in world.store.attention()
+    assert "web-1" not in world.store.vms.attention()
 
 
 def test_a_healthy_vm_that_answers_every_round_is_never_flagged_over_ten_rounds(world: World) -> None:
@@ -255,7 +275,7 @@ def test_a_healthy_vm_that_answers_every_round_is_never_flagged_over_ten_rounds(
     assert len(judged) == 10
     assert world.events("faulty") == [] and world.dispatched == []
     assert world.state("web-1") == VmState.HEALTHY.value
-    assert world.store.counters()[0]["replies_valid"] == 11
+    assert world.store.stats.counters()[0]["replies_valid"] == 11
 
 
 def test_a_vm_that_answered_before_and_misses_a_round_is_faulty_and_restarted_once(world: World) -> None:
@@ -281,7 +301,7 @@ def test_a_vm_that_answered_before_and_misses_a_round_is_faulty_and_restarted_on
     [dispatch_event] = world.events("restart_dispatched")
     assert dispatch_event["queue"] == "host.node1"
     assert world.client.zcard(world.keys.vm_restarts("web-1")) == 1
-    assert world.store.counters()[0]["restarts_dispatched"] == 1
+    assert world.store.stats.counters()[0]["restarts_dispatched"] == 1
 
 
 def test_two_monitors_ticking_the_same_due_round_at_once_judge_it_exactly_once(world: World) -> None:
@@ -405,7 +425,7 @@ def test_rejected_replies_are_counted_by_reason_and_do_not_heal(world: World) ->
 
 def test_a_vm_at_its_restart_budget_fails_without_a_restart(world: World) -> None:
     world.healthy("web-1")
-    now = world.store.time_ms()
+    now = world.store.clock.time_ms()
     world.client.zadd(world.keys.vm_restarts("web-1"), {f"{g}:{now - g}": now - 1000 * g for g in (1, 2, 3)})
     round_id = world.probe()
     world.make_due(round_id)
@@ -419,7 +439,7 @@ def test_a_vm_at_its_restart_budget_fails_without_a_restart(world: World) -> Non
 
 def test_restarts_older_than_the_window_do_not_count_against_the_budget(world: World) -> None:
     world.healthy("web-1")
-    long_ago = world.store.time_ms() - 3_600_000 - 60_000
+    long_ago = world.store.clock.time_ms() - 3_600_000 - 60_000
     world.client.zadd(world.keys.vm_restarts("web-1"), {f"{g}:old": long_ago - g for g in (1, 2, 3)})
     round_id = world.probe()
     world.make_due(round_id)
@@ -428,7 +448,7 @@ def test_restarts_older_than_the_window_do_not_count_against_the_budget(world: W
 
 def test_a_silent_vm_whose_host_heartbeat_expired_is_flagged_but_not_restarted(world: World) -> None:
     world.healthy("web-1")
-    world.store.drop_heartbeat(HOST_A)
+    world.store.hosts.drop_heartbeat(HOST_A)
     round_id = world.probe()
     world.make_due(round_id)
     report = world.monitor.tick()
@@ -489,7 +509,7 @@ def test_the_kill_switch_flags_a_silent_vm_without_restarting_it(world: World) -
 
 def test_a_faulty_vm_silent_for_another_round_is_judged_again_without_crashing_the_tick(world: World) -> None:
     world.healthy("web-1")
-    world.store.drop_heartbeat(HOST_A)
+    world.store.hosts.drop_heartbeat(HOST_A)
     round_2 = world.probe()
     world.make_due(round_2)
     assert world.monitor.tick().flagged == ["web-1"]
@@ -506,7 +526,7 @@ def test_a_faulty_vm_silent_for_another_round_is_judged_again_without_crashing_t
 
 def test_a_faulty_vm_whose_grounds_change_gets_one_decision_event(world: World) -> None:
     world.healthy("web-1")
-    world.store.drop_heartbeat(HOST_A)
+    world.store.hosts.drop_heartbeat(HOST_A)
     round_2 = world.probe()
     world.make_due(round_2)
     assert world.monitor.tick().flagged == ["web-1"]
@@ -533,13 +553,9 @@ def test_lifting_the_kill_switch_lets_the_next_round_restart_a_flagged_vm(world:
     assert world.dispatched[0].round == round_3
 
 
-def refusing_broker(request: RestartRequest) -> None:
-    raise ConnectionError(f"broker down, cannot route {request.vm}")
-
-
 def test_a_restart_the_broker_refuses_goes_back_to_faulty(world: World) -> None:
     world.healthy("web-1")
-    world.monitor.dispatch = refusing_broker
+    world.broker.down = True
     round_2 = world.probe()
     world.make_due(round_2)
     report = world.monitor.tick()
@@ -550,11 +566,11 @@ def test_a_restart_the_broker_refuses_goes_back_to_faulty(world: World) -> None:
 
 def test_a_restart_the_broker_refused_is_retried_in_the_next_round(world: World) -> None:
     world.healthy("web-1")
-    world.monitor.dispatch = refusing_broker
+    world.broker.down = True
     round_2 = world.probe()
     world.make_due(round_2)
     world.monitor.tick()
-    world.monitor.dispatch = world.dispatched.append
+    world.broker.down = False
     round_3 = world.probe()
     world.make_due(round_3)
     assert world.monitor.tick().dispatched == ["web-1"]
@@ -562,7 +578,7 @@ def test_a_restart_the_broker_refused_is_retried_in_the_next_round(world: World)
 
 def test_a_restart_the_broker_refused_does_not_use_up_the_restart_budget(world: World) -> None:
     world.healthy("web-1")
-    world.monitor.dispatch = refusing_broker
+    world.broker.down = True
     round_2 = world.probe()
     world.make_due(round_2)
     world.monitor.tick()
@@ -582,7 +598,7 @@ def test_a_vm_that_answers_before_its_restart_is_claimed_is_not_recorded_as_rest
 
 def test_a_reply_while_a_claimed_restart_is_under_way_does_not_close_it(world: World) -> None:
     request = world.restarting("web-1")
-    assert world.store.claim_restart("web-1", request.generation, request.incident, "w1")
+    assert world.store.vms.claim_restart("web-1", request.generation, request.incident, "w1")
     round_id = world.probe()
     world.reply("web-1", round_id)
     report = world.tick_after_arrivals()
@@ -644,7 +660,7 @@ def test_a_domain_missing_from_the_host_sends_the_vm_back_to_faulty(world: World
 
 def test_a_vm_that_moved_to_another_host_is_not_touched_by_the_old_host(world: World) -> None:
     request = world.restarting("web-1")
-    world.store.write_many({"web-1": {"host": HOST_B}})
+    world.store.vms.write_many({"web-1": {"host": HOST_B}})
     hypervisor = hypervisor_with(DomainStatus.RUNNING)
     outcome = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1")
     assert not outcome.acted
@@ -656,7 +672,7 @@ def test_a_vm_that_moved_to_another_host_is_not_touched_by_the_old_host(world: W
 def test_a_request_past_its_expiry_in_redis_time_is_skipped_without_touching_the_domain(world: World) -> None:
     request = world.restarting("web-1")
     hypervisor = hypervisor_with(DomainStatus.RUNNING)
-    now_ms = world.store.time_ms()
+    now_ms = world.store.clock.time_ms()
     stale = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1",
                        expires_ms=now_ms - 1_000)
     assert (stale.acted, stale.action) == (False, RestartAction.LEFT_ALONE.value)
@@ -708,7 +724,7 @@ def test_a_request_delivered_twice_at_once_restarts_the_domain_once(world: World
 
 def test_a_duplicate_delivery_that_cannot_reach_the_hypervisor_leaves_a_claimed_attempt_alone(world: World) -> None:
     request = world.restarting("web-1")
-    assert world.store.claim_restart("web-1", request.generation, request.incident, "w1")  # w1 is acting
+    assert world.store.vms.claim_restart("web-1", request.generation, request.incident, "w1")  # w1 is acting
     hypervisor = hypervisor_with(DomainStatus.RUNNING)
     hypervisor.set_unavailable()
     outcome = restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w2")
@@ -747,12 +763,12 @@ def test_a_first_sync_registers_the_hosts_domains_as_unknown_vms(world: World) -
     ])
     report = sync_inventory(world.store, hypervisor, HOST_A, ttl_s=30)
     assert (report.new_vms, report.started, report.skipped_names) == (["web-1", "web-2"], ["web-1"], ["bad name"])
-    assert world.store.all_vms() == ["web-1", "web-2"]
+    assert world.store.vms.all_vms() == ["web-1", "web-2"]
     web1, web2 = world.record("web-1"), world.record("web-2")
     assert (web1["state"], web1["host"], web1["domain_status"]) == ("unknown", HOST_A, "running")
     assert (web2["state"], web2["host"], web2["domain_status"]) == ("unknown", HOST_A, "shutoff")
     assert "booted_at_ms" in web1 and "booted_at_ms" not in web2
-    assert [(name, alive) for name, alive, _ in world.store.hosts_overview()] == [(HOST_A, True)]
+    assert [(name, alive) for name, alive, _ in world.store.hosts.hosts_overview()] == [(HOST_A, True)]
     assert sync_inventory(world.store, hypervisor, HOST_A, ttl_s=30).new_vms == []
 
 
@@ -785,7 +801,7 @@ def test_a_vm_whose_domain_becomes_active_on_another_host_moves_there_and_stays(
 def test_a_host_whose_heartbeat_is_late_gets_no_restart_even_before_its_key_expires(world: World) -> None:
     world.healthy("web-1")
     # Renewed long ago, but the key's TTL has not run out yet: a host that just died looks like this.
-    world.store.heartbeat(HOST_A, {"seen_ms": world.store.time_ms() - 61_000}, 60_000)
+    world.store.hosts.heartbeat(HOST_A, {"seen_ms": world.store.clock.time_ms() - 61_000}, 60_000)
     round_2 = world.probe()
     world.make_due(round_2)
     assert world.monitor.tick().dispatched == []
@@ -845,7 +861,7 @@ def test_a_second_attempt_in_an_incident_destroys_and_creates(world: World) -> N
 
 def test_a_vm_override_of_its_budget_is_honoured_by_the_judge(world: World) -> None:
     world.healthy("web-1")
-    world.store.set_policy_overrides("web-1", {"policy.max_restarts": "0"})
+    world.store.vms.set_policy_overrides("web-1", {"policy.max_restarts": "0"})
     round_2 = world.probe()
     world.make_due(round_2)
     world.monitor.tick()
@@ -874,21 +890,21 @@ def test_a_judge_whose_lease_ran_out_stops_reading_and_moves_neither_cursor_nor_
     world.register("web-1")
     round_id = world.probe()
     world.reply("web-1", round_id)
-    world.wait_past(world.store.time_ms())
+    world.wait_past(world.store.clock.time_ms())
     ingestor = Ingestor(world.store, world.settings.max_reply_bytes, RejectLog(1.0), LatestReplies(0))
-    cursor, read = world.store.reply_cursor(), world.client.hget(world.keys.stats, "replies_read")
+    cursor, read = world.store.replies.reply_cursor(), world.client.hget(world.keys.stats, "replies_read")
 
-    with world.store.judge_lock(lease_s=5, wait_s=1) as lease:
+    with world.store.rounds.judge_lock(lease_s=5, wait_s=1) as lease:
         assert lease
         world.client.set(world.keys.judge_lock, b"another judge's token")  # ours expired, another took it
-        report = TickReport()
-        assert ingestor.ingest(world.store.time_ms(), report, lease) is False
-        assert world.store.reply_cursor() == cursor
+        result = ingestor.ingest(world.store.clock.time_ms(), lease)
+        assert result.complete is False
+        assert world.store.replies.reply_cursor() == cursor
         assert world.client.hget(world.keys.stats, "replies_read") == read
-        assert report.valid == 0
+        assert result.valid == 0
     world.client.delete(world.keys.judge_lock)  # the other judge is done
 
-    with world.store.judge_lock(lease_s=5, wait_s=1) as lease:  # the control: the holder reads it all
-        report = TickReport()
-        assert ingestor.ingest(world.store.time_ms(), report, lease) is True
-        assert report.valid == 1 and world.store.reply_cursor() != cursor
+    with world.store.rounds.judge_lock(lease_s=5, wait_s=1) as lease:  # the control: the holder reads it all
+        result = ingestor.ingest(world.store.clock.time_ms(), lease)
+        assert result.complete is True
+        assert result.valid == 1 and world.store.replies.reply_cursor() != cursor

@@ -105,12 +105,12 @@ class Stack:
             time.sleep(0.25)
 
     def events(self, vm: str, since_ms: int = 0, *types: str) -> list[dict[str, Any]]:
-        found = [event_json(entry_id, fields) for entry_id, fields in self.store.events(count=1_000_000)]
+        found = [event_json(entry_id, fields) for entry_id, fields in self.store.audit.read(count=1_000_000)]
         return [e for e in found if e.get("vm") == vm and int(e["id"].split("-")[0]) >= since_ms
                 and (not types or e.get("type") in types)]
 
     def last_reply(self, vm: str) -> dict[str, Any]:
-        raw = self.store.r.hget(self.store.keys.last_reply, vm)
+        raw = self.store.client.hget(self.store.keys.last_reply, vm)
         return json.loads(raw) if raw else {}
 
     def vmq(self, *args: str) -> str:
@@ -201,9 +201,9 @@ def test_real_guests_are_probed_restarted_when_hung_or_crashed_and_left_off_when
     timings: dict[str, dict[str, float]] = {}
 
     def healthy_with_new_boot(vm: str, old_boot: str | None) -> dict[str, Any] | None:
-        rec = store.vm_record(vm)
+        rec = store.vms.record(vm)
         reply = stack.last_reply(vm)
-        if rec.get("state") == "healthy" and reply.get("boot_id") and reply["boot_id"] != old_boot:
+        if rec.state == "healthy" and reply.get("boot_id") and reply["boot_id"] != old_boot:
             return reply
         return None
 
@@ -213,15 +213,15 @@ def test_real_guests_are_probed_restarted_when_hung_or_crashed_and_left_off_when
     boot_took = time.monotonic() - started
     for vm, reply in replies.items():
         params = reply["params"]
-        assert reply["vm"] == vm and store.vm_record(vm).get("host") == HOST
+        assert reply["vm"] == vm and store.vms.record(vm).host == HOST
         assert reply["boot_id"] == console_boot_ids(guests[vm])[-1], "boot id is not the guest kernel's"
         assert 100_000 < params["mem_total_kb"] < 196_608 and 0 < params["mem_available_kb"] < params["mem_total_kb"]
         assert len(params["load"]) == 3 and params["disk_total_b"] > 0 and 0 < params["uptime_s"] < 300
     assert replies[VM_A]["boot_id"] != replies[VM_B]["boot_id"]
 
     def past_boot_grace(vm: str) -> bool:
-        booted = int(store.vm_record(vm).get("booted_at_ms") or 0)
-        return store.time_ms() - booted > 22_000
+        booted = int(store.vms.record(vm).booted_at_ms or 0)
+        return store.clock.time_ms() - booted > 22_000
 
     def measure(name: str, vm: str, fault_ms: int, boot_before: str, restarted_action: str) -> dict[str, Any]:
         recovered = stack.wait(lambda: healthy_with_new_boot(vm, boot_before), 180, f"{name}: {vm} recovered")
@@ -242,7 +242,7 @@ def test_real_guests_are_probed_restarted_when_hung_or_crashed_and_left_off_when
     # Fault 1: the responder inside A hangs; libvirt still says running. Reset (resume first if paused).
     stack.wait(lambda: past_boot_grace(VM_A), 60, "A past its boot grace")
     boot_a = stack.last_reply(VM_A)["boot_id"]
-    fault_ms = store.time_ms()
+    fault_ms = store.clock.time_ms()
     sock = guests[VM_A].with_name(f"{VM_A}.cmd.sock")
     send_guest_command(sock, guests[VM_A], "hang-responder", "vmq-guest: SIGSTOP responder")
     assert "running" in virsh("domstate", VM_A)
@@ -258,32 +258,32 @@ def test_real_guests_are_probed_restarted_when_hung_or_crashed_and_left_off_when
     # Fault 2: A's QEMU dies (SIGKILL from outside): libvirt reports shut off / crashed; vmq starts it.
     stack.wait(lambda: past_boot_grace(VM_A), 60, "A past its boot grace again")
     boot_a = stack.last_reply(VM_A)["boot_id"]
-    fault_ms = store.time_ms()
+    fault_ms = store.clock.time_ms()
     os.kill(qemu_pid(VM_A), signal.SIGKILL)
     measure("fault 2: QEMU of A killed", VM_A, fault_ms, boot_a, "create")
     crash = stack.events(VM_A, fault_ms, "domain_event")
     assert any(e.get("kind") == "crash" for e in crash), crash
 
     # Fault 3: an operator destroys B: left off, the reason recorded, never restarted.
-    fault_ms = store.time_ms()
+    fault_ms = store.clock.time_ms()
     virsh("destroy", VM_B)
     stack.wait(lambda: any(e.get("kind") == "operator_stop" for e in stack.events(VM_B, fault_ms, "domain_event")),
                30, "B's operator stop reported")
     time.sleep(10)  # T2 three times over: B's silence is judged and must not lead anywhere
-    rec_b = store.vm_record(VM_B)
-    assert rec_b.get("domain_status") == "shutoff" and rec_b.get("domain_reason") == "destroyed", rec_b
+    rec_b = store.vms.record(VM_B)
+    assert rec_b.domain_status == "shutoff" and rec_b.domain_reason == "destroyed", rec_b
     assert "shut off" in virsh("domstate", VM_B)
     explained = stack.vmq("explain", VM_B)
     assert "destroyed" in explained, explained
     for vm_b_event in ("restarted", "restart_dispatched"):
         assert not stack.events(VM_B, 0, vm_b_event), f"B got {vm_b_event}"
-    assert int(stack.store.r.zcard(stack.store.keys.vm_restarts(VM_B))) == 0
+    assert int(stack.store.client.zcard(stack.store.keys.vm_restarts(VM_B))) == 0
 
     total = time.monotonic() - started
     with capsys.disabled():
         print(f"\nreal-VM proof: both guests answered {boot_took:.1f} s after `virsh start` (TCG)", flush=True)
         for name, figures in timings.items():
             print(f"  {name}: {figures}", flush=True)
-        print(f"  fault 3: B destroyed by an operator: left off ({rec_b.get('domain_reason')}), "
+        print(f"  fault 3: B destroyed by an operator: left off ({rec_b.domain_reason}), "
               f"never restarted", flush=True)
         print(f"  test body {total:.1f} s", flush=True)

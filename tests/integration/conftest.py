@@ -54,7 +54,7 @@ def make_cluster(tmp_path: Path, redis_server: LocalRedis) -> Iterator[Callable[
 def events_of(cluster: LocalCluster, **match: str) -> list[dict[str, Any]]:
     """All audit events whose fields equal ``match``."""
     out = []
-    for entry_id, fields in cluster.store.events(count=1_000_000):
+    for entry_id, fields in cluster.store.audit.read(count=1_000_000):
         event = event_json(entry_id, fields)
         if all(event.get(k) == v for k, v in match.items()):
             out.append(event)

@@ -50,7 +50,7 @@ def test_two_timeout_workers_judge_each_incident_once_and_one_carries_on_when_th
 
     # SIGKILL one of them mid-run: the other detects the next hang in time, and restarts it once.
     cluster.kill("monitor")
-    t_fault = cluster.store.time_ms()
+    t_fault = cluster.store.clock.time_ms()
     cluster.fleet.hang("vm-4")
     faulty, dispatched = incident_of(cluster, "vm-4")
     assert len(faulty) == 1 and len(dispatched) == 1
@@ -63,12 +63,12 @@ def test_a_second_beat_keeps_one_round_per_interval_and_faults_nobody(
         make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster(PLACEMENT, beats=2)
     cluster.wait_healthy(timeout_s=60)
-    first_round = cluster.store.current_round()
-    duplicates_before = cluster.store.counters()[0].get("rounds_duplicate", 0)
+    first_round = cluster.store.rounds.current_round()
+    duplicates_before = cluster.store.stats.counters()[0].get("rounds_duplicate", 0)
     seconds = 10.0
     time.sleep(seconds)
-    rounds = cluster.store.current_round() - first_round
-    refused = cluster.store.counters()[0].get("rounds_duplicate", 0) - duplicates_before
+    rounds = cluster.store.rounds.current_round() - first_round
+    refused = cluster.store.stats.counters()[0].get("rounds_duplicate", 0) - duplicates_before
     expected = seconds / T1  # 20 with one beat; 40 if both beats' rounds went out
     assert 0.7 * expected <= rounds <= 1.25 * expected, f"{rounds} rounds in {seconds:g} s"
     assert refused >= 0.5 * expected, f"only {refused} probes refused: was the second beat sending?"

@@ -39,16 +39,16 @@ def test_check_fails_cleanly_when_redis_is_down() -> None:
 def test_check_monitor_needs_probe_rounds_that_advance(redis_server: LocalRedis, store: RedisStore) -> None:
     proc = vmq(redis_server.url, "check", "--monitor")
     assert proc.returncode == 1 and "no probe round" in proc.stderr
-    store.start_round(new_nonce(), 6000, 64, WIRE_VERSION)
+    store.rounds.start_round(new_nonce(), 6000, 64, WIRE_VERSION)
     assert vmq(redis_server.url, "check", "--monitor").returncode == 0
 
 
 def test_check_host_needs_a_fresh_heartbeat_and_a_reachable_libvirt(redis_server: LocalRedis,
                                                                      store: RedisStore) -> None:
     assert vmq(redis_server.url, "check", "--host", "node1").returncode == 1
-    store.heartbeat("node1", {"queue": "host.node1", "seen_ms": store.time_ms(), "libvirt_ok": 1}, 15_000)
+    store.hosts.heartbeat("node1", {"queue": "host.node1", "seen_ms": store.clock.time_ms(), "libvirt_ok": 1}, 15_000)
     assert vmq(redis_server.url, "check", "--host", "node1").returncode == 0
-    store.heartbeat("node1", {"seen_ms": store.time_ms(), "libvirt_ok": 0}, 15_000)
+    store.hosts.heartbeat("node1", {"seen_ms": store.clock.time_ms(), "libvirt_ok": 0}, 15_000)
     proc = vmq(redis_server.url, "check", "--host", "node1")
     assert proc.returncode == 1 and "degraded" in proc.stderr
     hosts = json.loads(vmq(redis_server.url, "hosts", "--json").stdout)["hosts"]
@@ -58,11 +58,11 @@ def test_check_host_needs_a_fresh_heartbeat_and_a_reachable_libvirt(redis_server
 
 def test_disable_and_enable_move_a_vm_out_of_and_back_into_judging(redis_server: LocalRedis,
                                                                     store: RedisStore) -> None:
-    store.register_vm("vm-1", store.time_ms())
+    store.vms.register_vm("vm-1", store.clock.time_ms())
     assert "unknown -> disabled" in vmq(redis_server.url, "disable", "vm-1").stdout
-    assert store.vm_record("vm-1")["state"] == "disabled"
+    assert store.vms.record("vm-1").state == "disabled"
     assert "disabled -> unknown" in vmq(redis_server.url, "enable", "vm-1").stdout
-    assert store.vm_record("vm-1")["state"] == "unknown"
+    assert store.vms.record("vm-1").state == "unknown"
     proc = vmq(redis_server.url, "enable", "vm-1")
     assert proc.returncode == 2 and "cannot enable" in proc.stderr
     proc = vmq(redis_server.url, "disable", "no-such-vm")
@@ -70,12 +70,12 @@ def test_disable_and_enable_move_a_vm_out_of_and_back_into_judging(redis_server:
 
 
 def test_overrides_are_validated_and_stored(redis_server: LocalRedis, store: RedisStore) -> None:
-    store.register_vm("vm-1", store.time_ms())
+    store.vms.register_vm("vm-1", store.clock.time_ms())
     assert vmq(redis_server.url, "set", "vm-1", "max_restarts=5", "boot_grace_s=120").returncode == 0
-    record = store.vm_record("vm-1")
-    assert (record["policy.max_restarts"], record["policy.boot_grace_s"]) == ("5", "120")
+    record = store.vms.record("vm-1")
+    assert (record.overrides["max_restarts"], record.overrides["boot_grace_s"]) == ("5", "120")
     for bad in ("max_restarts=-1", "max_restarts=x", "no_such_knob=1", "max_restarts"):
         proc = vmq(redis_server.url, "set", "vm-1", bad)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, bad
     assert vmq(redis_server.url, "set", "vm-1", "max_restarts=").returncode == 0
-    assert "policy.max_restarts" not in store.vm_record("vm-1")
+    assert "max_restarts" not in store.vms.record("vm-1").overrides

@@ -84,16 +84,16 @@ def test_vmq_keys_rotate_keeps_the_guest_healthy_during_the_grace_then_refuses_t
     new_key = rotated.stdout.split('secret_key = "')[1].split('"')[0]
     assert new_key != cluster.secrets["vm-1"]
     # The guest still signs with its old key: accepted, counted, and it stays healthy.
-    cluster.wait_for(lambda: cluster.store.counters()[0].get("replies_previous_key", 0) >= 3, 20,
+    cluster.wait_for(lambda: cluster.store.stats.counters()[0].get("replies_previous_key", 0) >= 3, 20,
                      "three replies under the old key")
     assert cluster.states()["vm-1"] == "healthy"
-    assert not cluster.store.counters()[1].get("bad_signature")
+    assert not cluster.store.stats.counters()[1].get("bad_signature")
     [event] = events_of(cluster, type="key_rotated", vm="vm-1")
     assert new_key not in json.dumps(event) and cluster.secrets["vm-1"] not in json.dumps(event)
 
     # End the grace at once (vm-1 in maintenance first, so its silence is not judged): refused from now on.
     assert vmq(cluster, "maintenance", "vm-1").returncode == 0
     assert vmq(cluster, "keys", "rotate", "vm-1", "--grace", "0").returncode == 0
-    cluster.wait_for(lambda: cluster.store.counters()[1].get("bad_signature", 0) >= 3, 20,
+    cluster.wait_for(lambda: cluster.store.stats.counters()[1].get("bad_signature", 0) >= 3, 20,
                      "the old key refused")
     assert vmq(cluster, "keys", "rotate", "ghost").returncode == 2

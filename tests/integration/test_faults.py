@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import redis
 
 from tests.integration.conftest import FAST, events_of
 from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
-from vmq.model import VmState
+from vmq.model import Transition, VmState
 from vmq.sim import responder_argv
 
 pytestmark = pytest.mark.integration
@@ -59,11 +60,11 @@ def snapshot(cluster: LocalCluster) -> dict[str, Any]:
     vms = sorted(cluster.vms)
     return {
         "records": {vm: {k: v for k, v in rec.items() if k != "decision"}
-                    for vm, rec in zip(vms, store.vm_records(vms))},
-        "events": store.events(count=1_000_000),
-        "budgets": {vm: store.r.zrange(keys.vm_restarts(vm), 0, -1) for vm in vms},
-        "round": store.current_round(),
-        "secrets": store.r.hgetall(keys.secrets),
+                    for vm, rec in zip(vms, store.vms.records(vms))},
+        "events": store.audit.read(count=1_000_000),
+        "budgets": {vm: store.client.zrange(keys.vm_restarts(vm), 0, -1) for vm in vms},
+        "round": store.rounds.current_round(),
+        "secrets": store.client.hgetall(keys.secrets),
     }
 
 
@@ -103,17 +104,17 @@ def test_redis_restarted_mid_run_keeps_every_state_makes_no_false_restart_and_ev
             assert after["records"][vm].get(name) == rec.get(name), (vm, name)
 
     # Every process reconnects: rounds advance again, every guest answers them, nobody is restarted.
-    resumed = cluster.store.current_round()
-    cluster.wait_for(lambda: cluster.store.current_round() >= resumed + 5, 30, "probe rounds advance again")
+    resumed = cluster.store.rounds.current_round()
+    cluster.wait_for(lambda: cluster.store.rounds.current_round() >= resumed + 5, 30, "probe rounds advance again")
     time.sleep(8)  # 16 rounds, each judged past T2
-    new = cluster.store.events(after=before["events"][-1][0], count=1_000_000)
+    new = cluster.store.audit.read(after=before["events"][-1][0], count=1_000_000)
     assert [e for e in new if e[1].get("type") in ("faulty", "restart_dispatched", "restarted")] == [], new
     # The rounds around the outage were not judged, and said why.
     assert any("no probe round went out" in e[1].get("reason", "") for e in new
                if e[1].get("type") == "evidence_lost"), new
     assert set(cluster.states().values()) == {VmState.HEALTHY.value}
-    seen = dict(zip(sorted(cluster.vms), cluster.store.last_seen_many(sorted(cluster.vms))))
-    now_ms = cluster.store.time_ms()
+    seen = dict(zip(sorted(cluster.vms), cluster.store.replies.last_seen_many(sorted(cluster.vms))))
+    now_ms = cluster.store.clock.time_ms()
     assert all(now_ms - int(ms or 0) < 3000 for ms in seen.values()), seen
 
     # The judge, the dispatch and node2's worker work again: a later hang is restarted, once.
@@ -128,8 +129,8 @@ def test_redis_unreachable_for_30_s_restarts_nobody_and_judges_everyone_afresh_w
     cluster = make_cluster(PLACEMENT)
     cluster.wait_healthy(timeout_s=60)
     assert cluster.fleet is not None and redis_server.process is not None
-    mark = cluster.store.events(count=1_000_000)[-1][0]
-    round_before = cluster.store.current_round()
+    mark = cluster.store.audit.read(count=1_000_000)[-1][0]
+    round_before = cluster.store.rounds.current_round()
 
     # A frozen server: connections stay open, nothing answers (clients see timeouts, not refusals).
     os.kill(redis_server.process.pid, signal.SIGSTOP)
@@ -138,11 +139,11 @@ def test_redis_unreachable_for_30_s_restarts_nobody_and_judges_everyone_afresh_w
     finally:
         os.kill(redis_server.process.pid, signal.SIGCONT)
     back = time.monotonic()
-    cluster.wait_for(lambda: cluster.store.current_round() >= round_before + 5, 30, "rounds advance again")
+    cluster.wait_for(lambda: cluster.store.rounds.current_round() >= round_before + 5, 30, "rounds advance again")
     cluster.wait_healthy(timeout_s=30)
     healthy_after_s = time.monotonic() - back
     time.sleep(6)  # a dozen rounds judged after the outage
-    new = cluster.store.events(after=mark, count=1_000_000)
+    new = cluster.store.audit.read(after=mark, count=1_000_000)
     assert [e for e in new if e[1].get("type") in ("restart_dispatched", "restarted")] == [], new
     assert [e for e in new if e[1].get("type") == "faulty"] == [], new
     assert any("no probe round went out for 3" in e[1].get("reason", "") for e in new
@@ -184,14 +185,14 @@ def test_a_timeout_worker_killed_while_holding_the_judge_lock_leaves_the_round_t
     lock_key = cluster.store.keys.judge_lock
     # Ballast: 1,000 VMs in maintenance, listed as silent every round, make each judged round take long
     # enough (≥ 100 ms here) for a SIGKILL sent on seeing it start to land while the lock is still held.
-    with cluster.store.r.pipeline(transaction=False) as pipe:
+    with cluster.store.client.pipeline(transaction=False) as pipe:
         for i in range(1000):
             pipe.hset(cluster.store.keys.vm(f"ballast-{i}"), mapping={"state": "maintenance", "generation": 1})
             pipe.zadd(cluster.store.keys.last_round, {f"ballast-{i}": 0})
         pipe.execute()
     time.sleep(2)
     watcher: Any = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    t_hang = cluster.store.time_ms()
+    t_hang = cluster.store.clock.time_ms()
     cluster.fleet.hang("vm-1")
     # Wait for a worker to judge a round, once the hang's first deadline is near: MONITOR shows, the moment
     # Redis runs them, its SET ... NX of the lock and then its query for the round's silent VMs; SIGKILL
@@ -229,8 +230,8 @@ def test_a_timeout_worker_killed_while_holding_the_judge_lock_leaves_the_round_t
     survivor = "monitor-2" if victim == "monitor" else "monitor"
     workers[victim].wait(timeout=10)
     cluster.processes.pop(victim)
-    holder = cluster.store.r.get(lock_key)
-    due = [r for r, _ in cluster.store.due_rounds(cluster.store.time_ms())]
+    holder = cluster.store.client.get(lock_key)
+    due = [r for r, _ in cluster.store.rounds.due_rounds(cluster.store.clock.time_ms())]
     assert holder is not None and holder.decode() == killed["token"], "killed after it had released the lock"
     assert due, "the victim died holding the lock but with no round due"
 
@@ -238,7 +239,7 @@ def test_a_timeout_worker_killed_while_holding_the_judge_lock_leaves_the_round_t
     cluster.wait_for(lambda: set(due) <= judged_rounds_in_log(cluster, survivor), 2 + 3 * T1 + 4,
                      f"rounds {due} judged by {survivor}")
     taken_over_s = time.monotonic() - killed["at"]
-    assert not set(due) & {r for r, _ in cluster.store.due_rounds(2**62)}
+    assert not set(due) & {r for r, _ in cluster.store.rounds.due_rounds(2**62)}
     assert not set(due) & judged_rounds_in_log(cluster, victim)
     cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-1")), 30, "vm-1 recovered")
     faulty = events_of(cluster, type="faulty", vm="vm-1")
@@ -262,10 +263,10 @@ def test_a_host_worker_killed_mid_restart_gets_the_vm_restarted_exactly_once(
     cluster.fleet.hang("vm-1")
     # The worker claims the attempt, then samples the domain's counters for VMQ_ACTIVITY_WINDOW_S (1 s)
     # before the reset: a SIGKILL as soon as the claim shows lands between claim and reset.
-    cluster.wait_for(lambda: bool(cluster.store.vm_record("vm-1").get("claim")), 20, "the claim", poll_s=0.005)
+    cluster.wait_for(lambda: bool(cluster.store.vms.record("vm-1").claim), 20, "the claim", poll_s=0.005)
     cluster.kill_host("node1")
-    rec = cluster.store.vm_record("vm-1")
-    assert rec["state"] == VmState.RESTARTING.value and rec["claim"].startswith("node1:")
+    rec = cluster.store.vms.record("vm-1")
+    assert rec.state is VmState.RESTARTING and rec.claim.startswith("node1:")
     cluster.start_host("node1")
 
     cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-1")), 40, "vm-1 recovered")
@@ -289,19 +290,18 @@ def test_a_host_worker_that_died_after_the_reset_before_recording_it_leaves_a_vm
     cluster.fleet.hang("vm-2")
     # What node1's worker leaves behind when it dies right after libvirt's reset: the attempt claimed, the
     # domain reset (the guest boots again with a new boot id), nothing recorded.
-    now_ms, incident = store.time_ms(), f"vm-2:test:{uuid.uuid4().hex[:8]}"
-    gen = int(store.vm_record("vm-2")["generation"])
-    ok, _, gen = store.transition("vm-2", [VmState.HEALTHY], VmState.FAULTY, now_ms,
-                                  {"type": "faulty", "incident": incident, "host": "node1"},
-                                  fields={"incident": incident, "incident_opened_ms": now_ms},
-                                  expected_generation=gen)
+    now_ms, incident = store.clock.time_ms(), f"vm-2:test:{uuid.uuid4().hex[:8]}"
+    gen = store.vms.record("vm-2").generation
+    ok, _, gen = astuple(store.vms.transition(Transition(
+        "vm-2", (VmState.HEALTHY,), VmState.FAULTY, now_ms, {"type": "faulty", "incident": incident, "host": "node1"},
+        fields={"incident": incident, "incident_opened_ms": now_ms}, expected_generation=gen)))
     assert ok
-    ok, _, gen = store.transition("vm-2", [VmState.FAULTY], VmState.RESTARTING, now_ms,
-                                  {"type": "restart_dispatched", "incident": incident, "host": "node1"},
-                                  fields={"attempts": 1, "last_restart_ms": now_ms}, expected_generation=gen,
-                                  count_restart=True)
+    ok, _, gen = astuple(store.vms.transition(Transition(
+        "vm-2", (VmState.FAULTY,), VmState.RESTARTING, now_ms,
+        {"type": "restart_dispatched", "incident": incident, "host": "node1"},
+        fields={"attempts": 1, "last_restart_ms": now_ms}, expected_generation=gen, count_restart=True)))
     # Claimed as node1's worker claims (held for VMQ_RESTART_TIMEOUT_S), by a delivery that is now gone.
-    assert ok and store.claim_restart("vm-2", gen, incident, "node1:999999:lost-delivery", hold_ms=4000)
+    assert ok and store.vms.claim_restart("vm-2", gen, incident, "node1:999999:lost-delivery", hold_ms=4000)
     claimed = time.monotonic()
     old_boot = cluster.fleet.guests["vm-2"].boot_id
     threading.Thread(target=cluster.fleet._reboot_later, args=("vm-2",), daemon=True).start()
@@ -348,21 +348,21 @@ def test_a_guest_an_hour_off_and_a_monitor_whose_clock_jumps_cause_no_false_faul
                                 "-n", "monitor@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
                     {"CLOCKSHIFT_FILE": str(monitor_clock),
                      "PYTHONPATH": os.pathsep.join([str(CLOCKSHIFT), cluster.env["PYTHONPATH"]])})
-    start_round = cluster.store.current_round()
-    cluster.wait_for(lambda: cluster.store.current_round() >= start_round + 4, 30, "rounds under the new monitor")
+    start_round = cluster.store.rounds.current_round()
+    cluster.wait_for(lambda: cluster.store.rounds.current_round() >= start_round + 4, 30, "rounds under the new monitor")
 
     def quiet_for(seconds: float, what: str) -> None:
-        first = cluster.store.current_round()
+        first = cluster.store.rounds.current_round()
         time.sleep(seconds)
         assert events_of(cluster, type="faulty") == [], what
         assert set(cluster.states().values()) == {VmState.HEALTHY.value}, what
-        assert cluster.store.current_round() - first >= 0.6 * seconds / T1, what
-        overdue = cluster.store.due_rounds(cluster.store.time_ms() - int((T1 + 0.5) * 1000))
+        assert cluster.store.rounds.current_round() - first >= 0.6 * seconds / T1, what
+        overdue = cluster.store.rounds.due_rounds(cluster.store.clock.time_ms() - int((T1 + 0.5) * 1000))
         assert overdue == [], f"{what}: rounds {overdue} not judged on time"
 
     quiet_for(4, "guest an hour ahead")
-    last = json.loads(cluster.store.r.hget(cluster.store.keys.last_reply, "vm-3"))
-    assert 3590_000 < last["guest_ms"] - cluster.store.time_ms() < 3610_000  # its replies carry its own clock
+    last = json.loads(cluster.store.client.hget(cluster.store.keys.last_reply, "vm-3"))
+    assert 3590_000 < last["guest_ms"] - cluster.store.clock.time_ms() < 3610_000  # its replies carry its own clock
     monitor_clock.write_text("3600")  # the monitor's node jumps an hour forward ...
     quiet_for(5, "monitor clock jumped +1 h")
     monitor_clock.write_text("-3600")  # ... then two hours back
@@ -370,7 +370,7 @@ def test_a_guest_an_hour_off_and_a_monitor_whose_clock_jumps_cause_no_false_faul
     assert "judged_rounds" in (cluster.workdir / "monitor.log").read_text()
 
     # Judged at the right moments still: a hang is detected within the usual bound, on Redis' clock.
-    t_hang = cluster.store.time_ms()
+    t_hang = cluster.store.clock.time_ms()
     cluster.fleet.hang("vm-6")
     cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-6")), 30, "vm-6 recovered")
     faulty = events_of(cluster, type="faulty")
@@ -394,7 +394,7 @@ def test_a_host_worker_whose_clock_is_an_hour_ahead_still_restarts_hung_vms(
     cluster.wait_for(lambda: (cluster.workdir / "host-node1.log").read_text().count(" ready.") >= 2, 30,
                      "node1's worker started again")  # the log is appended to: the first start said it too
     cluster.wait_healthy(timeout_s=30)
-    t_hang = cluster.store.time_ms()
+    t_hang = cluster.store.clock.time_ms()
     cluster.fleet.hang("vm-2")  # on node1
     cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-2")), 40, "vm-2 restarted and back")
     [restarted] = events_of(cluster, type="restarted", vm="vm-2")
@@ -425,13 +425,13 @@ def test_beat_keeps_probing_when_its_clock_jumps_back(make_cluster: Callable[...
     cluster._celery("beat", ["beat", "-s", str(cluster.workdir / "beat-schedule"), "--loglevel", "INFO"],
                     {"CLOCKSHIFT_FILE": str(beat_clock),
                      "PYTHONPATH": os.pathsep.join([str(CLOCKSHIFT), cluster.env["PYTHONPATH"]])})
-    first = cluster.store.current_round()
-    cluster.wait_for(lambda: cluster.store.current_round() >= first + 4, 30, "rounds under the restarted beat")
+    first = cluster.store.rounds.current_round()
+    cluster.wait_for(lambda: cluster.store.rounds.current_round() >= first + 4, 30, "rounds under the restarted beat")
     for shift, what in (("-3590", "10 s forward"), ("-7200", "another hour back while running")):
         beat_clock.write_text(shift)
-        before = cluster.store.current_round()
+        before = cluster.store.rounds.current_round()
         time.sleep(5)
-        sent = cluster.store.current_round() - before
+        sent = cluster.store.rounds.current_round() - before
         assert sent >= 0.6 * 5 / T1, f"beat's clock {what}: {sent} rounds in 5 s"
     assert events_of(cluster, type="faulty") == []
     assert set(cluster.states().values()) == {VmState.HEALTHY.value}
@@ -480,10 +480,10 @@ def test_redis_own_clock_jumping_an_hour_either_way_causes_no_false_fault(
             cluster.wait_healthy(timeout_s=60)
             for shift in ("+3600", "+0"):
                 clock.write_text(shift + "\n")
-                before = cluster.store.current_round()
+                before = cluster.store.rounds.current_round()
                 time.sleep(6)
-                assert abs(cluster.store.time_ms() / 1000 - time.time() - float(shift)) < 5, "the clock moved"
-                assert cluster.store.current_round() - before >= 0.6 * 6 / T1, f"probing went on ({shift})"
+                assert abs(cluster.store.clock.time_ms() / 1000 - time.time() - float(shift)) < 5, "the clock moved"
+                assert cluster.store.rounds.current_round() - before >= 0.6 * 6 / T1, f"probing went on ({shift})"
                 assert events_of(cluster, type="faulty") == [], f"Redis clock {shift}"
                 assert events_of(cluster, type="restart_dispatched") == []
             cluster.wait_for(lambda: set(cluster.states().values()) == {VmState.HEALTHY.value}, 20,

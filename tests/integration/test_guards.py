@@ -59,7 +59,7 @@ def test_a_killed_host_worker_makes_its_host_down_and_its_vms_unreachable_not_re
     # A restart that was already queued for node1 when it died expires there unexecuted.
     app = create_app(cluster.settings)
     stale = {"vm": "vm-2", "host": "node1", "generation": 99, "incident": "vm-2:stale", "round": 1,
-             "issued_ms": cluster.store.time_ms()}
+             "issued_ms": cluster.store.clock.time_ms()}
     app.send_task("vmq.host.restart_vm", args=[stale], queue="host.node1", expires=1.0)
     time.sleep(2)
 
@@ -134,7 +134,7 @@ def test_a_crash_reported_by_libvirt_is_restarted_on_its_host_without_waiting_fo
                            VMQ_REPLY_TIMEOUT_S="20")
     cluster.wait_healthy(timeout_s=60)
     app = create_app(cluster.settings)
-    t0 = cluster.store.time_ms()
+    t0 = cluster.store.clock.time_ms()
     # What node1's lifecycle listener sends when libvirt reports (stopped, crashed) for vm-1.
     app.send_task("vmq.monitor.domain_event", args=["vm-1", "node1", "crash", "stopped", "crashed"],
                   queue="vmq.monitor")
@@ -161,7 +161,7 @@ def test_libvirt_events_keep_vmq_off_a_domain_an_operator_paused_or_destroyed(
                      "the pause event")
     time.sleep(3)  # several rounds past T2
     assert events_of(cluster, type="restart_dispatched") == []
-    assert "paused on purpose" in cluster.store.vm_record("vm-1")["decision"]
+    assert "paused on purpose" in cluster.store.vms.record("vm-1").decision
 
     # The operator destroys vm-2: shut off on purpose, left alone.
     assert app.send_task("vmq.host.domain_op", args=["vm-2", "destroy"], queue="host.node1").get(timeout=20)["ok"]
@@ -192,8 +192,8 @@ def test_a_silent_guest_whose_disk_and_network_still_move_is_held_not_reset(
     held = events_of(cluster, type="silent_but_active", vm="vm-1")[0]
     assert held["host"] == "node1" and held["activity"]["moving"]
     # A hold is not an attempt: at most the one being sampled right now is counted, never a pile of them.
-    assert int(cluster.store.vm_record("vm-1")["attempts"]) <= 1
-    assert cluster.store.r.zcard(cluster.store.keys.vm_restarts("vm-1")) <= 1
+    assert int(cluster.store.vms.record("vm-1").attempts) <= 1
+    assert cluster.store.client.zcard(cluster.store.keys.vm_restarts("vm-1")) <= 1
 
 
 def test_the_kill_switch_holds_restarts_until_resumed(make_cluster: Callable[..., LocalCluster]) -> None:

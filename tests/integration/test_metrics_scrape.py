@@ -51,7 +51,7 @@ def test_metrics_after_a_hang_a_restart_and_a_recovery_count_exactly_that(
     print("\n".join(line for line in body.splitlines() if not line.startswith("#")))
 
     assert got[("vmq_up", ())] == 1
-    assert 0 < got[("vmq_probe_rounds_total", ())] <= cluster.store.current_round()
+    assert 0 < got[("vmq_probe_rounds_total", ())] <= cluster.store.rounds.current_round()
     assert got[("vmq_replies_total", (("result", "valid"),))] > 0
     assert got[("vmq_replies_total", (("result", "bad_signature"),))] == 0
 

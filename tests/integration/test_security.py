@@ -319,8 +319,8 @@ def test_one_rediss_url_serves_the_store_the_cli_the_celery_broker_and_the_resul
         redis.Redis(port=server.port, socket_timeout=2).ping()
 
     store = RedisStore.from_url(url, KEYS)
-    assert store.time_ms() > 0
-    store.r.close()
+    assert store.clock.time_ms() > 0
+    store.client.close()
     checked = vmq_cli(url, "check")
     assert (checked.returncode, checked.stdout) == (0, "ok\n"), checked.stderr
 
@@ -426,7 +426,7 @@ def test_a_whole_cluster_runs_over_a_tls_only_redis_and_restarts_a_hung_guest(
         config = (cluster.workdir / "responder-vm-1.toml").read_text()  # guests verify the CA too
         assert f'redis_url = "rediss://127.0.0.1:{server.port}/0"' in config
         assert f'tls_ca_file = "{files["ca"]}"' in config
-        t_hang = cluster.store.time_ms()
+        t_hang = cluster.store.clock.time_ms()
         cluster.fleet.hang("vm-1")
         cluster.wait_for(lambda: bool(events_of(cluster, type="restarted", vm="vm-1")), 30, "vm-1 restarted")
         assert events_of(cluster, type="restarted", vm="vm-1")[0]["host"] == "node1"
@@ -506,7 +506,7 @@ def test_no_key_or_password_appears_in_any_log_cli_output_or_the_audit_stream(
     refused = subprocess.run([sys.executable, "-m", "vmq.cli", "keys", "add", "vm-8"], env=cluster.env,
                              capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode == 2 and "--guest-redis-url" in refused.stderr and refused.stdout == ""
-    assert "vm-8" not in cluster.store.secrets()
+    assert "vm-8" not in cluster.store.keyring.secrets()
     time.sleep(2)
     assert cluster.states()["vm-2"] == "healthy"
 
@@ -562,9 +562,9 @@ def test_a_guest_that_trims_the_reply_stream_to_nothing_blinds_vmq_but_never_get
     try:
         assert intruder.stdin is not None and intruder.stdout is not None
         assert intruder.stdout.readline() == b"ready\n"
-        last_round = cluster.store.current_round()
-        cluster.wait_for(lambda: cluster.store.current_round() > last_round, 5, "the next probe round", poll_s=0.01)
-        t_start = cluster.store.time_ms()
+        last_round = cluster.store.rounds.current_round()
+        cluster.wait_for(lambda: cluster.store.rounds.current_round() > last_round, 5, "the next probe round", poll_s=0.01)
+        t_start = cluster.store.clock.time_ms()
         intruder.stdin.write(b"go\n")
         intruder.stdin.flush()
         cluster.wait_for(lambda: bool(events_of(cluster, type="evidence_lost")), 20, "an evidence_lost event")
@@ -572,7 +572,7 @@ def test_a_guest_that_trims_the_reply_stream_to_nothing_blinds_vmq_but_never_get
         print(f"rounds left unjudged from {first['time_ms'] - t_start} ms after the trimming began")
         time.sleep(3)  # several more rounds under attack (T1 0.5 s)
         assert len(events_of(cluster, type="evidence_lost")) >= 4
-        assert cluster.store.counters()[0].get("replies_lost", 0) > 0
+        assert cluster.store.stats.counters()[0].get("replies_lost", 0) > 0
     finally:
         intruder.kill()
         intruder.wait(timeout=10)

@@ -122,7 +122,7 @@ def test_a_sentinel_failover_mid_run_loses_no_incident_and_the_next_hang_is_rest
         # serving the clients still connected to it until Sentinel reconfigures it (its INFO period, ~10 s),
         # and what they write there meanwhile is discarded (see docs/performance.md, "Beyond one box").
         # A killed master is not tested here: kombu 5.7's sentinel channel then crashes the Celery worker.
-        round_before = cluster.store.current_round()
+        round_before = cluster.store.rounds.current_round()
         switched_at = time.monotonic()
         sentinel.execute_command("SENTINEL", "failover", MASTER)
         promoted_s = wait(lambda: master_port(sentinel) == new_port, 20, "the sentinels name the replica")
@@ -132,8 +132,8 @@ def test_a_sentinel_failover_mid_run_loses_no_incident_and_the_next_hang_is_rest
         first_new_round = int(new_master.get("it:round:seq") or 0)
         wait(lambda: int(new_master.get("it:round:seq") or 0) >= first_new_round + 2, 30, "rounds on the new master")
         back_s = time.monotonic() - switched_at
-        answered = {vm: cluster.store.last_seen_many([vm])[0] or 0 for vm in cluster.vms}
-        wait(lambda: all((cluster.store.last_seen_many([vm])[0] or 0) > answered[vm] for vm in cluster.vms), 30,
+        answered = {vm: cluster.store.replies.last_seen_many([vm])[0] or 0 for vm in cluster.vms}
+        wait(lambda: all((cluster.store.replies.last_seen_many([vm])[0] or 0) > answered[vm] for vm in cluster.vms), 30,
              "every guest answers on the new master")
         guests_back_s = time.monotonic() - switched_at
         time.sleep(3 * T2)  # every round sent around the switch has been judged by now
@@ -150,7 +150,7 @@ def test_a_sentinel_failover_mid_run_loses_no_incident_and_the_next_hang_is_rest
         assert set(cluster.states().values()) == {"healthy"}
 
         # An incident after the failover is detected in time and restarted, through the new master.
-        t_fault = cluster.store.time_ms()
+        t_fault = cluster.store.clock.time_ms()
         cluster.fleet.hang("vm-4")
         cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-4")), 30, "vm-4 recovered")
         faulty = events_of(cluster, type="faulty", vm="vm-4")

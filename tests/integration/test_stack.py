@@ -339,11 +339,11 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
     store = RedisStore.from_url(vmq_url, Keys(namespace))
 
     # beat -> monitor: probe rounds advance
-    first = store.current_round()
-    wait_until(lambda: store.current_round() > first, 10, "a new probe round", services)
+    first = store.rounds.current_round()
+    wait_until(lambda: store.rounds.current_round() > first, 10, "a new probe round", services)
 
     # every example host's worker registered with a fresh heartbeat, its own queue, its own test node
-    hosts = {name: info for name, alive, info in store.hosts_overview() if alive}
+    hosts = {name: info for name, alive, info in store.hosts.hosts_overview() if alive}
     assert set(EXAMPLE_HOSTS) <= set(hosts), hosts
     for host in EXAMPLE_HOSTS:
         assert hosts[host].get("queue") == f"host.{host}"
@@ -352,7 +352,7 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
     expected = {f"{host}-vm{i}": host for host in EXAMPLE_HOSTS for i in range(1, VMS_PER_HOST + 1)}
 
     def all_healthy() -> bool:
-        records = dict(zip(expected, store.vm_records(list(expected))))
+        records = dict(zip(expected, store.vms.records(list(expected))))
         return all(rec.get("state") == "healthy" and rec.get("host") == expected[vm]
                    for vm, rec in records.items())
 
@@ -399,7 +399,7 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
     task = restart_task_in_flower()
     assert task is not None and task["routing_key"] == "host.node1" and task["worker"].startswith("node1@")
     assert "'acted': True" in str(task.get("result")), task
-    wait_until(lambda: store.vm_record(fault_vm).get("state") == "healthy", 20, f"{fault_vm} recovered",
+    wait_until(lambda: store.vms.record(fault_vm).state == "healthy", 20, f"{fault_vm} recovered",
                services)
     timings["restart seen in Flower, VM recovered"] = round(time.monotonic() - t0, 1)
 
@@ -430,6 +430,6 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
     redis_dir = Path(services["redis"].cwd)
     assert (redis_dir / "appendonlydir").is_dir() and (redis_dir / "users.acl").stat().st_mode & 0o077 == 0
     assert variables["REDIS_VMQ_PASSWORD"] not in (redis_dir / "users.acl").read_text()
-    store.r.close()
+    store.client.close()
     timings["checks"] = round(time.monotonic() - t0, 1)
     print(f"stack timings (s): {timings}")

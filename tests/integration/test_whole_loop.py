@@ -36,7 +36,7 @@ def test_a_silent_guest_is_flagged_in_time_restarted_on_its_own_host_only_and_re
     assert cluster.fleet is not None
     old_boot = cluster.fleet.guests["vm-1"].boot_id
 
-    t_fault = cluster.store.time_ms()
+    t_fault = cluster.store.clock.time_ms()
     cluster.fleet.hang("vm-1")
     cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-1")), 30, "vm-1 recovered")
 
@@ -70,10 +70,10 @@ def test_a_silent_guest_is_flagged_in_time_restarted_on_its_own_host_only_and_re
 def test_a_healthy_cluster_over_many_rounds_has_zero_faults(make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster({"node1": ["vm-1", "vm-2", "vm-3"], "node2": ["vm-4", "vm-5", "vm-6"]})
     cluster.wait_healthy(timeout_s=60)
-    first_round = cluster.store.current_round()
+    first_round = cluster.store.rounds.current_round()
     time.sleep(12)  # ~24 rounds at T1 = 0.5 s
-    rounds = cluster.store.current_round() - first_round
-    stats, rejects = cluster.store.counters()
+    rounds = cluster.store.rounds.current_round() - first_round
+    stats, rejects = cluster.store.stats.counters()
     assert rounds >= 20
     assert events_of(cluster, type="faulty") == []
     assert events_of(cluster, type="restart_dispatched") == []
@@ -88,12 +88,12 @@ def test_a_vm_moved_to_the_other_host_is_restarted_there(make_cluster: Callable[
     # "mover" turns healthy as soon as either host worker has listed it, so until node1's worker is up its
     # record may name node2, where it is only defined. Once both hosts have listed it, it is node1's, where
     # it runs, and stays there while node2 keeps listing its shut-off definition.
-    cluster.wait_for(lambda: all("mover" in cluster.store.domain_names(host) for host in ("node1", "node2")), 30,
+    cluster.wait_for(lambda: all("mover" in cluster.store.hosts.domain_names(host) for host in ("node1", "node2")), 30,
                      "both hosts listed mover")
-    cluster.wait_for(lambda: cluster.store.vm_record("mover").get("host") == "node1", 5, "mover placed on node1")
+    cluster.wait_for(lambda: cluster.store.vms.record("mover").host == "node1", 5, "mover placed on node1")
     until = time.monotonic() + 3 * INVENTORY_INTERVAL_S
     while time.monotonic() < until:
-        assert cluster.store.vm_record("mover")["host"] == "node1"
+        assert cluster.store.vms.record("mover").host == "node1"
         time.sleep(0.1)
     assert events_of(cluster, type="migrated", vm="mover") == []
 
@@ -101,10 +101,10 @@ def test_a_vm_moved_to_the_other_host_is_restarted_there(make_cluster: Callable[
     # The migration as libvirt shows it: the domain stops on node1 and runs on node2.
     assert app.send_task("vmq.host.domain_op", args=["mover", "destroy"], queue="host.node1").get(timeout=20)["ok"]
     assert app.send_task("vmq.host.domain_op", args=["mover", "start"], queue="host.node2").get(timeout=20)["ok"]
-    cluster.wait_for(lambda: cluster.store.vm_record("mover").get("host") == "node2", 10, "inventory follows")
+    cluster.wait_for(lambda: cluster.store.vms.record("mover").host == "node2", 10, "inventory follows")
     assert [e["previous_host"] for e in events_of(cluster, type="migrated", vm="mover")] == ["node1"]
     time.sleep(2 * T1 + 1.0)  # past the boot grace of the start on node2; node1's stale definition stays off
-    assert cluster.store.vm_record("mover")["host"] == "node2"
+    assert cluster.store.vms.record("mover").host == "node2"
 
     assert cluster.fleet is not None
     cluster.fleet.hang("mover")

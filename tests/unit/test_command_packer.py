@@ -1,4 +1,4 @@
-"""vmq.store.common.CommandPacker: the same bytes as redis-py's own packer for every command vmq sends, and
+"""vmq.store.client.CommandPacker: the same bytes as redis-py's own packer for every command vmq sends, and
 the same errors for arguments hiredis cannot pack (memoryview is converted, None is refused)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from redis.connection import HiredisRespSerializer, PythonRespSerializer
 from redis.exceptions import DataError
 
 from tests.contract.test_monitor_store import redis_server  # noqa: F401 - the real-server fixture
-from vmq.store.common import CommandPacker
+from vmq.store.client import CommandPacker
 from vmq.store.redis import connect
 
 REDIS_PY = HiredisRespSerializer()

@@ -23,9 +23,10 @@ from vmq.hypervisor.fake import FakeHypervisor
 from vmq.keys import Keys, host_queue
 from vmq.metrics import VmqCollector, metrics_registry, serve_metrics
 from vmq.model import DomainInfo, DomainStatus
-from vmq.monitor import Monitor, RestartRequest
+from vmq.model import RestartRequest
+from vmq.monitor import Monitor
 from vmq.restart import restart_vm
-from vmq.store.metrics import DETECTION_BUCKETS_S, bucket_field, read_histogram
+from vmq.store.stats import DETECTION_BUCKETS_S, bucket_field, read_histogram
 from vmq.store.redis import RedisStore, connect
 
 HOST = "node1"
@@ -46,13 +47,13 @@ class Cluster:
         self.dispatched: list[RestartRequest] = []
         self.monitor = Monitor(self.store, self.settings, self.dispatched.append)
         for vm, secret in SECRET.items():
-            assert self.store.register_vm(vm, self.store.time_ms())
-            self.store.set_secret(vm, secret)
-            self.store.write_many({vm: {"host": HOST, "domain_status": DomainStatus.RUNNING.value}})
-        self.store.heartbeat(HOST, {"queue": host_queue(HOST), "seen_ms": self.store.time_ms()}, 60_000)
+            assert self.store.vms.register_vm(vm, self.store.clock.time_ms())
+            self.store.keyring.set_secret(vm, secret)
+            self.store.vms.write_many({vm: {"host": HOST, "domain_status": DomainStatus.RUNNING.value}})
+        self.store.hosts.heartbeat(HOST, {"queue": host_queue(HOST), "seen_ms": self.store.clock.time_ms()}, 60_000)
 
     def wait_past(self, ms: int) -> None:
-        while self.store.time_ms() <= ms:
+        while self.store.clock.time_ms() <= ms:
             time.sleep(0.002)
 
     def round(self, answering: tuple[str, ...], forged: tuple[str, ...] = ()) -> int:
@@ -64,7 +65,7 @@ class Cluster:
             message, signature = encode_reply(vm, round_id, nonce, "boot-1", round_id, {"uptime_s": 1.0},
                                               bytes.fromhex(SECRET[vm]))
             self.client.xadd(self.keys.reply_stream, {"m": message, "s": "00" * 32 if vm in forged else signature})
-        deadline = self.store.time_ms()
+        deadline = self.store.clock.time_ms()
         self.client.zadd(self.keys.rounds_pending, {str(round_id): deadline})
         self.wait_past(deadline)
         self.monitor.tick()
@@ -253,7 +254,7 @@ def test_metrics_port_0_disables_serving(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_replies_under_a_rotated_out_key_are_exported_beside_the_valid_ones() -> None:
     cluster = Cluster()
     cluster.round(("web-1", "web-2"))
-    cluster.store.rotate_secret("web-1", "e5" * 32, grace_ms=60_000)  # web-1 still signs with its old key
+    cluster.store.keyring.rotate_secret("web-1", "e5" * 32, grace_ms=60_000)  # web-1 still signs with its old key
     cluster.round(("web-1", "web-2"))
     got = samples(VmqCollector(cluster.store, cluster.settings))
     assert got[("vmq_replies_previous_key_total", ())] == 1

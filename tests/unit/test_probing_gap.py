@@ -4,7 +4,7 @@ answered since the gap are judged."""
 
 from __future__ import annotations
 
-from vmq.monitor import ProbingGap, probing_gap
+from vmq.evidence import ProbingGap, probing_gap
 
 T1, T2 = 1000, 3000  # ms
 

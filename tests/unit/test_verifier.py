@@ -26,7 +26,7 @@ from tests.unit.test_codec import (
     guest_fields,
     signed,
 )
-from vmq.codec import ReplyVerifier, decode_reply, reply_signature
+from vmq.codec import ReplyVerifier, Verified, decode_reply, reply_signature
 from vmq.errors import CodecError
 from vmq.ingest import LatestReplies
 
@@ -114,7 +114,7 @@ def test_a_new_key_table_replaces_the_cached_mac_states() -> None:
     verifier = ReplyVerifier()
     entry = raw(guest_fields())
     assert len(verifier.verify([entry], SECRETS, BOOK, MAX_BYTES)[0]) == 1
-    rotated = {**SECRETS, "web-1": bytes.fromhex("44" * 32)}  # what store.secrets() returns after a rotation
+    rotated = {**SECRETS, "web-1": bytes.fromhex("44" * 32)}  # what store.keyring.secrets() returns after a rotation
     accepted, rejected = verifier.verify([entry], rotated, BOOK, MAX_BYTES)
     assert accepted == [] and [e.reason for e in rejected] == ["bad_signature"]
 
@@ -145,8 +145,8 @@ def test_arbitrary_text_signed_by_the_vms_key_gets_the_same_verdict(text: str) -
 
 
 # ---------------------------------------------------------------- LatestReplies
-def verified(vm: str, round_id: int, arrival_ms: int, message: bytes) -> dict[str, tuple[Any, ...]]:
-    return {vm: (vm, round_id, arrival_ms, "boot", message, False)}
+def verified(vm: str, round_id: int, arrival_ms: int, message: bytes) -> dict[str, Verified]:
+    return {vm: Verified(vm, round_id, arrival_ms, "boot", message, False)}
 
 
 def test_latest_replies_saves_each_vm_at_once_then_at_most_once_per_interval() -> None:
@@ -169,9 +169,9 @@ def test_latest_replies_with_no_interval_saves_every_reply() -> None:
 
 def test_vms_first_seen_together_do_not_all_save_again_in_the_same_round() -> None:
     latest = LatestReplies(save_every_ms=10_000)
-    batch = {f"vm-{i}": ("", 1, 0, "", b"{}", False) for i in range(1000)}
+    batch = {f"vm-{i}": Verified(f"vm-{i}", 1, 0, "", b"{}", False) for i in range(1000)}
     assert len(latest.note(batch)) == 1000  # all saved on first sight
-    per_second = [len(latest.note({vm: ("", 1 + s, 1000 * s, "", b"{}", False) for vm in batch}))
+    per_second = [len(latest.note({vm: Verified(vm, 1 + s, 1000 * s, "", b"{}", False) for vm in batch}))
                   for s in range(1, 11)]
     assert sum(per_second) == 1000 and max(per_second) < 200  # spread over the interval, each once
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from vmq.config import load_settings
-from vmq.monitor import RestartRequest
+from vmq.model import RestartRequest
 from workers import host as host_tasks
 from workers.app import create_app
 from workers.context import monitor_of
@@ -43,7 +43,7 @@ def test_a_restart_request_is_sent_to_the_vms_host_queue_with_its_expiry_in_redi
     sent: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(app, "send_task", lambda name, **kw: sent.append((name, kw)))
     request = RestartRequest("web-1", "node7", 42, "web-1:9:abcd", 9, 1_000, expires_ms=13_500)
-    monitor_of(app).dispatch(request)
+    monitor_of(app).verdicts.dispatch(request)
     # No Celery `expires`: the host worker would check it on its own clock. The task checks expires_ms
     # against Redis' clock (vmq.restart.restart_vm).
     assert sent == [("vmq.host.restart_vm", {"args": [{"vm": "web-1", "host": "node7", "generation": 42,

@@ -1,65 +1,19 @@
-"""Host-side state in Redis: registrations and heartbeats, domain listings, guard episodes, kill switch.
-
-A mixin of ``RedisStore`` (it uses the store's client ``r``, ``keys`` and record helpers).
-"""
+"""Host-side state in Redis: registrations and heartbeats, domain listings, guard episodes, kill switch."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from redis.commands.core import Script
+from vmq.model import HostContext
+from vmq.store.client import StorePart, translate_errors
+from vmq.store.client import text as _text
 
-from vmq.keys import Keys
-from vmq.model import DomainInfo, DomainStatus, VmState
-from vmq.store.common import Record, translate_errors
-from vmq.store.common import text as _text
-
-
-@dataclass(frozen=True)
-class HostContext:
-    """What the judge needs to know about a host."""
-
-    alive: bool
-    degraded: bool
-    maintenance_until_ms: int  # 0: none; -1: until lifted
-    vm_count: int
-
-    def in_maintenance(self, now_ms: int) -> bool:
-        """True while the host's maintenance window lasts."""
-        return self.maintenance_until_ms == -1 or self.maintenance_until_ms > now_ms
+Info = dict[str, str]
 
 
-@dataclass(frozen=True)
-class Placement:
-    """What one host's listing of a domain did to its VM's record (see vmq/lua/place.lua)."""
-
-    vm: str
-    written: bool  # False: the record stays with previous_host, alive and with the domain defined there
-    previous_host: str  # the host the record named before ("" for a VM never placed)
-    migrated: bool  # the domain is active here after it ran on previous_host
-    started: bool  # the domain is active here and was not before: booted_at_ms was set
-
-
-class HostStateMixin:
-    """Host, inventory and guard state; mixed into RedisStore."""
-
-    r: Any
-    keys: Keys
-    _place: Script  # the registered vmq/lua/place.lua
-
-    def audit(self, event_type: str, vm: str, host: str, now_ms: int, **data: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def attention(self) -> set[str]:  # pragma: no cover - provided by RedisStore
-        raise NotImplementedError
-
-    def vm_records(self, vms: Sequence[str]) -> list[Record]:  # pragma: no cover - provided by RedisStore
-        raise NotImplementedError
-
-    def current_round(self) -> int:  # pragma: no cover - provided by RedisStore
-        raise NotImplementedError
+class RedisHosts(StorePart):
+    """Every registered host: its info hash, heartbeat key, last domain listing and guard episodes."""
 
     # ------------------------------------------------------------------ guards
     def host_context(self, hosts: Iterable[str], now_ms: int, fresh_ms: int) -> dict[str, HostContext]:
@@ -93,31 +47,6 @@ class HostStateMixin:
             else:
                 self.r.delete(self.keys.restarts_suspended)
 
-    def set_policy_overrides(self, vm: str, fields: Mapping[str, str]) -> None:
-        """Set (non-empty value) or remove (empty value) a VM's ``policy.<knob>`` overrides."""
-        with translate_errors(f"overrides {vm}"):
-            pipe = self.r.pipeline(transaction=True)
-            for name, value in fields.items():
-                if value:
-                    pipe.hset(self.keys.vm(vm), name, value)
-                else:
-                    pipe.hdel(self.keys.vm(vm), name)
-            pipe.execute()
-
-    def monitored_count(self) -> int:
-        """How many VMs have a responder key (the storm guard's denominator)."""
-        with translate_errors("HLEN secrets"):
-            return int(self.r.hlen(self.keys.secrets))
-
-    def restarting_by_host(self) -> dict[str, int]:
-        """Restarts in flight per host (VMs in `restarting`), read from the small attention set."""
-        vms = sorted(self.attention())
-        counts: dict[str, int] = {}
-        for rec in self.vm_records(vms):
-            if rec.get("state") == VmState.RESTARTING.value:
-                counts[rec.get("host", "")] = counts.get(rec.get("host", ""), 0) + 1
-        return counts
-
     def guard_episodes(self) -> dict[str, int]:
         """Storm/host guard episodes in progress: name -> since ms."""
         with translate_errors("HGETALL storm"):
@@ -142,7 +71,12 @@ class HostStateMixin:
     def vms_on_host(self, host: str) -> list[str]:
         """VMs whose record places them on ``host``."""
         names = sorted(self.domain_names(host))
-        return [vm for vm, owner in zip(names, self.vm_hosts(names)) if owner == host]
+        with translate_errors("placements"):
+            pipe = self.r.pipeline(transaction=False)
+            for vm in names:
+                pipe.hget(self.keys.vm(vm), "host")
+            owners = pipe.execute()
+        return [vm for vm, owner in zip(names, owners) if _text(owner or b"") == host]
 
     # ------------------------------------------------------------------ hosts and inventory
     def heartbeat(self, host: str, info: Mapping[str, Any], ttl_ms: int) -> None:
@@ -160,7 +94,7 @@ class HostStateMixin:
         with translate_errors("drop heartbeat"):
             self.r.delete(self.keys.host_heartbeat(host))
 
-    def hosts_overview(self) -> list[tuple[str, bool, Record]]:
+    def hosts_overview(self) -> list[tuple[str, bool, Info]]:
         """Every registered host: (name, alive, info)."""
         with translate_errors("hosts"):
             names = sorted(_text(h) for h in self.r.smembers(self.keys.hosts))
@@ -172,32 +106,10 @@ class HostStateMixin:
         return [(name, bool(out[2 * i]), {_text(a): _text(b) for a, b in out[2 * i + 1].items()})
                 for i, name in enumerate(names)]
 
-    def host_info(self, host: str) -> Record:
+    def host_info(self, host: str) -> Info:
         """A host's registration hash."""
         with translate_errors("host info"):
             return {_text(a): _text(b) for a, b in self.r.hgetall(self.keys.host(host)).items()}
-
-    def all_vms(self) -> list[str]:
-        """Every known VM id, sorted."""
-        with translate_errors("SMEMBERS vms"):
-            return sorted(_text(vm) for vm in self.r.smembers(self.keys.vms))
-
-    def register_vm(self, vm: str, now_ms: int) -> bool:
-        """Add a VM first seen by a host as `unknown`; False if it was known already."""
-        k = self.keys
-        with translate_errors("register vm"):
-            if not self.r.sadd(k.vms, vm):
-                return False
-            mark = self.current_round() - 0.5
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hsetnx(k.vm(vm), "state", VmState.UNKNOWN.value)
-            pipe.hsetnx(k.vm(vm), "generation", 0)
-            pipe.hsetnx(k.vm(vm), "state_since_ms", now_ms)
-            pipe.hset(k.vm(vm), "monitored_since_ms", now_ms)
-            pipe.zadd(k.last_round, {vm: mark}, nx=True)
-            pipe.sadd(k.attention, vm)
-            pipe.execute()
-        return True
 
     def domain_names(self, host: str) -> set[str]:
         """Names in the host's last domain listing."""
@@ -213,51 +125,3 @@ class HostStateMixin:
             if domains:
                 pipe.hset(key, mapping=dict(domains))
             pipe.execute()
-
-    def vm_hosts(self, vms: Sequence[str]) -> list[str]:
-        """The host each VM's record names ("" for none)."""
-        with translate_errors("placements"):
-            pipe = self.r.pipeline(transaction=False)
-            for vm in vms:
-                pipe.hget(self.keys.vm(vm), "host")
-            rows = pipe.execute()
-        return [_text(h or b"") for h in rows]
-
-    def place_domains(self, host: str, listed: Sequence[DomainInfo], now_ms: int,
-                      active: Collection[DomainStatus], migrating: Collection[str] = (),
-                      listed_us: int = 0) -> list[Placement]:
-        """Record where each listed domain's VM lives, one atomic compare-and-set per VM, in one round trip.
-
-        ``listed`` is ``host``'s listing; a domain with status ABSENT vanished from it. A domain whose status
-        is in ``active`` takes the VM's record, unless it is paused with a reason in ``migrating`` (a live
-        migration under way); an inactive or migrating one only if the host the record names is gone
-        (heartbeat key expired) or no longer has the domain defined (vmq/lua/place.lua). ``listed_us`` is
-        Redis' time (µs) taken before the listing: a listing older than another host's last placement of a VM
-        does not move it. Idempotent: the same listing again changes nothing but the reason.
-        Raises StoreError/StoreUnavailable.
-        """
-        if not listed:
-            return []
-        prefix, suffix = self.keys.host_heartbeat_parts()
-        active_list = ",".join(sorted(status.value for status in active))
-        migrating_list = ",".join(sorted(migrating))
-        with translate_errors(f"place domains of {host}"):
-            pipe = self.r.pipeline(transaction=False)
-            for info in listed:
-                self._place(keys=[self.keys.vm(info.name)],
-                            args=[host, info.status.value, info.uuid, info.reason, now_ms, active_list, prefix,
-                                  suffix, migrating_list, listed_us], client=pipe)
-            rows = pipe.execute()
-        return [Placement(info.name, bool(written), _text(previous), bool(migrated), bool(started))
-                for info, (written, previous, migrated, started) in zip(listed, rows)]
-
-    def write_many(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
-        """Write informational fields of many VM records in one round trip."""
-        if not updates:
-            return
-        with translate_errors("HSET many"):
-            pipe = self.r.pipeline(transaction=False)
-            for vm, fields in updates.items():
-                pipe.hset(self.keys.vm(vm), mapping={a: str(b) for a, b in fields.items()})
-            pipe.execute()
-

@@ -1,44 +1,44 @@
-"""The reply half of RedisStore: read the reply stream as Redis sends it, record what was verified.
+"""The reply log in Redis: the reply stream read as Redis sends it, what was verified, and replies lost unread.
 
-The hot path of the monitor (every reply, every round): entries are read without redis-py's per-entry
-conversion to tuples and dicts (vmq.codec.ReplyVerifier takes them as they come), and one batch is written
-back in one pipelined round trip of multi-member commands, then the cursor moves, fenced by the judge lock.
+Entries are read without redis-py's per-entry conversion (vmq.codec.ReplyVerifier takes them as they come);
+one batch is written back in one pipelined round trip, then the cursor moves, fenced by the judge lock.
+
+Lost replies (a guest's ``XADD ... MAXLEN 0``, a monitor slower than the stream's length) are counted from
+the stream's own counters (Redis 7.0+, ``XINFO STREAM`` ``entries-added``), never guessed: trimming removes
+entries from the head only, so when the oldest entry left is newer than the cursor (or the stream is empty),
+``lost = entries-added - read - length``. docs/reliability.md has why the view is taken with each read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
 
 from vmq.codec import RawEntry, stream_id_ms
 from vmq.keys import Keys
-from vmq.store.common import text as _text
-from vmq.store.common import translate_errors
+from vmq.store.client import StorePart, raw_client, translate_errors
+from vmq.store.client import text as _text
 
 
-def raw_client(client: redis.Redis) -> Any:
-    """A client on ``client``'s connection pool (so it follows the same server, TLS and Sentinel) whose
-    XRANGE returns Redis' reply as is: [[id, [field, value, ...]], ...]."""
-    raw = redis.Redis(connection_pool=client.connection_pool)
-    raw.set_response_callback("XRANGE", lambda response, **_: response)
-    return raw
+def _id(value: Any) -> tuple[int, int]:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
 
 
-class RepliesMixin:
-    """Reply-stream reads and the per-batch write (needs ``r``, ``_raw``, ``_advance_cursor`` and ``keys``)."""
+class RedisReplies(StorePart):
+    """The reply stream, its cursor, each VM's last answered round and arrival, and lost-reply accounting."""
 
-    r: Any
-    _raw: Any
-    _advance_cursor: Any  # the registered vmq/lua/advance_cursor.lua
-    keys: Keys
-    account_trimmed: Callable[[Mapping[str, Any], int, str], int]  # vmq.store.evidence.EvidenceMixin
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__(client, keys)
+        self._raw = raw_client(client)
+        self._advance_cursor = self._script("advance_cursor.lua")
 
     def read_replies(self, after_id: str, up_to_ms: int, count: int) -> tuple[list[RawEntry], int]:
         """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``, as Redis sends
         them: (id, [field, value, ...]); and how many replies after ``after_id`` were trimmed before this read
-        (recorded, see vmq.store.evidence). Both come from one MULTI/EXEC, so no trim can fall between them."""
+        (recorded, see ``account_trimmed``). Both come from one MULTI/EXEC, so no trim can fall between them."""
         start = f"({after_id}" if after_id != "0-0" else "-"
         with translate_errors("XRANGE replies"):
             pipe = self._raw.pipeline(transaction=True)
@@ -54,10 +54,8 @@ class RepliesMixin:
     def reply_backlog(self) -> tuple[int | None, float]:
         """How far the monitors are behind the reply stream: (replies not read yet, age in s of the oldest).
 
-        Unread is ``entries-added - replies read`` (vmq.store.evidence; None before Redis 7.0); the age is
-        Redis' clock minus the arrival of the first entry after the cursor. Drains run half a T1 into each
-        round, so a healthy monitor stays under T1; replies are lost once unread passes the stream's
-        ``VMQ_REPLY_STREAM_MAXLEN`` (docs/metrics.md: the VmqMonitorBehind alert). Read at scrape time only."""
+        Unread is ``entries-added - replies read`` (None before Redis 7.0); the age is Redis' clock minus the
+        arrival of the first entry after the cursor (docs/metrics.md: VmqMonitorBehind). Read at scrape time."""
         k = self.keys
         with translate_errors("reply backlog"):
             pipe = self.r.pipeline(transaction=True)  # one view: the count read and the stream's counters
@@ -129,6 +127,52 @@ class RepliesMixin:
             advanced = self._advance_cursor(keys=[k.judge_lock, k.reply_cursor, k.stats],
                                             args=[lock_token, cursor, read])
         return bool(advanced)
+
+
+
+    def silent_since(self, round_id: int) -> list[str]:
+        """VMs with no valid reply to ``round_id`` or later."""
+        with translate_errors("silent VMs"):
+            return [_text(vm) for vm in self.r.zrangebyscore(self.keys.last_round, "-inf", f"({round_id}")]
+
+    def last_seen_many(self, vms: Sequence[str]) -> list[float | None]:
+        """Arrival ms of each VM's latest valid reply."""
+        if not vms:
+            return []
+        with translate_errors("ZMSCORE last seen"):
+            return list(self.r.zmscore(self.keys.last_seen, vms))
+
+    def account_trimmed(self, info: Mapping[str, Any], read: int, cursor: str) -> int:
+        """Count replies trimmed from the stream before they were read, on one consistent view of it
+        (``XINFO STREAM`` and the count of entries read, taken with the read);
+        when some were, raise ``lost_until`` to the newest instant they can have arrived. Returns the count."""
+        k = self.keys
+        added = info.get("entries-added")
+        if added is None:
+            return 0  # Redis < 7.0 does not say; documented in docs/reliability.md
+        first = info.get("first-entry")
+        if first is not None and _id(first[0]) <= _id(cursor):
+            return 0  # the head still holds read entries: nothing unread was trimmed
+        with translate_errors("record lost replies"):
+            if added < read:  # the stream was deleted and made again: start counting afresh
+                self.r.hset(k.stats, "replies_read", int(added) - int(info["length"]))
+                return 0
+            lost = int(added) - read - int(info["length"])
+            if lost <= 0:
+                return 0
+            newest = first[0] if first is not None else info["last-generated-id"]
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hincrby(k.stats, "replies_read", lost)  # counted once
+            pipe.hincrby(k.stats, "replies_lost", lost)
+            pipe.zadd(k.replies_lost, {"until": _id(newest)[0]}, gt=True)
+            pipe.execute()
+        return lost
+
+    def evidence_lost_until(self) -> int:
+        """Redis ms up to which replies may have been lost unread (0: never)."""
+        with translate_errors("ZSCORE lost"):
+            value = self.r.zscore(self.keys.replies_lost, "until")
+        return int(value or 0)
 
 
 def _raise_any(*results: Any) -> None:

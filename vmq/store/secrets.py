@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import redis
 
 from vmq.errors import StoreError
 from vmq.keys import Keys
-from vmq.store.common import text as _text
-from vmq.store.common import translate_errors
+from vmq.store.client import StorePart, server_time_us, translate_errors
+from vmq.store.client import text as _text
 
 
-class SecretsMixin:
-    """The key half of RedisStore (needs ``r``, ``keys``, ``time_ms`` and ``_secrets_cache``)."""
+class RedisKeyring(StorePart):
+    """Each VM's responder key (``<ns>:secrets``), rotated-out keys in grace, and a version for caching."""
 
-    r: Any
-    keys: Keys
-    _secrets_cache: tuple[int, dict[str, bytes], dict[str, tuple[bytes, int]]]
-
-    def time_ms(self) -> int:  # pragma: no cover - provided by RedisStore
-        raise NotImplementedError
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__(client, keys)
+        self._secrets_cache: tuple[int, dict[str, bytes], dict[str, tuple[bytes, int]]] = (-1, {}, {})
 
     def secrets(self) -> dict[str, bytes]:
         """VM -> HMAC key, cached until ``secrets:version`` changes."""
@@ -64,7 +61,7 @@ class SecretsMixin:
     def rotate_secret(self, vm: str, new_hex: str, grace_ms: int) -> int:
         """Install ``new_hex`` as VM's key; the old one is still accepted for ``grace_ms`` (0: refused at
         once). Returns the Redis time (ms) the old key stops working. Raises StoreError if VM has no key."""
-        now_ms = self.time_ms()
+        now_ms = server_time_us(self.r) // 1000
         until_ms = now_ms + grace_ms
         with translate_errors("rotate secret"):
             old = self.r.hget(self.keys.secrets, vm)
@@ -83,3 +80,8 @@ class SecretsMixin:
             pipe.incr(self.keys.secrets_version)
             pipe.execute()
         return until_ms
+
+    def monitored_count(self) -> int:
+        """How many VMs have a responder key (the storm guard's denominator)."""
+        with translate_errors("HLEN secrets"):
+            return int(self.r.hlen(self.keys.secrets))

@@ -1,8 +1,7 @@
 """Redis-held counters and histograms behind ``/metrics``, and the one pipelined read a scrape makes.
 
-A mixin of ``RedisStore``. vmq runs several monitor and host worker processes, so per-process counters
-would each tell a part of the story: the totals live in Redis, written by whichever process saw the
-event, and any monitor worker exposes the same numbers (``vmq.metrics``).
+Totals live in Redis, written by whichever process saw the event, so any monitor worker exposes the same
+numbers (``vmq.metrics``).
 
 A histogram is one hash (``Keys.histogram(name)``): a field per bucket upper bound holding the count of
 observations that fell in that bucket alone (not cumulative), ``+Inf`` for the rest, plus ``sum`` and
@@ -17,16 +16,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from vmq.keys import Keys
 from vmq.model import VmState
-from vmq.store.common import text as _text
-from vmq.store.common import translate_errors
+from vmq.store.client import StorePart, translate_errors
+from vmq.store.client import text as _text
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +108,20 @@ def read_histogram(raw: Mapping[str, str], bounds: Sequence[float]) -> Histogram
     return HistogramData(cumulative, float(raw.get("sum") or 0), float(raw.get("count") or 0))
 
 
-class MetricsMixin:
-    """Counters and histograms for /metrics; mixed into RedisStore."""
+class RedisStats(StorePart):
+    """Counters (``<ns>:stats``, rejects by reason, restart outcomes) and histograms (detection, recovery)."""
 
-    r: Any
-    keys: Keys
-    reply_backlog: Callable[[], tuple[int | None, float]]  # vmq.store.replies.RepliesMixin
+    def incr_stat(self, name: str, amount: int = 1) -> None:
+        """Bump one counter in the stats hash."""
+        with translate_errors("HINCRBY stats"):
+            self.r.hincrby(self.keys.stats, name, amount)
+
+    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(stats, rejects by reason)."""
+        with translate_errors("counters"):
+            stats = self.r.hgetall(self.keys.stats)
+            rejects = self.r.hgetall(self.keys.rejects)
+        return ({_text(a): int(b) for a, b in stats.items()}, {_text(a): int(b) for a, b in rejects.items()})
 
     # ------------------------------------------------------------------ writing
     def _observe(self, pipe: Any, name: str, values: Iterable[float]) -> None:
@@ -152,7 +158,7 @@ class MetricsMixin:
 
     # ------------------------------------------------------------------ reading
     def metrics_snapshot(self) -> MetricsSnapshot:
-        """The Redis-held values /metrics shows (hosts aside): O(non-healthy VMs) work, no scan over keys.
+        """The Redis-held values /metrics shows (hosts and the reply backlog aside): O(non-healthy VMs) work.
 
         Healthy VMs are the known VMs outside the attention set, so only the few others are read.
         Raises StoreUnavailable/StoreError.
@@ -200,5 +206,4 @@ class MetricsMixin:
         for episode in episodes:
             scope = "cluster" if _text(episode) == "cluster" else "host"
             snap.guard_episodes[scope] += 1
-        snap.replies_unread, snap.oldest_unread_s = self.reply_backlog()
         return snap
