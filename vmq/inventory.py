@@ -13,9 +13,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from vmq.keys import host_queue, valid_name
+from vmq.keys import valid_name
 from vmq.model import DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
+from vmq.routing import host_queue
 from vmq.store.redis import RedisStore
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from vmq.model import Action, VmState
 from vmq.monitor import Monitor, TickReport
 from vmq.policy import decide_manual
+from vmq.routing import host_queue
 
 log = logging.getLogger(__name__)
 
@@ -77,5 +78,5 @@ def manual_restart(monitor: Monitor, vm: str, force: bool = False, requested_by:
             return ManualOutcome(vm, "refused", ["the broker refused the restart task (see the monitor log)"],
                                  host=view.host, incident=incident)
         record = store.vm_record(vm)
-        return ManualOutcome(vm, "dispatched", reasons, host=view.host, queue=f"host.{view.host}",
+        return ManualOutcome(vm, "dispatched", reasons, host=view.host, queue=host_queue(view.host),
                              incident=incident, generation=int(record.get("generation") or 0))

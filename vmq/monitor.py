@@ -16,7 +16,7 @@ from itertools import pairwise
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
 from vmq.ingest import Ingestor, LatestReplies, RejectLog
-from vmq.model import Action, DomainStatus, VmState, VmView
+from vmq.model import Action, DomainEventKind, DomainStatus, VmState, VmView
 from vmq.policy import PolicyConfig, decide, storm_guard, with_overrides
 from vmq.responder import BACKOFF_CAP_S
 from vmq.store.redis import HostContext, Record, RedisStore
@@ -74,13 +74,13 @@ def probing_gap(round_id: int, sent_ms: Mapping[int, int], now_ms: int, t1_ms: i
 
 
 #: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
-EVENT_STATUS = {
-    "crash": DomainStatus.CRASHED,
-    "operator_stop": DomainStatus.SHUTOFF,
-    "migrating_away": DomainStatus.PAUSED,
-    "paused": DomainStatus.PAUSED,
-    "resumed": DomainStatus.RUNNING,
-    "started": DomainStatus.RUNNING,
+EVENT_STATUS: Mapping[str, DomainStatus] = {
+    DomainEventKind.CRASH: DomainStatus.CRASHED,
+    DomainEventKind.OPERATOR_STOP: DomainStatus.SHUTOFF,
+    DomainEventKind.MIGRATING_AWAY: DomainStatus.PAUSED,
+    DomainEventKind.PAUSED: DomainStatus.PAUSED,
+    DomainEventKind.RESUMED: DomainStatus.RUNNING,
+    DomainEventKind.STARTED: DomainStatus.RUNNING,
 }
 
 
@@ -256,8 +256,7 @@ class Monitor:
     def on_domain_event(self, vm: str, host: str, kind: str, event: str, detail: str) -> TickReport:
         """Record a libvirt lifecycle event from ``host``; a crash is judged now, without waiting for T2.
 
-        ``kind`` is vmq.hypervisor.events.classify's word: crash, operator_stop, migrating_away, paused,
-        resumed, started or other.
+        ``kind`` is a DomainEventKind value (vmq.hypervisor.types.classify), as it came over the wire.
         """
         report = TickReport()
         with self.store.judge_lock(lease_s=self._lease_s, wait_s=max(1.0, self.settings.probe_interval_s)) as acquired:
@@ -271,13 +270,13 @@ class Monitor:
             fields: dict[str, object] = {}
             if status is not None:
                 fields = {"domain_status": status.value, "domain_reason": detail}
-            if kind == "started":
+            if kind == DomainEventKind.STARTED:
                 fields["booted_at_ms"] = now_ms
             if fields:
                 self.store.set_fields(vm, fields)
                 rec.update({k: str(v) for k, v in fields.items()})
             self.store.audit("domain_event", vm, host, now_ms, kind=kind, event=event, detail=detail)
-            if kind != "crash" or not acquired:
+            if kind != DomainEventKind.CRASH or not acquired:
                 return report
             view = self._views([vm], [rec], now_ms)[0][0][1]
             decision = decide(view, self._policy_for(rec), now_ms)

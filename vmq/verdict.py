@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from vmq.config import Settings
 from vmq.model import Action, Decision, DomainStatus, VmState, VmView
+from vmq.routing import host_queue
 from vmq.store.redis import Record, RedisStore
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class Verdicts:
         """`faulty` -> `restarting` (if still at ``generation``; counted in the budget), then hand the request
         to ``dispatch``; True when it was sent. A refused dispatch is undone (back to `faulty`, budget entry
         taken back) for the next round to decide again."""
-        queue = f"host.{view.host}"
+        queue = host_queue(view.host)
         ok, _, new_gen = self.store.transition(
             view.vm, [VmState.FAULTY], VmState.RESTARTING, now_ms,
             {"type": "restart_dispatched", "incident": incident, "queue": queue, "hard": decision.hard, **base},
