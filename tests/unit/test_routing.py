@@ -57,7 +57,7 @@ def test_the_beat_schedule_sends_the_probe_task_to_the_monitor_queue() -> None:
 
 
 def test_routing_imports_nothing_but_the_standard_library() -> None:
-    code = ("import sys, vmq.routing; bad = [m for m in ('celery', 'kombu', 'redis', 'libvirt') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = ("import sys, vmq.routing; bad = [m for m in ('celery', 'kombu', 'redis', 'libvirt') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
