@@ -41,9 +41,9 @@ def _who() -> str:
 @_one_line_errors
 def restart(vm: str, force: bool, wait: bool, timeout_s: float, as_json: bool) -> None:
     """Restart VM now, through its host's queue and the usual guards (exit 1 when refused or failed)."""
-    from celery.exceptions import TimeoutError as CeleryTimeout
-
-    from workers.app import create_app
+    from vmq.errors import TaskTimeout
+    from vmq.routing import MANUAL_RESTART_TASK, MONITOR_QUEUE
+    from vmq.taskclient import call_task
 
     settings, store = _store()
     if not store.vms.record(vm).exists:
@@ -51,21 +51,17 @@ def restart(vm: str, force: bool, wait: bool, timeout_s: float, as_json: bool) -
     past = store.audit.read(count=1_000_000)
     cursor = past[-1][0] if past else "0-0"
     deadline = time.monotonic() + timeout_s
-    app = create_app(settings)
     try:
         # expires: a request nobody took within the wait must not restart the VM later by surprise.
-        pending = app.send_task("vmq.monitor.manual_restart", args=[vm, force, _who()], queue="vmq.monitor",
-                                expires=timeout_s)
-        outcome: dict[str, Any] = pending.get(timeout=min(timeout_s, 30.0), propagate=True)
-    except CeleryTimeout:
+        outcome: dict[str, Any] = call_task(settings, MANUAL_RESTART_TASK, [vm, force, _who()], MONITOR_QUEUE,
+                                            timeout_s=min(timeout_s, 30.0), expires_s=timeout_s)
+    except TaskTimeout:
         raise VmqError(f"no monitor worker took the request within {min(timeout_s, 30.0):g} s: is a worker "
                        "consuming the vmq.monitor queue running?") from None
     except VmqError:
         raise
     except Exception as exc:  # noqa: BLE001 - broker or backend trouble: one line, no traceback
         raise VmqError(f"could not send the restart request: {exc}") from None
-    finally:
-        app.close()
     _say(as_json, outcome, f"{vm}: {outcome['outcome']}"
          + (f" to {outcome['queue']} (incident {outcome['incident']})" if outcome["queue"] else "")
          + f": {'; '.join(outcome['reasons'])}")

@@ -5,10 +5,11 @@
     ├── CodecError                a probe or reply failed decoding/verification (``reason`` says why)
     ├── StoreError                the state store (Redis) failed
     │   └── StoreUnavailable      Redis cannot be reached
-    └── HypervisorError           libvirt failed
-        ├── HypervisorUnavailable the hypervisor connection is down or hangs
-        ├── DomainNotFound        no such domain on this host
-        └── DomainOperationFailed libvirt refused an action on a domain
+    ├── HypervisorError           libvirt failed
+    │   ├── HypervisorUnavailable the hypervisor connection is down or hangs
+    │   ├── DomainNotFound        no such domain on this host
+    │   └── DomainOperationFailed libvirt refused an action on a domain
+    └── TaskTimeout               no worker answered a task the CLI sent in time (vmq.taskclient)
 
 Adapters raise these ``from`` the library error; nothing above the adapters catches ``redis.*`` or
 ``libvirt.libvirtError``.
@@ -57,3 +58,7 @@ class DomainNotFound(HypervisorError):
 
 class DomainOperationFailed(HypervisorError):
     """The hypervisor refused or failed an action on a domain."""
+
+
+class TaskTimeout(VmqError):
+    """No worker returned the result of a task sent by vmq.taskclient.call_task within its timeout."""

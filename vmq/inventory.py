@@ -13,10 +13,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from vmq.keys import host_queue, valid_name
+from vmq.keys import valid_name
+from vmq.routing import host_queue
 from vmq.model import AuditEvent, DomainInfo, DomainStatus
-from vmq.ports import Hypervisor
-from vmq.ports import Store
+from vmq.ports import Hypervisor, Store
 
 log = logging.getLogger(__name__)
 

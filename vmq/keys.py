@@ -184,7 +184,3 @@ class Keys:
         """Kill switch: while this key exists no restart is dispatched."""
         return self._k("suspend")
 
-
-def host_queue(host: str) -> str:
-    """Celery queue that only the worker of ``host`` consumes."""
-    return f"host.{host}"

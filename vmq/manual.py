@@ -13,10 +13,10 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from vmq import lifecycle
-from vmq.keys import host_queue
 from vmq.model import Action, AuditEvent, VmState
 from vmq.monitor import Monitor
 from vmq.policy import decide_manual
+from vmq.routing import host_queue
 
 log = logging.getLogger(__name__)
 

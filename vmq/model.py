@@ -33,6 +33,23 @@ class DomainStatus(str, Enum):
     ABSENT = "absent"  # not defined on any live host
 
 
+class DomainEventKind(str, Enum):
+    """What a libvirt lifecycle event means for vmq (vmq.hypervisor.types.classify); the value travels in
+    the domain-event task's arguments and in audit events."""
+
+    CRASH = "crash"
+    OPERATOR_STOP = "operator_stop"  # destroyed, shut down, saved, restored from a snapshot
+    MIGRATING_AWAY = "migrating_away"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    STARTED = "started"
+    OTHER = "other"  # defined, undefined, pmsuspended, ...: nothing the monitor acts on
+
+
+#: The kinds a host reports to the monitor; OTHER is noise and stays on the host.
+REPORTED_EVENT_KINDS: frozenset[DomainEventKind] = frozenset(DomainEventKind) - {DomainEventKind.OTHER}
+
+
 class RejectReason(str, Enum):
     """Why a reply did not count as a valid answer."""
 

@@ -9,6 +9,7 @@ Reading the VMs is ``vmq.judge.Judge``; acting on a decision is ``vmq.verdict.Ve
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from vmq.codec import WIRE_VERSION, new_nonce
@@ -16,7 +17,7 @@ from vmq.config import Settings
 from vmq.evidence import ProbingGap, crash_evidence, probing_gap, silence_evidence
 from vmq.ingest import IngestResult, Ingestor, LatestReplies, RejectLog
 from vmq.judge import Judge
-from vmq.model import Action, AuditEvent, DomainStatus, VmState
+from vmq.model import Action, AuditEvent, DomainEventKind, DomainStatus
 from vmq.policy import decide, storm_guard
 from vmq.ports import Store
 from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
@@ -31,13 +32,13 @@ DUPLICATE_GAP = 0.6
 
 
 #: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
-EVENT_STATUS = {
-    "crash": DomainStatus.CRASHED,
-    "operator_stop": DomainStatus.SHUTOFF,
-    "migrating_away": DomainStatus.PAUSED,
-    "paused": DomainStatus.PAUSED,
-    "resumed": DomainStatus.RUNNING,
-    "started": DomainStatus.RUNNING,
+EVENT_STATUS: Mapping[str, DomainStatus] = {
+    DomainEventKind.CRASH: DomainStatus.CRASHED,
+    DomainEventKind.OPERATOR_STOP: DomainStatus.SHUTOFF,
+    DomainEventKind.MIGRATING_AWAY: DomainStatus.PAUSED,
+    DomainEventKind.PAUSED: DomainStatus.PAUSED,
+    DomainEventKind.RESUMED: DomainStatus.RUNNING,
+    DomainEventKind.STARTED: DomainStatus.RUNNING,
 }
 
 
@@ -176,8 +177,7 @@ class Monitor:
     def on_domain_event(self, vm: str, host: str, kind: str, event: str, detail: str) -> TickReport:
         """Record a libvirt lifecycle event from ``host``; a crash is judged now, without waiting for T2.
 
-        ``kind`` is vmq.hypervisor.events.classify's word: crash, operator_stop, migrating_away, paused,
-        resumed, started or other.
+        ``kind`` is a DomainEventKind value (vmq.hypervisor.types.classify), as it came over the wire.
         """
         report = TickReport()
         store = self.store
@@ -195,13 +195,13 @@ class Monitor:
             if status is not None:
                 fields = {"domain_status": status.value, "domain_reason": detail}
                 rec = replace(rec, domain_status=status, domain_reason=detail)
-            if kind == "started":
+            if kind == DomainEventKind.STARTED:
                 fields["booted_at_ms"] = now_ms
                 rec = replace(rec, booted_at_ms=now_ms)
             if fields:
                 store.vms.set_fields(vm, fields)
             store.audit.append(AuditEvent.DOMAIN_EVENT, vm, host, now_ms, kind=kind, event=event, detail=detail)
-            if kind != "crash" or not acquired:
+            if kind != DomainEventKind.CRASH or not acquired:
                 return report
             view = self.judge.view(rec, now_ms)
             decision = decide(view, self.judge.policy_for(rec), now_ms)

@@ -16,7 +16,7 @@ from vmq import lifecycle
 from vmq.config import Settings
 from vmq.model import Action, AuditEvent, Decision, DomainStatus, RestartRequest, VmRecord, VmState, VmView
 from vmq.ports import Store
-from vmq.keys import host_queue
+from vmq.routing import host_queue
 
 log = logging.getLogger(__name__)
 

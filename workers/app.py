@@ -1,7 +1,7 @@
 """The Celery app: ``celery -A workers.app worker|beat``. JSON only, explicit task names, one router.
 
-Queues: ``vmq.monitor`` (probe rounds), ``vmq.timeouts`` (round judging), ``host.<name>`` (restarts, consumed
-only by that host's worker). Settings are read once here, at the entry point.
+Queue and task names come from vmq.routing; the connection settings from vmq.taskclient.celery_conf (shared
+with the CLI). Settings are read once here, at the entry point.
 """
 
 from __future__ import annotations
@@ -14,46 +14,32 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from beat_schedule import MONITOR_QUEUE, beat_schedule
+from beat_schedule import beat_schedule
 from vmq.config import Settings, load_settings
 from vmq.errors import ConfigError
-from vmq.keys import host_queue
-
-TIMEOUT_QUEUE = "vmq.timeouts"
-RESTART_TASK = "vmq.host.restart_vm"
+from vmq.routing import MONITOR_QUEUE, TASK_ROUTES, TIMEOUT_QUEUE, host_queue
+from vmq.taskclient import celery_conf
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Celery:
     """Build the Celery app for ``settings``; tasks live in workers.monitor and workers.host."""
-    app = Celery("vmq", broker=settings.celery_url, include=["workers.monitor", "workers.host", "workers.metrics"])
+    app = Celery("vmq", include=["workers.monitor", "workers.host", "workers.metrics"])
     names = [MONITOR_QUEUE, TIMEOUT_QUEUE] + ([host_queue(settings.host_name)] if settings.host_name else [])
     # One direct exchange per queue, named like it: a message for host.node1 can only land in host.node1.
     queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
-    sentinel = {"master_name": settings.redis_sentinel_master} if settings.sentinel_addresses else {}
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_ignore_result=True,  # only operator tasks (vmq.host.domain_op) keep a result
-        result_backend=settings.celery_url,
+        celery_conf(settings),  # broker and result backend (Sentinel options), JSON only, task-sent events
+        task_ignore_result=True,  # only operator tasks (domain_op, manual_restart) keep a result
         result_expires=3600,
         task_queues=queues,
         task_default_queue=MONITOR_QUEUE,
         task_create_missing_queues=True,
-        task_routes={
-            "vmq.monitor.*": {"queue": MONITOR_QUEUE},
-            "vmq.timeouts.*": {"queue": TIMEOUT_QUEUE},
-            # vmq.host.* tasks carry their queue (host.<name>) at send time: the VM's host decides.
-        },
+        # vmq.host.* tasks carry their queue (host.<name>) at send time: the VM's host decides.
+        task_routes={pattern: {"queue": queue} for pattern, queue in TASK_ROUTES.items()},
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600, **sentinel},
-        result_backend_transport_options=sentinel,
-        task_send_sent_event=True,
         worker_send_task_events=True,
         beat_schedule=beat_schedule(settings),
         beat_scheduler="workers.schedules:SteadyScheduler",  # keeps probing when beat's clock jumps back
@@ -68,13 +54,10 @@ def create_app(settings: Settings) -> Celery:
 def _keep_workers_alive_when_the_broker_drops() -> None:
     """Work around Celery 5.7 killing a worker when its Redis connection drops (a Redis restart or outage).
 
-    On a connection error Celery detaches the broken connection's transport first and closes its channel
-    after; closing the channel makes kombu's Redis QoS restore the worker's unacknowledged messages, which
-    needs the detached transport and raises AttributeError ("'NoneType' object has no attribute
-    'hostname'"): "Unrecoverable error", the worker exits. Every monitor worker holds some (the judge tasks
-    waiting for their countdown), so every monitor died on every Redis restart
-    (tests/integration/test_faults.py). Left in Redis' unacked hash, those messages come back after
-    ``visibility_timeout`` like those of a crashed worker; a lost judge task is covered by the next probe.
+    kombu's Redis QoS restores unacknowledged messages on a transport Celery has already detached and raises
+    AttributeError, which Celery treats as unrecoverable: every monitor worker exited on every Redis restart
+    (docs/reliability.md, "Redis restarted mid-run"). Left in Redis' unacked hash, those messages come back
+    after ``visibility_timeout`` like a crashed worker's.
     """
     from kombu.transport import redis as kombu_redis
 
@@ -107,10 +90,9 @@ GC_THRESHOLDS = (50_000, 50, 100)
 @signals.worker_process_init.connect
 def tune_gc(**_: Any) -> None:
     """Move everything loaded at start-up out of the collector's sight (``gc.freeze``) and collect young
-    objects less often. Ingesting a burst of 10,000 replies allocates ~150,000 short-lived containers;
-    with the defaults the collector also walked the worker's whole heap several times per round
-    (25-30 ms per 10,000 replies measured; ≈ 0 after this; docs/performance.md). Reference cycles are
-    still collected, just in fewer, larger passes."""
+    objects less often: a burst of replies allocates many short-lived containers, and the default
+    thresholds made the collector walk the whole heap several times per round (docs/performance.md).
+    Reference cycles are still collected, in fewer, larger passes."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

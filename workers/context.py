@@ -10,10 +10,11 @@ from typing import Any
 from celery import Celery
 
 from vmq.config import Settings
-from vmq.keys import host_queue
+from vmq.hostagent import HostAgent
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor
 from vmq.ports import Hypervisor
+from vmq.routing import MONITOR_QUEUE, NOTIFY_TASK, RESTART_TASK, host_queue
 from vmq.store.redis import RedisStore
 
 _lock = threading.RLock()  # builders nest (the monitor needs the store)
@@ -45,16 +46,13 @@ def monitor_of(app: Celery) -> Monitor:
     s = settings_of(app)
 
     def dispatch(request: RestartRequest) -> None:
-        # No Celery `expires`: Celery checks it on the receiving worker's clock, so a host whose clock ran
-        # ahead of Redis by more than VMQ_RESTART_TASK_EXPIRES_S discarded every restart (and a monitor
-        # behind did the same with a relative one). The request carries its expiry in Redis time
-        # (``expires_ms``), and the task checks it against Redis' clock (vmq.restart.restart_vm;
-        # tests/integration/test_faults.py, the clock tests).
-        app.send_task("vmq.host.restart_vm", args=[asdict(request)], queue=host_queue(request.host))
+        # No Celery `expires` (it is checked on the host's clock): the request carries ``expires_ms`` in
+        # Redis time and the task checks that (vmq.restart.restart_vm; docs/reliability.md, clock faults).
+        app.send_task(RESTART_TASK, args=[asdict(request)], queue=host_queue(request.host))
 
     def notify(payload: dict[str, object]) -> None:
         if s.webhook_url:
-            app.send_task("vmq.monitor.notify", args=[payload], queue="vmq.monitor")
+            app.send_task(NOTIFY_TASK, args=[payload], queue=MONITOR_QUEUE)
 
     return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch, notify))  # type: ignore[no-any-return]
 
@@ -62,8 +60,8 @@ def monitor_of(app: Celery) -> Monitor:
 def hypervisor_of(app: Celery) -> Hypervisor:
     """This process's hypervisor connection (one per process: libvirt's test driver lives in-process).
 
-    A host worker that runs a lifecycle listener acts through the listener's connection (see
-    workers.host.start_listener), so actions and events see the same libvirt.
+    A host worker that runs a lifecycle listener acts through the listener's connection (installed by
+    vmq.hostagent.HostAgent through ``set_hypervisor``), so actions and events see the same libvirt.
     """
     from vmq.hypervisor import open_hypervisor
 
@@ -75,3 +73,14 @@ def set_hypervisor(app: Celery, hypervisor: Hypervisor) -> None:
     """Install the hypervisor this process uses (before any task runs)."""
     with _lock:
         _cache[(os.getpid(), "hypervisor")] = hypervisor
+
+
+def host_agent_of(app: Celery) -> HostAgent | None:
+    """This host worker's running HostAgent (set by workers.host at worker_ready), or None."""
+    agent: HostAgent | None = getattr(app, "vmq_host_agent", None)
+    return agent
+
+
+def set_host_agent(app: Celery, agent: HostAgent | None) -> None:
+    """Install (or clear, with None) the host worker's agent."""
+    app.vmq_host_agent = agent

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from beat_schedule import MONITOR_QUEUE
+from vmq.routing import MONITOR_QUEUE
 from vmq.store.redis import RedisStore
 from workers.context import settings_of
 

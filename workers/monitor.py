@@ -9,14 +9,14 @@ from typing import Any
 from celery import Task, shared_task
 
 from vmq.notify import NotifyError, post_json
+from vmq.routing import (DOMAIN_EVENT_TASK, DRAIN_TASK, JUDGE_TASK, MANUAL_RESTART_TASK, NOTIFY_TASK,
+                         PROBE_TASK)
 from workers.context import monitor_of, settings_of, store_of
 
 log = logging.getLogger(__name__)
 
 # judge_round and drain_replies run twice per T1 and send no task events (send_events=False): in Flower they
-# would push the restart tasks out of its history (10,000 tasks by default: under 2 hours at T1 = 1 s), and
-# the events cost the monitor ≈ 6 broker publishes per round. Their work shows in vmq_probe_rounds_total,
-# `vmq check --monitor` and the audit stream; probe_round (once per T1, beat's pulse) keeps its events.
+# would push the restart tasks out of its history, and cost broker publishes every round (docs/performance.md).
 
 #: Judges run this long after the deadline so every reply stamped at the deadline's millisecond is in.
 JUDGE_SLACK_S = 0.02
@@ -24,7 +24,7 @@ JUDGE_SLACK_S = 0.02
 DRAIN_AT = 0.5
 
 
-@shared_task(bind=True, name="vmq.monitor.probe_round", ignore_result=True)
+@shared_task(bind=True, name=PROBE_TASK, ignore_result=True)
 def probe_round(self: Task) -> dict[str, Any]:
     """Broadcast a new probe round, judge what is due, and schedule the round's judge at its deadline.
 
@@ -40,15 +40,14 @@ def probe_round(self: Task) -> dict[str, Any]:
     return {"round": round_id, "sent_ms": sent_ms, "judged_rounds": report.judged_rounds}
 
 
-@shared_task(bind=True, name="vmq.timeouts.drain_replies", ignore_result=True, send_events=False)
+@shared_task(bind=True, name=DRAIN_TASK, ignore_result=True, send_events=False)
 def drain_replies(self: Task) -> dict[str, Any]:
     """Ingest the replies to the round sent half a T1 ago (and judge anything due): the burst is verified
-    while nothing waits for it, so the judge at a deadline has only the last few replies left to read and
-    its verdict, and the restart, go out at once (bench/stack_bench.py: flag -> restart task running)."""
+    while nothing waits for it, so the judge at a deadline has only the last few replies left to read."""
     return asdict(monitor_of(self.app).tick())
 
 
-@shared_task(bind=True, name="vmq.timeouts.judge_round", ignore_result=True, send_events=False)
+@shared_task(bind=True, name=JUDGE_TASK, ignore_result=True, send_events=False)
 def judge_round(self: Task, round_id: int) -> dict[str, Any]:
     """Judge every due round (this one included, however late); re-queue if it ran before its deadline."""
     report = monitor_of(self.app).tick()
@@ -63,14 +62,14 @@ def judge_round(self: Task, round_id: int) -> dict[str, Any]:
     return asdict(report)
 
 
-@shared_task(bind=True, name="vmq.monitor.domain_event", ignore_result=True)
+@shared_task(bind=True, name=DOMAIN_EVENT_TASK, ignore_result=True)
 def domain_event(self: Task, vm: str, host: str, kind: str, event: str, detail: str) -> dict[str, Any]:
     """A host's libvirt reported a lifecycle event: record it, and judge a crash at once (no wait for T2)."""
     report = monitor_of(self.app).on_domain_event(vm, host, kind, event, detail)
     return asdict(report)
 
 
-@shared_task(bind=True, name="vmq.monitor.notify", ignore_result=True, autoretry_for=(NotifyError,),
+@shared_task(bind=True, name=NOTIFY_TASK, ignore_result=True, autoretry_for=(NotifyError,),
              retry_backoff=2, retry_backoff_max=300, retry_jitter=True, max_retries=12)
 def notify(self: Task, payload: dict[str, Any]) -> int:
     """POST an escalation to VMQ_WEBHOOK_URL, retried with exponential back-off; never runs in the judge."""
@@ -80,7 +79,7 @@ def notify(self: Task, payload: dict[str, Any]) -> int:
     return post_json(url, payload)
 
 
-@shared_task(bind=True, name="vmq.monitor.manual_restart", ignore_result=False)
+@shared_task(bind=True, name=MANUAL_RESTART_TASK, ignore_result=False)
 def manual_restart(self: Task, vm: str, force: bool = False, requested_by: str = "") -> dict[str, Any]:
     """An operator's `vmq restart VM [--force]`: decided and dispatched like any restart (vmq.manual)."""
     from vmq.manual import manual_restart as manual_use_case

@@ -1,11 +1,8 @@
 """Beat's scheduler, made to keep time when the beat node's wall clock jumps back.
 
-Celery beat counts the next run of an interval entry from its last run, and orders its entries by due time,
-both in wall-clock time. When the beat node's clock jumps back (NTP stepping a wrong clock, an operator, a VM
-restored from a snapshot), the last run and the due times are suddenly in the future and beat waits out the
-jump: an hour back, an hour without a probe, nothing monitored (tests/integration/test_faults.py). A forward
-jump only makes the entry due at once: one early round, refused by start_round.lua if it comes under
-0.6 x T1 after the last one by Redis' clock.
+Celery beat times interval entries from their last run in wall-clock time, so a clock stepped back made it
+wait out the jump with nothing probed (docs/reliability.md, "beat's clock jumping back"). A forward jump only
+makes the entry due at once: one early round, which start_round.lua refuses if under 0.6 x T1 after the last.
 """
 
 from __future__ import annotations

@@ -28,11 +28,12 @@ from vmq.errors import HypervisorError
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.ingest import Ingestor, LatestReplies, RejectLog
 from vmq.inventory import mark_degraded, sync_inventory
-from vmq.keys import Keys, host_queue
+from vmq.keys import Keys
 from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor, TickReport
 from vmq.restart import ActivityCheck, restart_vm
+from vmq.routing import host_queue
 from vmq.store.redis import RedisStore, connect
 
 REDIS_SERVER = next((path for path in ("/usr/bin/redis-server", shutil.which("redis-server")) if path

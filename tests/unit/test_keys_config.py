@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from vmq.config import Settings, load_settings
 from vmq.errors import ConfigError
-from vmq.keys import Keys, host_queue, valid_name
+from vmq.keys import Keys, valid_name
 
 
 def every_key(keys: Keys) -> dict[str, str]:
@@ -58,11 +58,6 @@ def test_the_guest_facing_names_follow_the_rule_the_responder_rebuilds() -> None
 
 def test_the_default_namespace_is_vmq() -> None:
     assert Keys().rejects == "vmq:stats:rejects"
-
-
-def test_a_host_queue_is_host_dot_name() -> None:
-    assert host_queue("node1") == "host.node1"
-    assert host_queue("node2") != host_queue("node1")
 
 
 @pytest.mark.parametrize("name", ["web-1", "a", "0", "A.b_c-9", "x" * 128, "node1.example.org"])

@@ -20,12 +20,13 @@ from tests.contract.test_monitor_store import redis_server  # noqa: F401 - the r
 from vmq.codec import encode_reply
 from vmq.config import Settings, load_settings
 from vmq.hypervisor.fake import FakeHypervisor
-from vmq.keys import Keys, host_queue
+from vmq.keys import Keys
 from vmq.metrics import VmqCollector, metrics_registry, serve_metrics
 from vmq.model import DomainInfo, DomainStatus
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor
 from vmq.restart import restart_vm
+from vmq.routing import host_queue
 from vmq.store.stats import DETECTION_BUCKETS_S, bucket_field, read_histogram
 from vmq.store.redis import RedisStore, connect
 

@@ -61,7 +61,8 @@ def test_a_host_worker_refuses_a_restart_addressed_to_another_host() -> None:
     assert result == {"acted": False, "result": "misrouted"}
 
 
-@pytest.mark.parametrize("module", ["vmq.monitor", "vmq.policy", "vmq.codec", "vmq.restart", "vmq.inventory"])
+@pytest.mark.parametrize("module", ["vmq.monitor", "vmq.policy", "vmq.codec", "vmq.restart", "vmq.inventory",
+                                    "vmq.routing", "vmq.hostagent", "vmq.taskclient", "vmq.model"])
 def test_the_core_imports_neither_celery_nor_libvirt(module: str) -> None:
     code = (f"import sys, {module}; bad = [m for m in ('celery', 'kombu', 'libvirt') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")

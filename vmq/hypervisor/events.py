@@ -32,12 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from vmq.hypervisor.types import EVENTS, DomainEvent, EventKind, classify
+from vmq.hypervisor.types import EVENTS, DomainEvent, classify
+from vmq.model import DomainEventKind
 
 if TYPE_CHECKING:
     from vmq.hypervisor.libvirt import LibvirtHypervisor
 
-__all__ = ["EVENTS", "DomainEvent", "EventKind", "LifecycleListener", "classify", "event_words"]
+__all__ = ["EVENTS", "DomainEvent", "DomainEventKind", "LifecycleListener", "classify", "event_words"]
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Literal
 from xml.etree import ElementTree
+
+from vmq.model import DomainEventKind
 
 
 @dataclass(frozen=True)
@@ -104,26 +105,24 @@ EVENTS: tuple[str, ...] = (
     "crashed",
 )
 
-EventKind = Literal["crash", "operator_stop", "migrating_away", "paused", "resumed", "started", "other"]
-
-# classify(): an exact (event, detail) entry wins over an entry for the whole event; else "other".
-_KIND_BY_DETAIL: dict[tuple[str, str], EventKind] = {
-    ("stopped", "crashed"): "crash",
-    ("stopped", "failed"): "crash",  # QEMU process killed or died
-    ("stopped", "destroyed"): "operator_stop",
-    ("stopped", "shutdown"): "operator_stop",
-    ("stopped", "saved"): "operator_stop",
-    ("stopped", "from_snapshot"): "operator_stop",
-    ("stopped", "migrated"): "migrating_away",
-    ("suspended", "migrated"): "migrating_away",
-    ("suspended", "postcopy"): "migrating_away",
+# classify(): an exact (event, detail) entry wins over an entry for the whole event; else OTHER.
+_KIND_BY_DETAIL: dict[tuple[str, str], DomainEventKind] = {
+    ("stopped", "crashed"): DomainEventKind.CRASH,
+    ("stopped", "failed"): DomainEventKind.CRASH,  # QEMU process killed or died
+    ("stopped", "destroyed"): DomainEventKind.OPERATOR_STOP,
+    ("stopped", "shutdown"): DomainEventKind.OPERATOR_STOP,
+    ("stopped", "saved"): DomainEventKind.OPERATOR_STOP,
+    ("stopped", "from_snapshot"): DomainEventKind.OPERATOR_STOP,
+    ("stopped", "migrated"): DomainEventKind.MIGRATING_AWAY,
+    ("suspended", "migrated"): DomainEventKind.MIGRATING_AWAY,
+    ("suspended", "postcopy"): DomainEventKind.MIGRATING_AWAY,
 }
-_KIND_BY_EVENT: dict[str, EventKind] = {
-    "crashed": "crash",
-    "shutdown": "operator_stop",
-    "suspended": "paused",
-    "resumed": "resumed",
-    "started": "started",
+_KIND_BY_EVENT: dict[str, DomainEventKind] = {
+    "crashed": DomainEventKind.CRASH,
+    "shutdown": DomainEventKind.OPERATOR_STOP,
+    "suspended": DomainEventKind.PAUSED,
+    "resumed": DomainEventKind.RESUMED,
+    "started": DomainEventKind.STARTED,
 }
 
 
@@ -137,6 +136,7 @@ class DomainEvent:
     detail: str
 
 
-def classify(event: DomainEvent) -> EventKind:
-    """What a lifecycle event means for vmq: crash, operator_stop, migrating_away, paused, ... or other."""
-    return _KIND_BY_DETAIL.get((event.event, event.detail)) or _KIND_BY_EVENT.get(event.event, "other")
+def classify(event: DomainEvent) -> DomainEventKind:
+    """What a lifecycle event means for vmq: CRASH, OPERATOR_STOP, MIGRATING_AWAY, PAUSED, ... or OTHER."""
+    return _KIND_BY_DETAIL.get((event.event, event.detail)) or _KIND_BY_EVENT.get(event.event,
+                                                                                DomainEventKind.OTHER)
