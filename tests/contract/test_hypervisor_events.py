@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
-from vmq.hypervisor.testnode import stable_uuid, write_node
+from vmq.sim.testnode import stable_uuid, write_node
 from vmq.hypervisor.types import DomainEvent, EventKind, classify
 from vmq.model import DomainStatus
 
