@@ -34,9 +34,9 @@ from measure import host_busy_s, naive_judge, pct, print_table, proc_cpu_s, redi
 
 from vmq.codec import new_secret
 from vmq.config import load_settings
-from vmq.localcluster import LocalRedis
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor, TickReport
+from vmq.sim.localcluster import LocalRedis
 from vmq.store.redis import RedisStore
 
 log = logging.getLogger("loop_bench")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-rounds", type=int, default=5, help="rounds of the naive judge (default 5)")
     parser.add_argument("--redis-url", default="", help="use this Redis instead of a private redis-server")
     parser.add_argument("--redis-server", default="",
-                        help="binary of the private server (default: vmq.localcluster.find_redis_server: "
+                        help="binary of the private server (default: vmq.sim.localcluster.find_redis_server: "
                              "$VMQ_REDIS_SERVER, Debian's 7.x, then PATH)")
     parser.add_argument("--profile", metavar="DIR", help="cProfile the monitor into DIR/monitor-N.prof")
     parser.add_argument("--json", action="store_true", help="one JSON object per N, no table")

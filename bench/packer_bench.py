@@ -26,7 +26,7 @@ import redis
 from measure import pct
 from redis.connection import HiredisRespSerializer
 
-from vmq.localcluster import LocalRedis
+from vmq.sim.localcluster import LocalRedis
 from vmq.store.client import CommandPacker
 from vmq.store.redis import connect
 

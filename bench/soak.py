@@ -2,7 +2,7 @@
 """Soak: a whole local vmq cluster with N VMs for D minutes, hangs injected at a known rate; prints the counts.
 
 Real parts: redis-server, Celery beat, the monitor/timeout worker and one real host worker per host
-(vmq.localcluster.LocalCluster: real restart tasks on ``host.<name>``, real claims, real libvirt ``test:///``
+(vmq.sim.localcluster.LocalCluster: real restart tasks on ``host.<name>``, real claims, real libvirt ``test:///``
 resets). Only the guests are batched: 1,000 responder processes would not fit on a 2-core machine, so
 bench/guests.py answers every probe for a slice of the VMs per process, with real signed replies. A hang
 silences one VM; when the audit stream says a host worker restarted it, its guest answers again with a new
@@ -35,7 +35,7 @@ import guests
 import redis
 from measure import pct
 
-from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.report import event_json
 
 

@@ -36,7 +36,7 @@ import redis
 from loop_bench import HOSTS, setup_vms, sid
 from measure import host_busy_s, pct, proc_cpu_s, redis_cpu_mem
 
-from vmq.localcluster import SOURCE_ROOT, LocalRedis, _stop_process
+from vmq.sim.localcluster import SOURCE_ROOT, LocalRedis, _stop_process
 from vmq.store.redis import RedisStore
 
 

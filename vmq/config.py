@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -194,3 +194,12 @@ def load_settings(overrides: Mapping[str, object] | None = None) -> Settings:
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             problems.append(msg if msg.startswith("VMQ_") else f"{name}: {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def responder_url(url: str) -> tuple[str, str | None]:
+    """A redis-py URL as the responder takes it: no query, so ``?ssl_ca_certs=PATH`` (the CA of a rediss://
+    URL, see docs/deployment.md) becomes the responder's ``tls_ca_file``; the other options are dropped
+    (the responder always verifies the server's certificate)."""
+    parts = urlsplit(url)
+    ca_files = parse_qs(parts.query).get("ssl_ca_certs")
+    return urlunsplit(parts._replace(query="", fragment="")), (ca_files[-1] if ca_files else None)

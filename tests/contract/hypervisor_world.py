@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from vmq.hypervisor.testnode import stable_uuid
+from vmq.sim.testnode import stable_uuid
 from vmq.model import DomainStatus
 
 HOST = "host-a"

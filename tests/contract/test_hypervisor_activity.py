@@ -15,7 +15,7 @@ import pytest
 from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
 from vmq.errors import DomainNotFound, HypervisorUnavailable
 from vmq.hypervisor import ActivitySample, FakeHypervisor, busy, moving
-from vmq.hypervisor.testnode import interface_target, node_xml, stable_uuid, write_node
+from vmq.sim.testnode import interface_target, node_xml, stable_uuid, write_node
 from vmq.hypervisor.types import COUNTERS, device_targets, total
 from vmq.model import DomainInfo
 from vmq.ports import Hypervisor

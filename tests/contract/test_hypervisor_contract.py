@@ -22,7 +22,7 @@ from vmq.errors import (
     HypervisorUnavailable,
 )
 from vmq.hypervisor import FakeHypervisor, open_hypervisor
-from vmq.hypervisor.testnode import node_xml, stable_uuid, write_node
+from vmq.sim.testnode import node_xml, stable_uuid, write_node
 from vmq.model import DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
 

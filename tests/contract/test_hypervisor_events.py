@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
-from vmq.hypervisor.testnode import stable_uuid, write_node
 from vmq.hypervisor.types import DomainEvent, classify
+from vmq.sim.testnode import stable_uuid, write_node
 from vmq.model import DomainStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

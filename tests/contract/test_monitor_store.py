@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -34,6 +33,7 @@ from vmq.model import RestartRequest
 from vmq.monitor import Monitor, TickReport
 from vmq.restart import ActivityCheck, restart_vm
 from vmq.routing import host_queue
+from vmq.sim.localcluster import free_port
 from vmq.store.redis import RedisStore, connect
 
 REDIS_SERVER = next((path for path in ("/usr/bin/redis-server", shutil.which("redis-server")) if path
@@ -45,12 +45,6 @@ BOOT_ID = "boot-0001"
 
 
 # ---------------------------------------------------------------- backends
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A throw-away redis-server for this module: free port, no persistence, killed at teardown."""

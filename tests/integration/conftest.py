@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.report import event_json
 
 

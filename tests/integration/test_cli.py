@@ -11,7 +11,7 @@ import pytest
 
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.keys import Keys
-from vmq.localcluster import LocalRedis
+from vmq.sim.localcluster import LocalRedis
 from vmq.store.redis import RedisStore
 
 pytestmark = pytest.mark.integration

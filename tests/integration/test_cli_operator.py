@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.integration.conftest import events_of
-from vmq.localcluster import LocalCluster
+from vmq.sim.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -27,9 +27,9 @@ import pytest
 import redis
 
 from tests.integration.conftest import FAST, events_of
-from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.model import Transition, VmState
-from vmq.sim import responder_argv
+from vmq.sim.guests import responder_argv
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.integration.conftest import events_of
-from vmq.localcluster import LocalCluster
+from vmq.sim.localcluster import LocalCluster
 from workers.app import create_app
 
 pytestmark = pytest.mark.integration

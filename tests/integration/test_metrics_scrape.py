@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import events_of
-from vmq.localcluster import LocalCluster, free_port
+from vmq.sim.localcluster import LocalCluster, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import redis
 
 from vmq import responder as responder_module
 from vmq.responder import Responder, ResponderConfig, load_config, reply_signature
+from vmq.sim.localcluster import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +38,6 @@ PROBES, REPLIES = "vmq:probes", "vmq:replies"
 
 if not os.path.exists(REDIS_SERVER):
     pytest.skip("redis-server is not installed", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

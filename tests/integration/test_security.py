@@ -36,8 +36,8 @@ from tests.integration.test_responder_redis import RedisServer, make_tls_files
 from tests.integration.test_stack import LocalService, build_services, env_example_names, wait_healthy
 from vmq.config import load_settings
 from vmq.keys import Keys
-from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
-from vmq.sim import GuestFleet, responder_argv
+from vmq.sim.guests import GuestFleet, responder_argv
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.store.redis import RedisStore
 from workers.app import create_app
 

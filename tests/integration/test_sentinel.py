@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.integration.conftest import FAST, events_of
-from vmq.localcluster import ClusterSpec, LocalCluster, find_redis_server, free_port
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, find_redis_server, free_port
 
 pytestmark = pytest.mark.integration
 

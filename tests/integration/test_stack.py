@@ -41,7 +41,7 @@ import redis
 import yaml
 
 from vmq.keys import Keys
-from vmq.localcluster import free_port
+from vmq.sim.localcluster import free_port
 from vmq.store.redis import RedisStore
 
 pytestmark = pytest.mark.integration

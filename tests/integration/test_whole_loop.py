@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import FAST, events_of
-from vmq.localcluster import LocalCluster
+from vmq.sim.localcluster import LocalCluster
 from workers.app import create_app
 
 pytestmark = pytest.mark.integration

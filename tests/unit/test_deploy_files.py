@@ -5,7 +5,7 @@ Documented substitutions between a compose service's command and its systemd uni
 ``celery`` -> ``/opt/vmq/bin/celery`` (the virtualenv of docs/deployment.md); systemd's ``%%`` -> ``%``;
 for the host worker the example host name -> ``%i`` and no ``vmq sim node ... --`` prefix (it only fakes a
 hypervisor in compose). The responder unit runs what vmq's simulated guests run
-(``vmq.sim.responder_argv``) with the installed paths of docs/deployment.md.
+(``vmq.sim.guests.responder_argv``) with the installed paths of docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from vmq.config import Settings
-from vmq.sim import RESPONDER_FILE, responder_argv
+from vmq.sim.guests import RESPONDER_FILE, responder_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -210,7 +210,7 @@ def _worker(queues: list[str], **settings: Any) -> Any:
 
 def test_the_monitor_worker_serves_metrics_once_ready_and_a_host_worker_does_not(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from vmq.localcluster import free_port
+    from vmq.sim.localcluster import free_port
     from workers import metrics as worker_metrics
 
     monkeypatch.setattr(worker_metrics, "_server", None)

@@ -33,7 +33,7 @@ def test_the_client_declares_a_queue_exactly_as_the_workers_do() -> None:
 
 
 def test_importing_the_client_and_the_restart_command_does_not_load_celery() -> None:
-    code = ("import sys, vmq.taskclient, vmq.cli_restart; bad = [m for m in ('celery', 'kombu', 'workers') "
+    code = ("import sys, vmq.taskclient, vmq.cli.restart; bad = [m for m in ('celery', 'kombu', 'workers') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -20,26 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 
+from vmq.config import responder_url
 from vmq.keys import Keys
 from vmq.report import event_json
 from vmq.store.redis import connect
 
 log = logging.getLogger(__name__)
 
-RESPONDER_FILE = Path(__file__).with_name("responder.py")
-
-
-def responder_url(url: str) -> tuple[str, str | None]:
-    """A redis-py URL as the responder takes it: no query, so ``?ssl_ca_certs=PATH`` (the CA of a rediss://
-    URL, see docs/deployment.md) becomes the responder's ``tls_ca_file``; the other options are dropped
-    (the responder always verifies the server's certificate)."""
-    parts = urlsplit(url)
-    ca_files = parse_qs(parts.query).get("ssl_ca_certs")
-    return urlunsplit(parts._replace(query="", fragment="")), (ca_files[-1] if ca_files else None)
+RESPONDER_FILE = Path(__file__).parent.parent / "responder.py"  # vmq/responder.py
 
 
 def responder_argv(config: Path) -> list[str]:

@@ -19,8 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
-from vmq.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.report import event_json
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
 STYLE = {"faulty": "bold red", "restart_dispatched": "yellow", "restarted": "bold yellow",
          "recovered": "bold green", "healthy": "green", "failed": "bold magenta", "restart_failed": "red"}

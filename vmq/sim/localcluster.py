@@ -24,9 +24,9 @@ import vmq
 from vmq.codec import new_secret
 from vmq.config import Settings, load_settings
 from vmq.errors import ConfigError
-from vmq.hypervisor.testnode import stable_uuid, write_node
 from vmq.model import DomainStatus
-from vmq.sim import GuestFleet
+from vmq.sim.guests import GuestFleet
+from vmq.sim.testnode import stable_uuid, write_node
 from vmq.store.redis import RedisStore
 
 log = logging.getLogger(__name__)

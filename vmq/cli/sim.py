@@ -1,26 +1,27 @@
-"""``vmq sim``: the simulated parts of the compose stack (docker-compose.yml) and of local runs.
+"""``vmq sim`` and ``vmq demo``: the simulated parts of the compose stack (docker-compose.yml) and local runs.
 
 ``vmq sim node`` gives a host worker its own libvirt ``test:///`` node (domains ``<host>-vm1..N``) and then
 execs the worker; ``vmq sim guests`` runs one real responder per such domain (the ``demo`` profile). Both
 take their names from the same rule, ``sim_vm_names``, so the domains the host workers list and the guests
 that answer are the same VMs. On a real cluster neither runs: host workers use ``qemu:///system`` and the
-guests run ``vmq_responder.py`` themselves.
+guests run ``vmq_responder.py`` themselves. The simulator (``vmq.sim``) is loaded inside the commands only,
+so that production code never imports it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
 import click
 
-from vmq.cli import _one_line_errors, _store, main
+from vmq.cli.common import one_line_errors, open_store
 from vmq.codec import new_secret
 from vmq.config import load_settings
 from vmq.errors import ConfigError
-from vmq.hypervisor.testnode import stable_uuid, write_node
 from vmq.keys import valid_name
 from vmq.model import DomainStatus
 
@@ -40,7 +41,7 @@ def _node_path(libvirt_uri: str) -> Path:
     return Path(libvirt_uri[len("test://"):])
 
 
-@main.group()
+@click.group()
 def sim() -> None:
     """Simulated hypervisors and guests (the compose stack's example hosts and its `demo` profile)."""
 
@@ -50,11 +51,13 @@ def sim() -> None:
               help="Running domains <host>-vm1 .. <host>-vmN.")
 @click.option("--devices", is_flag=True, help="Give each domain a disk and a NIC (their counters move).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@_one_line_errors
+@one_line_errors
 def sim_node(vms: int, devices: bool, command: tuple[str, ...]) -> None:
     """Write the libvirt test-driver node that VMQ_LIBVIRT_URI (test:///PATH.xml) names for VMQ_HOST_NAME,
     then exec COMMAND (after `--`), normally the host worker: `vmq sim node --vms 3 -- celery -A workers.app
     worker -Q host.node1 ...`. Rewritten at every start, so the host boots with all its domains running."""
+    from vmq.sim.testnode import stable_uuid, write_node
+
     settings = load_settings()
     host = settings.require_host()
     path = _node_path(settings.libvirt_uri)
@@ -91,13 +94,13 @@ def _host_list(text: str) -> list[str]:
               help="Redis URL the responders use (the `guest` ACL user) [env VMQ_GUEST_REDIS_URL].")
 @click.option("--boot-delay", "boot_delay_s", default=2.0, show_default=True, type=click.FloatRange(0, 600),
               help="Seconds a restarted guest stays silent before it answers with a new boot id.")
-@_one_line_errors
+@one_line_errors
 def sim_guests(hosts_text: str, vms: int, workdir: str, guest_redis_url: str, boot_delay_s: float) -> None:
     """Run one real responder per simulated VM until SIGTERM, creating missing keys (as `vmq keys add`);
     a restart reported in the audit stream reboots that guest (new boot id)."""
-    from vmq.sim import GuestFleet
+    from vmq.sim.guests import GuestFleet
 
-    settings, store = _store()
+    settings, store = open_store()
     vm_names = [vm for host in _host_list(hosts_text) for vm in sim_vm_names(host, vms)]
     existing = store.keyring.secrets()
     secrets: dict[str, str] = {}
@@ -125,3 +128,28 @@ def sim_guests(hosts_text: str, vms: int, workdir: str, guest_redis_url: str, bo
             pass
     finally:
         fleet.stop()
+
+
+@click.command()
+@click.option("--hosts", default=2, show_default=True, help="Simulated hypervisors (libvirt test:/// nodes).")
+@click.option("--vms", default=6, show_default=True, help="Simulated guests running the real responder.")
+@click.option("--fault", default=None, help="VM to freeze (default: random).")
+@click.option("--probe-interval", default=1.0, show_default=True, help="T1, seconds.")
+@click.option("--reply-timeout", default=3.0, show_default=True, help="T2, seconds (> T1).")
+@click.option("--timeout", "timeout_s", default=120.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end (live view on stderr).")
+@one_line_errors
+def demo(hosts: int, vms: int, fault: str | None, probe_interval: float, reply_timeout: float,
+         timeout_s: float, as_json: bool) -> None:
+    """Run a whole cluster here, freeze one guest, and show its detection, restart and recovery live."""
+    from vmq.sim.demo import run_demo
+
+    if hosts < 1 or vms < 2:
+        raise click.BadParameter("need at least 1 host and 2 VMs")
+    if reply_timeout <= probe_interval:
+        raise click.BadParameter("--reply-timeout must be greater than --probe-interval")
+    status_code, _ = run_demo(hosts, vms, fault, probe_interval, reply_timeout, as_json, timeout_s)
+    sys.exit(status_code)
+
+
+COMMANDS: list[click.Command] = [sim, demo]

@@ -1,7 +1,5 @@
-"""`vmq restart VM [--force]` and `vmq keys rotate VM`: the operator commands that go through the workers.
-
-Importing this module registers them on ``vmq.cli.main`` (and its ``keys`` group).
-"""
+"""`vmq restart VM [--force]`: the operator command that goes through the workers (a manual restart task,
+then the host's outcome and the guest's answer from the audit stream)."""
 
 from __future__ import annotations
 
@@ -14,8 +12,7 @@ from typing import Any
 
 import click
 
-from vmq.cli import _one_line_errors, _store, keys, main, responder_config
-from vmq.codec import new_secret
+from vmq.cli.common import one_line_errors, open_store
 from vmq.errors import VmqError
 from vmq.model import HOST_OUTCOME_EVENTS, INCIDENT_END_EVENTS, AuditEvent
 from vmq.report import event_json
@@ -31,21 +28,21 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-@main.command()
+@click.command()
 @click.argument("vm")
 @click.option("--force", is_flag=True, help="Restart even when the VM's restart budget is exhausted.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the host's outcome and the guest's answer.")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait in all.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome and the events as JSON lines.")
-@_one_line_errors
+@one_line_errors
 def restart(vm: str, force: bool, wait: bool, timeout_s: float, as_json: bool) -> None:
     """Restart VM now, through its host's queue and the usual guards (exit 1 when refused or failed)."""
     from vmq.errors import TaskTimeout
     from vmq.routing import MANUAL_RESTART_TASK, MONITOR_QUEUE
     from vmq.taskclient import call_task
 
-    settings, store = _store()
+    settings, store = open_store()
     if not store.vms.record(vm).exists:
         raise click.UsageError(f"unknown VM {vm}")
     past = store.audit.read(count=1_000_000)
@@ -109,31 +106,4 @@ def _follow(store: Any, vm: str, incident: str, cursor: str, deadline: float, as
                    f"(vmq hosts; vmq events --vm {vm})")
 
 
-@keys.command("rotate")
-@click.argument("vm")
-@click.option("--grace", default=None,
-              help="Keep accepting the old key this long (e.g. 30m, 2h; 0 = refuse it at once). "
-                   "Default: VMQ_KEY_ROTATION_GRACE_S.")
-@click.option("--guest-redis-url", default=None,
-              help="Redis URL as the guest must use it: the `guest` ACL user "
-                   "(default: VMQ_REDIS_URL, if it has no password).")
-@_one_line_errors
-def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None:
-    """Give VM a new key; the old one keeps working for the grace period, so the guest can be updated
-    without a gap. Prints the new responder config to install in the guest."""
-    from vmq.cli_ops import _duration_s  # not at import time: cli_ops and this module load from vmq.cli
-
-    settings, store = _store()
-    if grace is None:
-        grace_s = settings.key_rotation_grace_s
-    elif grace.strip().rstrip("smhd") in {"0", "0.0"}:
-        grace_s = 0.0
-    else:
-        grace_s = _duration_s(grace) or 0.0
-    secret = new_secret()
-    config = responder_config(settings, vm, secret, guest_redis_url)  # refused before the key is rotated
-    until_ms = store.keyring.rotate_secret(vm, secret, int(grace_s * 1000))
-    store.audit.append(AuditEvent.KEY_ROTATED, vm, "", store.clock.time_ms(), grace_s=grace_s, old_key_until_ms=until_ms)
-    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until_ms / 1000))
-    click.echo(f"# new key for {vm}; the old one is accepted until {until} ({grace_s:g} s)\n"
-               f"# replace /etc/vmq/responder.toml in the guest (mode 0600) and restart the responder\n{config}")
+COMMANDS: list[click.Command] = [restart]

@@ -1,0 +1,198 @@
+"""Commands that look at the cluster without changing it: status, events, hosts, check, explain, config."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from vmq.cli.common import one_line_errors, open_store
+from vmq.model import EXPLAINED_EVENTS, AuditEvent
+from vmq.report import cluster_status, event_json
+
+STATE_STYLE = {"healthy": "green", "faulty": "red", "restarting": "yellow", "recovering": "cyan",
+               "failed": "magenta", "unknown": "dim", "maintenance": "blue", "disabled": "dim"}
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of tables.")
+@one_line_errors
+def status(as_json: bool) -> None:
+    """Hosts and VMs: liveness, state, seconds since the last valid reply, restarts in the window."""
+    settings, store = open_store()
+    data = cluster_status(store, settings)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    console = Console()
+    hosts = Table(title="hosts")
+    for col in ("host", "alive", "VMs", "libvirt"):
+        hosts.add_column(col)
+    for h in data["hosts"]:
+        hosts.add_row(h["name"], "[green]yes[/]" if h["alive"] else "[red]no[/]", str(h["vms"]), h["libvirt_uri"])
+    vms = Table(title="VMs")
+    for col in ("vm", "host", "state", "last reply", "restarts", "decision"):
+        vms.add_column(col)
+    for v in data["vms"]:
+        seen = "never" if v["since_last_reply_s"] is None else f"{v['since_last_reply_s']:.1f}s ago"
+        style = STATE_STYLE.get(v["state"], "white")
+        vms.add_row(v["id"], v["host"], f"[{style}]{v['state']}[/]", seen, str(v["restarts_in_window"]),
+                    v["decision"][:80])
+    console.print(hosts)
+    console.print(vms)
+    if data["rejected_replies"]:
+        console.print(f"rejected replies: {data['rejected_replies']}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@click.option("--vm", default=None, help="Only this VM.")
+@click.option("--host", default=None, help="Only events of this host (its VMs' and its own).")
+@click.option("--type", "event_type", default=None, multiple=True,
+              help="Only this event type (repeat for several, e.g. --type faulty --type restarted).")
+@click.option("--limit", default=1000, show_default=True, help="At most this many past events.")
+@one_line_errors
+def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_type: tuple[str, ...],
+           limit: int) -> None:
+    """The audit stream: every transition and action with its evidence."""
+    _, store = open_store()
+    rows = store.audit.read(count=1_000_000)[-limit:] if limit else []
+    cursor = rows[-1][0] if rows else "$"
+    if not rows and follow:
+        existing = store.audit.read(count=1_000_000)
+        cursor = existing[-1][0] if existing else "0-0"
+
+    def emit(entry_id: str, fields: dict[str, str]) -> None:
+        event = event_json(entry_id, fields)
+        if (vm and event["vm"] != vm) or (host and event["host"] != host) or \
+                (event_type and event["type"] not in event_type):
+            return
+        if as_json:
+            click.echo(json.dumps(event))
+        else:
+            extra = {k: v for k, v in event.items() if k not in {"id", "type", "vm", "host", "time", "time_ms"}}
+            click.echo(f"{event['time']} {event['type']:<18} {event['vm']:<12} {event['host']:<10} "
+                       f"{json.dumps(extra)}")
+
+    for entry_id, fields in rows:
+        emit(entry_id, fields)
+    try:
+        while follow:
+            for entry_id, fields in store.audit.read(after=cursor, count=500, block_ms=1000):
+                cursor = entry_id
+                emit(entry_id, fields)
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@one_line_errors
+def hosts(as_json: bool) -> None:
+    """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat."""
+    settings, store = open_store()
+    now_ms = store.clock.time_ms()
+    fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
+    overview = store.hosts.hosts_overview()
+    context = store.hosts.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
+    rows: list[dict[str, Any]] = [{"name": name, "alive": alive, "fresh": context[name].alive, "degraded": context[name].degraded,
+             "maintenance": context[name].in_maintenance(now_ms), "domains": context[name].vm_count,
+             "queue": info.get("queue", ""), "libvirt_uri": info.get("libvirt_uri", ""),
+             "seen_s_ago": round((now_ms - int(info.get("seen_ms") or 0)) / 1000, 1) if info.get("seen_ms") else None}
+            for name, alive, info in overview]
+    if as_json:
+        click.echo(json.dumps({"hosts": rows}))
+        return
+    table = Table(title="hosts")
+    for col in ("host", "state", "domains", "last heartbeat", "queue", "libvirt"):
+        table.add_column(col)
+    for row in rows:
+        state = ("[red]down[/]" if not row["alive"] else "[yellow]late[/]" if not row["fresh"]
+                 else "[yellow]degraded[/]" if row["degraded"] else "[blue]maintenance[/]" if row["maintenance"]
+                 else "[green]up[/]")
+        seen = "never" if row["seen_s_ago"] is None else f"{row['seen_s_ago']:.1f}s ago"
+        table.add_row(row["name"], state, str(row["domains"]), seen, row["queue"], row["libvirt_uri"])
+    Console().print(table)
+
+
+@click.command()
+@click.option("--host", "host", default=None, help="Also require this host's heartbeat to be fresh.")
+@click.option("--monitor", is_flag=True, help="Also require probe rounds to be advancing (beat + monitor).")
+@one_line_errors
+def check(host: str | None, monitor: bool) -> None:
+    """Health check for scripts and containers: exit 0 when healthy, 1 (with the reason) when not."""
+    settings, store = open_store()
+    now_ms = store.clock.time_ms()  # raises (exit 2) when Redis is unreachable
+    problems: list[str] = []
+    if host:
+        fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
+        context = store.hosts.host_context([host], now_ms, fresh_ms)[host]
+        if not context.alive:
+            problems.append(f"host {host}: no fresh heartbeat")
+        elif context.degraded:
+            problems.append(f"host {host}: libvirt unreachable (degraded)")
+    if monitor:
+        latest = store.rounds.current_round()
+        sent = store.rounds.round_sent_ms(latest) if latest else None
+        if sent is None or now_ms - sent > 3 * settings.probe_interval_s * 1000:
+            age = "never" if sent is None else f"{(now_ms - sent) / 1000:.1f} s ago"
+            problems.append(f"no probe round in the last {3 * settings.probe_interval_s:g} s (last: {age})")
+    if problems:
+        click.echo("unhealthy: " + "; ".join(problems), err=True)
+        sys.exit(1)
+    click.echo("ok")
+
+
+
+@click.command()
+@click.argument("vm")
+@click.option("--last", default=10, show_default=True, help="How many decisions to explain.")
+@one_line_errors
+def explain(vm: str, last: int) -> None:
+    """Why vmq did (or did not) act on VM: its state and its last decisions in plain words."""
+    _, store = open_store()
+    rec = store.vms.record(vm)
+    if not rec.exists:
+        raise click.UsageError(f"unknown VM {vm}")
+    click.echo(f"{vm} on {rec.host or '?'}: {rec.state.value}"
+               + (f" (incident {rec.incident})" if rec.incident else ""))
+    if rec.decision:
+        click.echo(f"  now: {rec.decision_action}: {rec.decision}")
+    rows = [event_json(i, f) for i, f in store.audit.read(count=1_000_000) if f.get("vm") == vm]
+    rows = [e for e in rows if e["type"] in EXPLAINED_EVENTS][-last:]
+    for event in rows:
+        words = "; ".join(event.get("reasons") or []) or event.get("reason") or event.get("result") or ""
+        extra = ""
+        evidence = event.get("evidence")
+        if isinstance(evidence, dict):
+            guards = evidence.get("guards") or {}
+            extra = f" [round {evidence.get('round')}, missed {evidence.get('rounds_missed')}, " \
+                    f"guards {json.dumps(guards)}]"
+        if event.get("action") and event["type"] == AuditEvent.RESTARTED:
+            words = f"{event['action']} {event.get('result', '')} in {event.get('took_ms')} ms"
+        click.echo(f"  {event['time']}  {event['type']:<18} {words}{extra}")
+
+
+@click.command("config")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@one_line_errors
+def show_config(as_json: bool) -> None:
+    """The VMQ_* settings in force here (passwords masked); docs/configuration.md explains each."""
+    from vmq.config import load_settings
+    from vmq.configdoc import effective_settings
+
+    values = effective_settings(load_settings())
+    if as_json:
+        click.echo(json.dumps(values))
+        return
+    width = max(len(name) for name in values)
+    for name, value in values.items():
+        click.echo(f"{name:<{width}}  {value}")
+
+
+COMMANDS: list[click.Command] = [status, events, hosts, check, explain, show_config]
