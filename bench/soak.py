@@ -36,7 +36,7 @@ import redis
 from measure import pct
 
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
-from vmq.report import event_json
+from vmq.operator_views import event_json
 
 
 def _settings_env(args: argparse.Namespace) -> dict[str, str]:

@@ -20,7 +20,7 @@ from vmq.judge import Judge
 from vmq.model import Action, AuditEvent, DomainEventKind, DomainStatus
 from vmq.policy import decide, storm_guard
 from vmq.ports import Store
-from vmq.sweeps import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
+from vmq.housekeeping import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 from vmq.verdict import Dispatch, Notify, VerdictResult, Verdicts
 
 __all__ = ["DUPLICATE_GAP", "EVENT_STATUS", "Monitor", "TickReport"]

@@ -47,7 +47,7 @@ def monitor_of(app: Celery) -> Monitor:
 
     def dispatch(request: RestartRequest) -> None:
         # No Celery `expires` (it is checked on the host's clock): the request carries ``expires_ms`` in
-        # Redis time and the task checks that (vmq.restart.restart_vm; docs/reliability.md, clock faults).
+        # Redis time and the task checks that (vmq.host_restart.restart_vm; docs/reliability.md, clock faults).
         app.send_task(RESTART_TASK, args=[asdict(request)], queue=host_queue(request.host))
 
     def notify(payload: dict[str, object]) -> None:

@@ -17,8 +17,8 @@ from celery.signals import worker_ready, worker_shutdown
 
 from vmq.errors import HypervisorError, StoreError
 from vmq.hostagent import HostAgent
-from vmq.restart import ActivityCheck, operate_domain
-from vmq.restart import restart_vm as restart_use_case
+from vmq.host_restart import ActivityCheck, operate_domain
+from vmq.host_restart import restart_vm as restart_use_case
 from vmq.routing import DOMAIN_EVENT_TASK, DOMAIN_OP_TASK, MONITOR_QUEUE, RESTART_TASK, host_queue
 from workers.context import host_agent_of, hypervisor_of, set_host_agent, set_hypervisor, settings_of, store_of
 

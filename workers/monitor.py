@@ -81,7 +81,7 @@ def notify(self: Task, payload: dict[str, Any]) -> int:
 
 @shared_task(bind=True, name=MANUAL_RESTART_TASK, ignore_result=False)
 def manual_restart(self: Task, vm: str, force: bool = False, requested_by: str = "") -> dict[str, Any]:
-    """An operator's `vmq restart VM [--force]`: decided and dispatched like any restart (vmq.manual)."""
-    from vmq.manual import manual_restart as manual_use_case
+    """An operator's `vmq restart VM [--force]`: decided and dispatched like any restart (vmq.operator_restart)."""
+    from vmq.operator_restart import manual_restart as manual_use_case
 
     return asdict(manual_use_case(monitor_of(self.app), vm, force, requested_by))

@@ -1,4 +1,4 @@
-"""The operator's restart (vmq.manual) and key rotation with a grace period, on fakeredis and a real Redis."""
+"""The operator's restart (vmq.operator_restart) and key rotation with a grace period, on fakeredis and a real Redis."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 
 from tests.contract.test_monitor_store import HOST_A, SECRET, World, _BusyGuest
 from vmq.codec import encode_reply
-from vmq.manual import manual_restart
+from vmq.operator_restart import manual_restart
 from vmq.model import DomainInfo, DomainStatus, Transition, VmState
-from vmq.restart import ActivityCheck, restart_vm
+from vmq.host_restart import ActivityCheck, restart_vm
 
 NEW_KEY = "d4" * 32
 

@@ -31,7 +31,7 @@ from vmq.keys import Keys
 from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor, TickReport
-from vmq.restart import ActivityCheck, restart_vm
+from vmq.host_restart import ActivityCheck, restart_vm
 from vmq.routing import host_queue
 from vmq.sim.localcluster import free_port
 from vmq.store.redis import RedisStore, connect

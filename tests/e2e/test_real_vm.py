@@ -29,7 +29,7 @@ import pytest
 from tests.e2e.guest_image import HOST_IP, GuestKit, guest_initramfs
 from tests.integration.test_stack import LocalService, build_services, env_example_names, wait_healthy
 from vmq.keys import Keys
-from vmq.report import event_json
+from vmq.operator_views import event_json
 from vmq.store.redis import RedisStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
-from vmq.report import event_json
+from vmq.operator_views import event_json
 
 
 @pytest.fixture

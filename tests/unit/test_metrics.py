@@ -25,7 +25,7 @@ from vmq.metrics import VmqCollector, metrics_registry, serve_metrics
 from vmq.model import DomainInfo, DomainStatus
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor
-from vmq.restart import restart_vm
+from vmq.host_restart import restart_vm
 from vmq.routing import host_queue
 from vmq.store.stats import DETECTION_BUCKETS_S, bucket_field, read_histogram
 from vmq.store.redis import RedisStore, connect

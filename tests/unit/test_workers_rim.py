@@ -45,7 +45,7 @@ def test_a_restart_request_is_sent_to_the_vms_host_queue_with_its_expiry_in_redi
     request = RestartRequest("web-1", "node7", 42, "web-1:9:abcd", 9, 1_000, expires_ms=13_500)
     monitor_of(app).verdicts.dispatch(request)
     # No Celery `expires`: the host worker would check it on its own clock. The task checks expires_ms
-    # against Redis' clock (vmq.restart.restart_vm).
+    # against Redis' clock (vmq.host_restart.restart_vm).
     assert sent == [("vmq.host.restart_vm", {"args": [{"vm": "web-1", "host": "node7", "generation": 42,
                                                         "incident": "web-1:9:abcd", "round": 9,
                                                         "issued_ms": 1_000, "hard": False,
@@ -61,7 +61,7 @@ def test_a_host_worker_refuses_a_restart_addressed_to_another_host() -> None:
     assert result == {"acted": False, "result": "misrouted"}
 
 
-@pytest.mark.parametrize("module", ["vmq.monitor", "vmq.policy", "vmq.codec", "vmq.restart", "vmq.inventory",
+@pytest.mark.parametrize("module", ["vmq.monitor", "vmq.policy", "vmq.codec", "vmq.host_restart", "vmq.inventory",
                                     "vmq.routing", "vmq.hostagent", "vmq.taskclient", "vmq.model"])
 def test_the_core_imports_neither_celery_nor_libvirt(module: str) -> None:
     code = (f"import sys, {module}; bad = [m for m in ('celery', 'kombu', 'libvirt') if m in sys.modules]; "

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from vmq.cli.common import one_line_errors, open_store
 from vmq.model import EXPLAINED_EVENTS, AuditEvent
-from vmq.report import cluster_status, event_json
+from vmq.operator_views import cluster_status, event_json
 
 STATE_STYLE = {"healthy": "green", "faulty": "red", "restarting": "yellow", "recovering": "cyan",
                "failed": "magenta", "unknown": "dim", "maintenance": "blue", "disabled": "dim"}

@@ -15,7 +15,7 @@ import click
 from vmq.cli.common import one_line_errors, open_store
 from vmq.errors import VmqError
 from vmq.model import HOST_OUTCOME_EVENTS, INCIDENT_END_EVENTS, AuditEvent
-from vmq.report import event_json
+from vmq.operator_views import event_json
 
 #: Events that end a manual restart's wait: the host's outcome, then the guest's answer.
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from vmq.report import event_json
+from vmq.operator_views import event_json
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
 STYLE = {"faulty": "bold red", "restart_dispatched": "yellow", "restarted": "bold yellow",

@@ -25,7 +25,7 @@ import redis
 
 from vmq.config import responder_url
 from vmq.keys import Keys
-from vmq.report import event_json
+from vmq.operator_views import event_json
 from vmq.store.redis import connect
 
 log = logging.getLogger(__name__)
