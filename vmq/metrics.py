@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from vmq.config import Settings
 from vmq.errors import VmqError
 from vmq.model import RejectReason
-from vmq.store.stats import DETECTION, RECOVERY, MetricsSnapshot
+from vmq.telemetry import DETECTION, RECOVERY, MetricsSnapshot
 from vmq.ports import Store
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from vmq.model import (AuditEvent, DomainInfo, DomainStatus, HostContext, Placement, Transition, TransitionResult,
                        VmRecord)
+from vmq.telemetry import MetricsSnapshot
 
-if TYPE_CHECKING:  # vmq.hypervisor and vmq.codec import this module's neighbours: no runtime import needed
+if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
     from vmq.codec import RawEntry, RoundBook
     from vmq.hypervisor.types import ActivitySample
-    from vmq.store.stats import MetricsSnapshot
 
 Info = dict[str, str]
 

@@ -2,8 +2,9 @@
 
 (a) no import cycle among vmq's modules (module-level imports only: not inside functions, not under
     ``if TYPE_CHECKING:``; a submodule's implied import of its own package does not count);
-(b) the core (model, policy, codec, keys, errors, ports) never imports redis, libvirt, celery or kombu at module
-    level, directly or through other vmq modules (their packages' ``__init__`` included);
+(b) the core (``CORE``: domain values, pure rules and the use cases written against the ports) never imports
+    redis, libvirt, celery or kombu at module level, directly or through other vmq modules (their packages'
+    ``__init__`` included);
 (c) no module under vmq/ imports the Celery rim (``workers``, ``beat_schedule``), at any level;
 (d) no module outside ``vmq.sim`` imports the simulator at module level (``vmq sim``/``vmq demo`` load it
     inside the command functions).
@@ -22,7 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "vmq"
 
-CORE = ("vmq.model", "vmq.policy", "vmq.codec", "vmq.keys", "vmq.errors", "vmq.ports")
+#: The core: domain values, pure rules, and the use cases written against vmq.ports (only adapters and the
+#: rim may reach redis, libvirt or Celery).
+CORE = ("vmq.model", "vmq.policy", "vmq.codec", "vmq.keys", "vmq.errors", "vmq.ports", "vmq.routing",
+        "vmq.telemetry", "vmq.evidence", "vmq.lifecycle", "vmq.judge", "vmq.verdict", "vmq.ingest", "vmq.monitor",
+        "vmq.housekeeping", "vmq.operator_restart", "vmq.host_restart", "vmq.inventory", "vmq.hostagent",
+        "vmq.operator_views")
 ADAPTER_LIBRARIES = frozenset({"redis", "libvirt", "celery", "kombu"})
 RIM = frozenset({"workers", "beat_schedule"})
 SIMULATOR = "vmq.sim"

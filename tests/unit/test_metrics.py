@@ -27,7 +27,7 @@ from vmq.model import RestartRequest
 from vmq.monitor import Monitor
 from vmq.host_restart import restart_vm
 from vmq.routing import host_queue
-from vmq.store.stats import DETECTION_BUCKETS_S, bucket_field, read_histogram
+from vmq.telemetry import DETECTION_BUCKETS_S, bucket_field, read_histogram
 from vmq.store.redis import RedisStore, connect
 
 HOST = "node1"

@@ -97,7 +97,7 @@ def hosts(as_json: bool) -> None:
     """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat."""
     settings, store = open_store()
     now_ms = store.clock.time_ms()
-    fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
+    fresh_ms = settings.host_fresh_ms
     overview = store.hosts.hosts_overview()
     context = store.hosts.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
     rows: list[dict[str, Any]] = [{"name": name, "alive": alive, "fresh": context[name].alive, "degraded": context[name].degraded,
@@ -130,7 +130,7 @@ def check(host: str | None, monitor: bool) -> None:
     now_ms = store.clock.time_ms()  # raises (exit 2) when Redis is unreachable
     problems: list[str] = []
     if host:
-        fresh_ms = int(3 * settings.host_heartbeat_interval_s * 1000)
+        fresh_ms = settings.host_fresh_ms
         context = store.hosts.host_context([host], now_ms, fresh_ms)[host]
         if not context.alive:
             problems.append(f"host {host}: no fresh heartbeat")

@@ -25,6 +25,7 @@ from vmq.codec import new_secret
 from vmq.config import Settings, load_settings
 from vmq.errors import ConfigError
 from vmq.model import DomainStatus
+from vmq.routing import MONITOR_QUEUE, TIMEOUT_QUEUE, host_queue
 from vmq.sim.guests import GuestFleet
 from vmq.sim.testnode import stable_uuid, write_node
 from vmq.store.redis import RedisStore
@@ -169,7 +170,7 @@ class LocalCluster:
         domains = [(vm, stable_uuid(vm), DomainStatus.RUNNING) for vm in self.spec.placement.get(host, [])]
         domains += [(vm, stable_uuid(vm), DomainStatus.SHUTOFF) for vm in self.spec.standby.get(host, [])]
         uri = write_node(self.workdir / f"node-{host}.xml", host, domains, devices=self.spec.devices)
-        self._celery(f"host-{host}", ["worker", "-Q", f"host.{host}", "-P", "threads", "-c", "2",
+        self._celery(f"host-{host}", ["worker", "-Q", host_queue(host), "-P", "threads", "-c", "2",
                                       "-n", f"{host}@%h", "--without-gossip", "--without-mingle",
                                       "--loglevel", "INFO"],
                      {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri, **(extra_env or {})})
@@ -192,7 +193,7 @@ class LocalCluster:
             self.store.keyring.set_secret(vm, self.secrets[vm])
         for n in range(1, self.spec.monitors + 1):
             suffix = "" if n == 1 else f"-{n}"
-            self._celery(f"monitor{suffix}", ["worker", "-Q", "vmq.monitor,vmq.timeouts", "-P", "threads", "-c", "4",
+            self._celery(f"monitor{suffix}", ["worker", "-Q", f"{MONITOR_QUEUE},{TIMEOUT_QUEUE}", "-P", "threads", "-c", "4",
                                               "-n", f"monitor{n if n > 1 else ''}@%h", "--without-gossip",
                                               "--without-mingle", "--loglevel", "INFO"])
         for host in sorted(set(self.spec.placement) | set(self.spec.standby)):

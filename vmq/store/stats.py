@@ -3,9 +3,9 @@
 Totals live in Redis, written by whichever process saw the event, so any monitor worker exposes the same
 numbers (``vmq.metrics``).
 
-A histogram is one hash (``Keys.histogram(name)``): a field per bucket upper bound holding the count of
-observations that fell in that bucket alone (not cumulative), ``+Inf`` for the rest, plus ``sum`` and
-``count``. Observations are HINCRBY/HINCRBYFLOAT, so concurrent writers never lose one.
+A histogram is one hash (``Keys.histogram(name)``, buckets in vmq.telemetry): a field per bucket upper bound
+holding the count of observations that fell in that bucket alone (not cumulative), ``+Inf`` for the rest,
+plus ``sum`` and ``count``. Observations are HINCRBY/HINCRBYFLOAT, so concurrent writers never lose one.
 
 Writes are best effort: a counter that cannot be written is logged and lost, never allowed to change what
 vmq does (a verdict, a dispatch or a restart already happened when it is counted).
@@ -15,32 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
 
 from vmq.model import VmState
+from vmq.telemetry import DETECTION, HISTOGRAMS, RECOVERY, MetricsSnapshot, bucket_field, read_histogram
 from vmq.store.client import StorePart, translate_errors
 from vmq.store.client import text as _text
 
 log = logging.getLogger(__name__)
-
-#: Seconds from a VM's last valid reply to its `faulty` verdict: about T1 + T2 (+ the judge's lateness);
-#: the bounds cover T2 from 1 to 60 s.
-DETECTION_BUCKETS_S: tuple[float, ...] = (0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180)
-#: Seconds from the `faulty` verdict (incident opened) to the first valid reply after it: restart + boot + T1.
-RECOVERY_BUCKETS_S: tuple[float, ...] = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 1800)
-
-DETECTION = "detection"
-RECOVERY = "recovery"
-HISTOGRAMS: dict[str, tuple[float, ...]] = {DETECTION: DETECTION_BUCKETS_S, RECOVERY: RECOVERY_BUCKETS_S}
-
-#: Result words of a finished restart request (label ``result`` of vmq_restarts_total).
-RESTART_RESULTS = ("ok", "failed", "misrouted", "silent_but_active", "left_alone", "skipped")
-
 
 @contextlib.contextmanager
 def _best_effort(what: str) -> Iterator[None]:
@@ -48,64 +33,6 @@ def _best_effort(what: str) -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         log.warning("metrics: could not %s: %s", what, exc)
-
-
-def bucket_field(value: float, bounds: Sequence[float]) -> str:
-    """The bucket field ``value`` is counted in: the smallest bound >= value, else "+Inf"."""
-    for bound in bounds:
-        if value <= bound:
-            return _bound_text(bound)
-    return "+Inf"
-
-
-def _bound_text(bound: float) -> str:
-    return repr(float(bound))
-
-
-@dataclass(frozen=True)
-class HistogramData:
-    """A histogram as read back: cumulative (upper bound text, count) pairs ending with +Inf, sum, count."""
-
-    buckets: list[tuple[str, float]]
-    sum: float
-    count: float
-
-
-@dataclass
-class MetricsSnapshot:
-    """Every value ``/metrics`` exposes, read in a few pipelined round trips."""
-
-    probe_rounds: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
-    rejects: dict[str, int] = field(default_factory=dict)
-    restarts: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (host, action, result) -> n
-    histograms: dict[str, HistogramData] = field(default_factory=dict)
-    vms_by_state: dict[str, int] = field(default_factory=dict)
-    guard_episodes: dict[str, int] = field(default_factory=dict)  # "cluster" / "host" -> active episodes
-    restarts_suspended: bool = False
-    replies_unread: int | None = None  # None: Redis < 7.0 does not count the entries added to a stream
-    oldest_unread_s: float = 0.0  # age of the oldest reply no monitor has read yet (Redis time)
-
-
-def read_histogram(raw: Mapping[str, str], bounds: Sequence[float]) -> HistogramData:
-    """Fold a stored histogram hash into cumulative buckets over ``bounds`` (fields of old bounds are
-    counted in the first current bucket that covers them)."""
-    per_bucket = [0.0] * (len(bounds) + 1)
-    for name, value in raw.items():
-        if name in ("sum", "count"):
-            continue
-        try:
-            upper = float(name)
-        except ValueError:
-            continue
-        index = next((i for i, bound in enumerate(bounds) if upper <= bound), len(bounds))
-        per_bucket[index] += float(value)
-    cumulative: list[tuple[str, float]] = []
-    running = 0.0
-    for i, bound in enumerate((*bounds, math.inf)):
-        running += per_bucket[i]
-        cumulative.append(("+Inf" if bound == math.inf else _bound_text(bound), running))
-    return HistogramData(cumulative, float(raw.get("sum") or 0), float(raw.get("count") or 0))
 
 
 class RedisStats(StorePart):
@@ -152,7 +79,7 @@ class RedisStats(StorePart):
 
     def count_restart_outcome(self, host: str, action: str, result: str) -> None:
         """Count one finished restart request by host, libvirt action attempted (or "none") and result
-        (RESTART_RESULTS)."""
+        (vmq.telemetry.RESTART_RESULTS)."""
         with _best_effort("count restart"):
             self.r.hincrby(self.keys.restart_outcomes, f"{host}|{action}|{result}", 1)
 
