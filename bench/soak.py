@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Drain: the last hangs are detected, restarted and answer again.
         drain_until = time.monotonic() + args.probe_interval + args.reply_timeout + 30
         while time.monotonic() < drain_until:
-            states = dict(zip(injected, (r.get("state") for r in cluster.store.vms.records(injected))))
+            states = dict(zip(injected, (r.state.value for r in cluster.store.vms.records(injected))))
             if all(s == "healthy" for s in states.values()):
                 break
             time.sleep(0.5)

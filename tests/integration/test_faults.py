@@ -59,8 +59,8 @@ def snapshot(cluster: LocalCluster) -> dict[str, Any]:
     store, keys = cluster.store, cluster.store.keys
     vms = sorted(cluster.vms)
     return {
-        "records": {vm: {k: v for k, v in rec.items() if k != "decision"}
-                    for vm, rec in zip(vms, store.vms.records(vms))},
+        "records": {vm: {k: v for k, v in store.client.hgetall(keys.vm(vm)).items() if k != b"decision"}
+                    for vm in vms},
         "events": store.audit.read(count=1_000_000),
         "budgets": {vm: store.client.zrange(keys.vm_restarts(vm), 0, -1) for vm in vms},
         "round": store.rounds.current_round(),

@@ -353,7 +353,7 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
 
     def all_healthy() -> bool:
         records = dict(zip(expected, store.vms.records(list(expected))))
-        return all(rec.get("state") == "healthy" and rec.get("host") == expected[vm]
+        return all(rec.state == "healthy" and rec.host == expected[vm]
                    for vm, rec in records.items())
 
     wait_until(all_healthy, 30, f"{sorted(expected)} healthy on their hosts", services)
