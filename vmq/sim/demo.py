@@ -19,11 +19,14 @@ from typing import Any
 
 from rich.console import Console
 
+from vmq.model import AuditEvent
 from vmq.operator_views import event_json
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
-STYLE = {"faulty": "bold red", "restart_dispatched": "yellow", "restarted": "bold yellow",
-         "recovered": "bold green", "healthy": "green", "failed": "bold magenta", "restart_failed": "red"}
+STYLE = {AuditEvent.FAULTY.value: "bold red", AuditEvent.RESTART_DISPATCHED.value: "yellow",
+         AuditEvent.RESTARTED.value: "bold yellow", AuditEvent.RECOVERED.value: "bold green",
+         AuditEvent.HEALTHY.value: "green", AuditEvent.FAILED.value: "bold magenta",
+         AuditEvent.RESTART_FAILED.value: "red"}
 
 
 @dataclass
@@ -132,7 +135,7 @@ def _run_fault(cluster: LocalCluster, console: Console, result: DemoResult, time
             event = event_json(entry_id, fields)
             _show(console, event, t_fault)
             _account(event, result, t_fault)
-            if event["type"] == "recovered" and event["vm"] == result.fault_vm and settle_until is None:
+            if event["type"] == AuditEvent.RECOVERED and event["vm"] == result.fault_vm and settle_until is None:
                 # Keep watching one more T2 so a wrong restart elsewhere would still be counted.
                 settle_until = time.monotonic() + result.reply_timeout_s
     raise TimeoutError(f"{result.fault_vm} did not recover within {timeout_s:g} s")
@@ -142,16 +145,16 @@ def _account(event: dict[str, Any], result: DemoResult, t_fault: int) -> None:
     after_s = round((event["time_ms"] - t_fault) / 1000.0, 3)
     kind, vm = event["type"], event["vm"]
     if vm != result.fault_vm:
-        if kind == "restart_dispatched":
+        if kind == AuditEvent.RESTART_DISPATCHED:
             result.false_restarts += 1
             result.other_restarts.append(vm)
         return
-    if kind == "faulty" and result.detected_after_s is None:
+    if kind == AuditEvent.FAULTY and result.detected_after_s is None:
         result.detected_after_s = after_s
-    elif kind == "restarted":
+    elif kind == AuditEvent.RESTARTED:
         result.restarted_on = event["host"]
         result.restart_action = event.get("action")
-    elif kind == "recovered" and result.recovered_after_s is None:
+    elif kind == AuditEvent.RECOVERED and result.recovered_after_s is None:
         result.recovered_after_s = after_s
         result.new_boot_id = bool(event.get("boot_id")) and event.get("boot_id") != event.get("previous_boot_id")
 
@@ -164,7 +167,7 @@ def _show(console: Console, event: dict[str, Any], t_fault: int) -> None:
         detail = "; ".join(event["reasons"])
     elif event.get("action"):
         detail = f"{event['action']} {event.get('result', '')}"
-    if kind == "recovered":
+    if kind == AuditEvent.RECOVERED:
         detail = f"answered again after {event.get('recovered_after_s')} s, boot id {event.get('boot_id', '')[:8]}"
     style = STYLE.get(kind, "white")
     console.print(f"[dim]{offset:+7.2f}s[/] [{style}]{kind:<18}[/] {event['vm']:<6} "

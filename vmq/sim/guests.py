@@ -25,6 +25,7 @@ import redis
 
 from vmq.config import responder_url
 from vmq.keys import Keys
+from vmq.model import AuditEvent
 from vmq.operator_views import event_json
 from vmq.store.redis import connect
 
@@ -146,7 +147,7 @@ class GuestFleet:
                     last = entry_id.decode()
                     event = event_json(last, {k.decode(): v.decode() for k, v in raw.items()})
                     vm = event.get("vm", "")
-                    if event.get("type") == "restarted" and vm in self.guests:
+                    if event.get("type") == AuditEvent.RESTARTED and vm in self.guests:
                         self.restarted.append((vm, event.get("host", "")))
                         threading.Thread(target=self._reboot_later, args=(vm,), daemon=True).start()
         client.close()
