@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -80,14 +80,39 @@ class RestartAction(str, Enum):
     LEFT_ALONE = "left_alone"
 
 
+class ProbePath(str, Enum):
+    """How a VM's answers reach the monitor."""
+
+    REDIS = "redis"  # the vmq responder in the guest talks to Redis itself
+    CHANNEL = "channel"  # the vmq responder answers over a virtio-serial port; its host relays
+    AGENT = "agent"  # the QEMU guest agent answers its host; nothing of vmq in the guest
+
+
+#: virtio-serial port names (``<target type='virtio' name='...'/>`` of a domain's ``<channel>``).
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+RESPONDER_CHANNEL = "org.vmq.responder.0"
+
+
+def detect_probe_path(channels: Iterable[str]) -> ProbePath:
+    """The probe path a domain's channels allow, best first: vmq's responder channel, the guest agent, Redis."""
+    names = set(channels)
+    if RESPONDER_CHANNEL in names:
+        return ProbePath.CHANNEL
+    if AGENT_CHANNEL in names:
+        return ProbePath.AGENT
+    return ProbePath.REDIS
+
+
 @dataclass(frozen=True)
 class DomainInfo:
-    """One libvirt domain as a host reports it; ``reason`` is libvirt's state reason in words."""
+    """One libvirt domain as a host reports it; ``reason`` is libvirt's state reason in words, ``channels``
+    the names of its virtio-serial channels (from the domain's XML; empty where not read)."""
 
     name: str
     uuid: str
     status: DomainStatus
     reason: str = ""
+    channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
