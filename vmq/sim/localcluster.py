@@ -193,9 +193,9 @@ class LocalCluster:
             self.store.keyring.set_secret(vm, self.secrets[vm])
         for n in range(1, self.spec.monitors + 1):
             suffix = "" if n == 1 else f"-{n}"
-            self._celery(f"monitor{suffix}", ["worker", "-Q", f"{MONITOR_QUEUE},{TIMEOUT_QUEUE}", "-P", "threads", "-c", "4",
-                                              "-n", f"monitor{n if n > 1 else ''}@%h", "--without-gossip",
-                                              "--without-mingle", "--loglevel", "INFO"])
+            self._celery(f"monitor{suffix}", ["worker", "-Q", f"{MONITOR_QUEUE},{TIMEOUT_QUEUE}", "-P", "threads",
+                                              "-c", "4", "-n", f"monitor{n if n > 1 else ''}@%h",
+                                              "--without-gossip", "--without-mingle", "--loglevel", "INFO"])
         for host in sorted(set(self.spec.placement) | set(self.spec.standby)):
             self.start_host(host)
         for n in range(1, self.spec.beats + 1):
