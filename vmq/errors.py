@@ -8,7 +8,14 @@
     ├── HypervisorError           libvirt failed
     │   ├── HypervisorUnavailable the hypervisor connection is down or hangs
     │   ├── DomainNotFound        no such domain on this host
-    │   └── DomainOperationFailed libvirt refused an action on a domain
+    │   ├── DomainOperationFailed libvirt refused an action on a domain
+    │   │   └── DomainNotRunning  ... because the domain is not running (paused, shut off): agent calls
+    │   ├── ChannelNotFound       the domain has no such virtio channel with a host unix socket
+    │   └── AgentError            a guest-agent call on a domain failed
+    │       ├── AgentUnavailable  no agent connected, none configured, or the driver has no agent calls
+    │       ├── AgentTimeout      the agent did not answer in time
+    │       │   └── AgentBusy     another agent call on that domain is still in flight
+    │       └── AgentAnswerInvalid the agent answered something that is not a valid answer
     └── TaskTimeout               no worker answered a task the CLI sent in time (vmq.taskclient)
 
 Adapters raise these ``from`` the library error; nothing above the adapters catches ``redis.*`` or
@@ -58,6 +65,35 @@ class DomainNotFound(HypervisorError):
 
 class DomainOperationFailed(HypervisorError):
     """The hypervisor refused or failed an action on a domain."""
+
+
+class DomainNotRunning(DomainOperationFailed):
+    """The action needs a running domain and this one is paused, shut off or crashed (libvirt: "domain is not
+    running"); a DomainOperationFailed, so callers of the lifecycle actions see no change."""
+
+
+class ChannelNotFound(HypervisorError):
+    """The domain has no virtio channel of that name, or the channel has no host-side unix socket."""
+
+
+class AgentError(HypervisorError):
+    """A QEMU guest-agent call on one domain failed; the hypervisor itself is fine."""
+
+
+class AgentUnavailable(AgentError):
+    """No agent to ask: none connected in the guest, no agent channel configured, or agent calls unsupported."""
+
+
+class AgentTimeout(AgentError):
+    """The guest agent did not answer within the call's timeout (libvirt's or vmq's own)."""
+
+
+class AgentBusy(AgentTimeout):
+    """Another agent call on the same domain is still in flight: refused at once rather than queued behind it."""
+
+
+class AgentAnswerInvalid(AgentError):
+    """The guest agent answered, but not with a valid answer (wrong type, out-of-range values)."""
 
 
 class TaskTimeout(VmqError):

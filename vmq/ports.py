@@ -11,13 +11,13 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vmq.model import (AuditEvent, DomainInfo, DomainStatus, HostContext, Placement, Transition, TransitionResult,
-                       VmRecord)
+from vmq.model import (RESPONDER_CHANNEL, AuditEvent, DomainInfo, DomainStatus, HostContext, Placement, Transition,
+                       TransitionResult, VmRecord)
 from vmq.telemetry import MetricsSnapshot
 
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
     from vmq.codec import RawEntry, RoundBook
-    from vmq.hypervisor.types import ActivitySample
+    from vmq.hypervisor.types import ActivitySample, AgentAnswer
 
 Info = dict[str, str]
 
@@ -230,18 +230,32 @@ class Store(Protocol):
 class Hypervisor(Protocol):
     """One host's hypervisor. Every method raises only vmq.errors.HypervisorError subclasses.
 
-    Implementations: ``vmq.hypervisor.libvirt.LibvirtHypervisor`` (the only module importing libvirt)
+    Implementations: ``vmq.hypervisor.libvirt.LibvirtHypervisor`` (with vmq.hypervisor.agent, importing libvirt)
     and ``vmq.hypervisor.fake.FakeHypervisor`` (its in-memory twin).
     """
 
     uri: str
 
     def list_domains(self) -> list[DomainInfo]:
-        """All domains defined on this host, active or not."""
+        """All domains defined on this host, active or not, with their virtio channel names."""
         ...
 
     def domain_info(self, name: str) -> DomainInfo:
-        """One domain's status; raises DomainNotFound."""
+        """One domain's status and virtio channel names; raises DomainNotFound."""
+        ...
+
+    def channel_socket(self, name: str, channel: str = RESPONDER_CHANNEL) -> str:
+        """Host-side unix socket path of a virtio channel; raises DomainNotFound, ChannelNotFound."""
+        ...
+
+    def agent_ping(self, name: str, timeout_s: float) -> AgentAnswer:
+        """Guest time and call latency from the domain's QEMU guest agent, within ``timeout_s``; raises
+        AgentBusy (a call on that domain in flight), AgentTimeout, AgentUnavailable, AgentAnswerInvalid,
+        DomainNotRunning, DomainNotFound."""
+        ...
+
+    def guest_info(self, name: str, timeout_s: float) -> dict[str, object]:
+        """OS id/version, hostname and filesystems from the domain's guest agent; raises as agent_ping."""
         ...
 
     def activity(self, name: str) -> ActivitySample:

@@ -12,19 +12,66 @@ Transitions, as measured on the test driver (and on QEMU for the reasons):
 Anything else raises DomainOperationFailed, like libvirt does. ``DomainStatus.OTHER`` counts as active.
 Activity counters start at zero for every domain and move only when a test says so (``set_activity``,
 ``advance``); like libvirt, an inactive domain reports every counter as None.
+
+Channels: a domain has the ``channels`` of its DomainInfo; ``set_channels`` declares them with their host
+sockets. Guest agent: every domain has a fake agent, mode ``answer`` by default, like the test driver (whose
+``getTime`` answers on any running domain, channel or not); ``set_agent`` switches it to ``hang`` (the call
+takes its whole timeout, then AgentTimeout), ``absent`` (AgentUnavailable, as QEMU says "not connected"),
+``garbage`` (the answer is nonsense: AgentAnswerInvalid from the same checks the libvirt adapter runs).
+Checks in the adapter's order: a call in flight on the domain (AgentBusy), then the domain not running
+(DomainNotRunning, "domain is not running"), then the agent's mode.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import astuple, dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import astuple, dataclass, field, replace
 from enum import Enum
+from typing import TypeVar
 
-from vmq.errors import DomainNotFound, DomainOperationFailed, HypervisorUnavailable
-from vmq.hypervisor.types import ActivitySample
-from vmq.model import DomainInfo, DomainStatus
+from vmq.errors import (
+    AgentBusy,
+    AgentTimeout,
+    AgentUnavailable,
+    ChannelNotFound,
+    DomainNotFound,
+    DomainNotRunning,
+    DomainOperationFailed,
+    HypervisorUnavailable,
+)
+from vmq.hypervisor.types import ActivitySample, AgentAnswer, guest_time_ms, reduce_guest_info
+from vmq.model import RESPONDER_CHANNEL, DomainInfo, DomainStatus
+
+T = TypeVar("T")
+
+#: The real qemu-ga's guest-ping through libvirtd, p50 (FIELD-NOTES): the fake agent's default latency.
+AGENT_LATENCY_S = 0.0013
+
+
+class AgentMode(str, Enum):
+    """How a fake guest agent behaves (see the module docstring)."""
+
+    ANSWER = "answer"
+    HANG = "hang"
+    ABSENT = "absent"
+    GARBAGE = "garbage"
+
+
+def _default_guest_info() -> dict[str, object]:
+    """A small guest as libvirt's guestInfo() reports it (flat typed parameters)."""
+    return {"os.id": "debian", "os.version-id": "12", "hostname": "guest", "fs.count": 1, "fs.0.mountpoint": "/",
+            "fs.0.fstype": "ext4", "fs.0.used-bytes": 1 << 30, "fs.0.total-bytes": 8 << 30}
+
+
+@dataclass(frozen=True)
+class _Agent:
+    """One fake guest agent: its mode, answer latency and the raw guestInfo() parameters it answers."""
+
+    mode: AgentMode = AgentMode.ANSWER
+    latency_s: float = AGENT_LATENCY_S
+    info: Mapping[str, object] = field(default_factory=_default_guest_info)
 
 _ACTIVE = frozenset({DomainStatus.RUNNING, DomainStatus.PAUSED, DomainStatus.OTHER})
 _INACTIVE = frozenset({DomainStatus.SHUTOFF, DomainStatus.CRASHED})
@@ -66,6 +113,9 @@ class FakeHypervisor:
         self._unavailable = False
         self._domains: dict[str, DomainInfo] = {}
         self._counters: dict[str, _Counters] = {}
+        self._sockets: dict[str, dict[str, str | None]] = {}
+        self._agents: dict[str, _Agent] = {}
+        self._agent_in_flight: set[str] = set()
         for info in domains:
             if info.status is DomainStatus.ABSENT:
                 raise ValueError(f"domain {info.name!r}: a defined domain cannot be {info.status.value}")
@@ -139,6 +189,39 @@ class FakeHypervisor:
             "destroy", name, _ACTIVE, (DomainStatus.SHUTOFF, "destroyed"), "domain is not running"
         )
 
+    def channel_socket(self, name: str, channel: str = RESPONDER_CHANNEL) -> str:
+        """The host socket ``set_channels`` declared; raises DomainNotFound, ChannelNotFound."""
+        with self._lock:
+            self._enter("channel_socket", name)
+            info = self._get("channel_socket", name)
+            what = f"channel_socket {name!r} on {self.uri}"
+            if channel not in info.channels:
+                raise ChannelNotFound(f"{what}: no virtio channel {channel!r}")
+            path = self._sockets.get(name, {}).get(channel)
+            if path is None:
+                raise ChannelNotFound(f"{what}: channel {channel!r} has no socket path")
+            return path
+
+    def agent_ping(self, name: str, timeout_s: float) -> AgentAnswer:
+        """The fake agent's guest time (this machine's clock) after its latency; raises as the port says."""
+
+        def answer(agent: _Agent, latency_ms: float) -> AgentAnswer:
+            if agent.mode is AgentMode.GARBAGE:
+                return AgentAnswer(guest_time_ms({"seconds": "soon", "nseconds": -1}), latency_ms)
+            now_ns = time.time_ns()
+            raw = {"seconds": now_ns // 1_000_000_000, "nseconds": now_ns % 1_000_000_000}
+            return AgentAnswer(guest_time_ms(raw), latency_ms)
+
+        return self._agent_call("agent_ping", name, timeout_s, answer)
+
+    def guest_info(self, name: str, timeout_s: float) -> dict[str, object]:
+        """The fake agent's guest info, reduced as the libvirt adapter reduces it; raises as agent_ping."""
+
+        def answer(agent: _Agent, _latency_ms: float) -> dict[str, object]:
+            return reduce_guest_info("garbage" if agent.mode is AgentMode.GARBAGE else agent.info)
+
+        return self._agent_call("guest_info", name, timeout_s, answer)
+
     def close(self) -> None:
         """Record the close; idempotent, never raises, and the fake stays usable like a reopened one."""
         with self._lock:
@@ -188,6 +271,28 @@ class FakeHypervisor:
                 _grow(counters.net_tx_bytes, net_bytes),
             )
 
+    def set_channels(self, name: str, channels: Mapping[str, str | None]) -> None:
+        """Give a domain exactly these virtio channels, name -> host socket path (None: no unix socket);
+        not recorded; raises DomainNotFound."""
+        with self._lock:
+            info = self._get("set_channels", name)
+            self._domains[name] = replace(info, channels=tuple(channels))
+            self._sockets[name] = dict(channels)
+
+    def set_agent(
+        self,
+        name: str,
+        mode: AgentMode | str = AgentMode.ANSWER,
+        latency_s: float = AGENT_LATENCY_S,
+        info: Mapping[str, object] | None = None,
+    ) -> None:
+        """Set a domain's fake agent: its mode, answer latency (s) and raw guestInfo() parameters (None:
+        a small Debian guest); not recorded; raises DomainNotFound, ValueError on an unknown mode."""
+        agent = _Agent(AgentMode(mode), latency_s, _default_guest_info() if info is None else dict(info))
+        with self._lock:
+            self._get("set_agent", name)
+            self._agents[name] = agent
+
     def set_unavailable(self, flag: bool = True) -> None:
         """While set, every port call (except close) raises HypervisorUnavailable, like a dead libvirtd."""
         with self._lock:
@@ -201,6 +306,35 @@ class FakeHypervisor:
         if self._unavailable:
             what = f"{operation} {name!r}" if name else operation
             raise HypervisorUnavailable(f"{what} on {self.uri} failed, hypervisor unavailable (simulated)")
+
+    def _agent_call(
+        self, operation: str, name: str, timeout_s: float, answer: Callable[[_Agent, float], T]
+    ) -> T:
+        """One fake agent call: the checks in the adapter's order, the agent's latency outside the lock."""
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        what = f"{operation} {name!r} on {self.uri}"
+        with self._lock:
+            self._enter(operation, name)
+            info = self._get(operation, name)
+            if name in self._agent_in_flight:
+                raise AgentBusy(f"{what}: another guest-agent call on this domain is still in flight")
+            if info.status is not DomainStatus.RUNNING:
+                raise DomainNotRunning(f"{what} failed: domain is not running (it is {info.status.value})")
+            agent = self._agents.get(name, _Agent())
+            if agent.mode is AgentMode.ABSENT:
+                raise AgentUnavailable(f"{what} failed, no guest agent: QEMU guest agent is not connected")
+            self._agent_in_flight.add(name)
+        try:
+            started = time.perf_counter()
+            if agent.mode is AgentMode.HANG or agent.latency_s > timeout_s:
+                time.sleep(timeout_s)
+                raise AgentTimeout(f"{what}: no answer within {timeout_s:g} s")
+            time.sleep(agent.latency_s)
+            return answer(agent, (time.perf_counter() - started) * 1000.0)
+        finally:
+            with self._lock:
+                self._agent_in_flight.discard(name)
 
     def _get(self, operation: str, name: str) -> DomainInfo:
         """Look a domain up by name; caller holds the lock; raises DomainNotFound."""

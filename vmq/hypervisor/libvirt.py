@@ -16,6 +16,8 @@ instead (``connection=``, ``use_connection``; ``LifecycleListener.hypervisor`` l
 and events share one): used while alive, never closed or forgotten here (its owner watches it), and
 while it is dead calls fall back to our own. libvirt's own stderr printing is silenced; every
 ``libvirt.libvirtError`` is translated at this edge into the vmq error tree.
+Guest-agent calls go to vmq.hypervisor.agent (own pool, own connection); domain XML is parsed by
+vmq.hypervisor.xmldesc.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from vmq.errors import DomainNotFound, DomainOperationFailed, HypervisorUnavailable
-from vmq.hypervisor.types import ActivitySample, device_targets, total
-from vmq.model import DomainInfo, DomainStatus
+from vmq.errors import ChannelNotFound, DomainNotFound, DomainOperationFailed, HypervisorUnavailable
+from vmq.hypervisor.agent import AgentCaller
+from vmq.hypervisor.types import ActivitySample, AgentAnswer, device_targets, total
+from vmq.hypervisor.xmldesc import channel_socket_path, virtio_channels
+from vmq.model import RESPONDER_CHANNEL, DomainInfo, DomainStatus
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,7 @@ class LibvirtHypervisor:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._connection: Any = None
         self._lent: Any = connection  # read without a lock: swapping one reference is atomic
+        self._agent = AgentCaller(uri, self, lambda: LibvirtHypervisor(uri, call_timeout_s))
         # Process-wide and idempotent: without it libvirt prints every error to stderr as well.
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
@@ -182,9 +187,9 @@ class LibvirtHypervisor:
 
         def action(connection: Any) -> list[DomainInfo]:
             infos: list[DomainInfo] = []
-            for domain in connection.listAllDomains(0):
+            for domain, stats in _domains_with_state(connection):
                 try:
-                    infos.append(_domain_info(domain))
+                    infos.append(_domain_info(domain, stats))
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                         continue  # undefined between the listing and the state query
@@ -194,7 +199,7 @@ class LibvirtHypervisor:
         return self._call("list_domains", None, action)
 
     def domain_info(self, name: str) -> DomainInfo:
-        """One domain's status and reason; raises DomainNotFound."""
+        """One domain's status, reason and virtio channel names; raises DomainNotFound."""
         return self._call("domain_info", name, lambda connection: _domain_info(connection.lookupByName(name)))
 
     def activity(self, name: str) -> ActivitySample:
@@ -221,8 +226,30 @@ class LibvirtHypervisor:
         """Power an active domain off hard; raises DomainOperationFailed if it is already off."""
         self._call("destroy", name, lambda connection: connection.lookupByName(name).destroy())
 
+    def channel_socket(self, name: str, channel: str = RESPONDER_CHANNEL) -> str:
+        """Host-side unix socket path of a virtio channel, from the domain's XML (live while it runs);
+        raises DomainNotFound, or ChannelNotFound when it has no such channel bound to a unix socket."""
+
+        def action(connection: Any) -> str:
+            try:
+                return channel_socket_path(connection.lookupByName(name).XMLDesc(0), channel)
+            except (LookupError, ValueError) as exc:
+                raise ChannelNotFound(f"channel_socket {name!r} on {self.uri}: {exc}") from None
+
+        return self._call("channel_socket", name, action)
+
+    def agent_ping(self, name: str, timeout_s: float) -> AgentAnswer:
+        """Guest time and latency through the guest agent (``getTime``), within ``timeout_s``; raises
+        AgentBusy, AgentTimeout, AgentUnavailable, AgentAnswerInvalid, DomainNotRunning, DomainNotFound."""
+        return self._agent.ping(name, timeout_s)
+
+    def guest_info(self, name: str, timeout_s: float) -> dict[str, object]:
+        """OS id/version, hostname and filesystems through the guest agent (``guestInfo``); raises as agent_ping."""
+        return self._agent.guest_info(name, timeout_s)
+
     def close(self) -> None:
         """Close the connection and stop the worker threads; idempotent, never raises, reopens on next use."""
+        self._agent.close()
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is None:
@@ -336,11 +363,37 @@ class LibvirtHypervisor:
             raise DomainOperationFailed(f"{what} on {self.uri} failed: {exc}") from exc
 
 
-def _domain_info(domain: Any) -> DomainInfo:
-    """Read one libvirt domain's name, UUID and (state, reason) into a DomainInfo."""
-    state, reason = domain.state(0)
+def _domains_with_state(connection: Any) -> list[tuple[Any, dict[str, Any] | None]]:
+    """Every domain with its state statistics from one call (``getAllDomainStats``), so that reading each
+    domain's XML keeps a listing at one call per domain; a driver without it: the domains alone."""
+    try:
+        return list(connection.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+    return [(domain, None) for domain in connection.listAllDomains(0)]
+
+
+def _domain_info(domain: Any, stats: dict[str, Any] | None = None) -> DomainInfo:
+    """Read one libvirt domain's name, UUID, (state, reason) (from ``stats`` if given) and channels."""
+    if stats is not None and "state.state" in stats and "state.reason" in stats:
+        state, reason = stats["state.state"], stats["state.reason"]
+    else:
+        state, reason = domain.state(0)
     status, word = domain_status(state, reason)
-    return DomainInfo(name=domain.name(), uuid=domain.UUIDString(), status=status, reason=word)
+    return DomainInfo(
+        name=domain.name(), uuid=domain.UUIDString(), status=status, reason=word, channels=_channels(domain)
+    )
+
+
+def _channels(domain: Any) -> tuple[str, ...]:
+    """The domain's virtio channel names; () when its XML cannot be read or parsed (never fails a listing)."""
+    try:
+        return virtio_channels(domain.XMLDesc(0))
+    except libvirt.libvirtError as exc:
+        _raise_unless_refusal(domain, exc)  # gone, or the connection broke: as for the state query
+        log.debug("domain XML of %r unreadable, channels unknown: %s", domain.name(), exc)
+        return ()
 
 
 def _activity(domain: Any) -> ActivitySample:

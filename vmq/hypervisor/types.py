@@ -7,14 +7,18 @@ moved by all disks and all interfaces); only the difference between two samples 
 ``moving`` is that difference reduced to "which counters went up", and ``busy`` the decision a reset waits
 on: which of the guest's own I/O counters grew faster than a floor. A counter the hypervisor cannot give
 (domain not running, device without statistics) is None and never counts.
+
+Guest-agent answers (``AgentAnswer``, ``guest_time_ms``, ``reduce_guest_info``) are checked here, so the
+libvirt adapter and its fake reject the same nonsense with the same AgentAnswerInvalid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from xml.etree import ElementTree
 
+from vmq.errors import AgentAnswerInvalid
 from vmq.model import DomainEventKind
 
 
@@ -140,3 +144,79 @@ def classify(event: DomainEvent) -> DomainEventKind:
     """What a lifecycle event means for vmq: CRASH, OPERATOR_STOP, MIGRATING_AWAY, PAUSED, ... or OTHER."""
     return _KIND_BY_DETAIL.get((event.event, event.detail)) or _KIND_BY_EVENT.get(event.event,
                                                                                 DomainEventKind.OTHER)
+
+
+@dataclass(frozen=True)
+class AgentAnswer:
+    """One answered guest-agent ping: the guest's wall clock (ms since the epoch; None if the call gives no
+    time) and how long the call took as the host saw it (ms, lookup and libvirt round trip included)."""
+
+    guest_time_ms: int | None
+    latency_ms: float
+
+
+_NS_PER_S = 1_000_000_000
+
+
+def guest_time_ms(answer: object) -> int:
+    """The guest time in ms from libvirt-python's ``getTime()`` answer ``{'seconds': s, 'nseconds': ns}``;
+    raises AgentAnswerInvalid on anything else (not a dict, missing or non-integer fields, out of range)."""
+    if not isinstance(answer, Mapping):
+        raise AgentAnswerInvalid(f"guest time is not a mapping of seconds and nseconds: {answer!r:.80}")
+    seconds, nanoseconds = answer.get("seconds"), answer.get("nseconds", 0)
+    for field_name, value in (("seconds", seconds), ("nseconds", nanoseconds)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise AgentAnswerInvalid(f"guest time field {field_name!r} is not a non-negative integer: {value!r:.80}")
+    assert isinstance(seconds, int) and isinstance(nanoseconds, int)  # checked above; for the type checker
+    if nanoseconds >= _NS_PER_S:
+        raise AgentAnswerInvalid(f"guest time nseconds out of range: {nanoseconds}")
+    return seconds * 1000 + nanoseconds // 1_000_000
+
+
+def _optional_str(info: Mapping[str, object], key: str) -> str | None:
+    value = info.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise AgentAnswerInvalid(f"guest info {key!r} is not a string: {value!r:.80}")
+    return value
+
+
+def _optional_int(info: Mapping[str, object], key: str) -> int | None:
+    value = info.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise AgentAnswerInvalid(f"guest info {key!r} is not a non-negative integer: {value!r:.80}")
+    return value
+
+
+def reduce_guest_info(info: object) -> dict[str, object]:
+    """libvirt's flat ``guestInfo()`` parameters (``os.id``, ``hostname``, ``fs.<i>.used-bytes``, ...) reduced
+    to a small JSON-able dict::
+
+        {"os_id": "debian", "os_version_id": "12", "hostname": "web-1",
+         "filesystems": [{"mountpoint": "/", "fstype": "ext4", "used_bytes": 1, "total_bytes": 2}]}
+
+    Missing facts are None (an agent may not support every command); raises AgentAnswerInvalid when the
+    answer is not a mapping or a fact has the wrong type."""
+    if not isinstance(info, Mapping):
+        raise AgentAnswerInvalid(f"guest info is not a mapping: {info!r:.80}")
+    count = _optional_int(info, "fs.count") or 0
+    filesystems: list[dict[str, object]] = []
+    for index in range(count):
+        prefix = f"fs.{index}."
+        filesystems.append(
+            {
+                "mountpoint": _optional_str(info, prefix + "mountpoint"),
+                "fstype": _optional_str(info, prefix + "fstype"),
+                "used_bytes": _optional_int(info, prefix + "used-bytes"),
+                "total_bytes": _optional_int(info, prefix + "total-bytes"),
+            }
+        )
+    return {
+        "os_id": _optional_str(info, "os.id"),
+        "os_version_id": _optional_str(info, "os.version-id"),
+        "hostname": _optional_str(info, "hostname"),
+        "filesystems": filesystems,
+    }

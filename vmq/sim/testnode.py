@@ -13,6 +13,12 @@ it *drops* a target name starting with ``vnet`` (libvirt reserves that prefix fo
 and reports ``testnet0`` instead, hence the ``vmq-`` prefix. On a domain that is not running every
 statistics call fails with VIR_ERR_OPERATION_INVALID.
 
+With ``channels`` a domain gets virtio-serial channels (``<channel type='unix'>`` bound to the socket
+``channel_socket_path`` names). Measured on libvirt 9.0's test driver: it keeps them in the domain XML (and
+adds a ``virtio-serial`` controller), creates no socket, and its ``getTime`` answers on every running domain,
+channel or not, with a fixed time (627319920 s); ``guestInfo`` and ``agentSetResponseTimeout`` do not exist
+there (VIR_ERR_NO_SUPPORT), and ``getTime`` on a paused or shut-off domain fails "domain is not running".
+
 Does not import libvirt (only vmq.hypervisor.libvirt does); the tests check the numbers against it.
 """
 
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 from vmq.model import DomainStatus
@@ -63,15 +69,19 @@ _DOMAIN = """  <domain type='test'>
   </domain>
 """
 
-_DEVICES = """    <devices>
-      <disk type='file' device='disk'>
+_DEVICES = """      <disk type='file' device='disk'>
         <source file='/guest.img'/>
         <target dev='vda'/>
       </disk>
       <interface type='ethernet'>
         <target dev={interface}/>
       </interface>
-    </devices>
+"""
+
+_CHANNEL = """      <channel type='unix'>
+        <source mode='bind' path={path}/>
+        <target type='virtio' name={name}/>
+      </channel>
 """
 
 
@@ -85,8 +95,34 @@ def interface_target(domain_uuid: str) -> str:
     return f"vmq-{uuid.UUID(domain_uuid).hex[:8]}"
 
 
-def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]], devices: bool = False) -> str:
-    """A test-driver node document defining ``(name, uuid, status)`` domains; raises ValueError."""
+def channel_socket_path(socket_dir: str, domain_uuid: str, channel: str) -> str:
+    """Host socket path ``node_xml(channels=...)`` gives a domain's channel: ``<dir>/vmq-<uuid8>.<channel>``."""
+    return os.path.join(socket_dir, f"vmq-{uuid.UUID(domain_uuid).hex[:8]}.{channel}")
+
+
+def _devices(domain_uuid: str, devices: bool, channels: Sequence[str], socket_dir: str) -> str:
+    """The ``<devices>`` element of one domain, or "" when it has none."""
+    parts = [_DEVICES.format(interface=quoteattr(interface_target(domain_uuid)))] if devices else []
+    for channel in channels:
+        path = channel_socket_path(socket_dir, domain_uuid, channel)
+        parts.append(_CHANNEL.format(path=quoteattr(path), name=quoteattr(channel)))
+    return f"    <devices>\n{''.join(parts)}    </devices>\n" if parts else ""
+
+
+def node_xml(
+    host: str,
+    domains: Sequence[tuple[str, str, DomainStatus]],
+    devices: bool = False,
+    channels: Mapping[str, Sequence[str]] | None = None,
+    socket_dir: str = "/run/vmq",
+) -> str:
+    """A test-driver node document defining ``(name, uuid, status)`` domains; ``channels`` maps a domain name
+    to its virtio channel names, each bound under ``socket_dir`` (see channel_socket_path); raises ValueError
+    (also for channels of a domain not listed)."""
+    channels = channels or {}
+    unknown = set(channels) - {name for name, _uuid, _status in domains}
+    if unknown:
+        raise ValueError(f"channels given for domains not listed: {sorted(unknown)}")
     seen: set[str] = set()
     parts = [_NODE_HEAD.format(host=escape(host.replace("--", "- -")))]
     for name, domain_uuid, status in domains:
@@ -106,9 +142,7 @@ def node_xml(host: str, domains: Sequence[tuple[str, str, DomainStatus]], device
                 uuid=str(uuid.UUID(domain_uuid)),
                 namespace=quoteattr(_TEST_NAMESPACE),
                 runstate=runstate,
-                devices=_DEVICES.format(interface=quoteattr(interface_target(domain_uuid)))
-                if devices
-                else "",
+                devices=_devices(domain_uuid, devices, channels.get(name, ()), socket_dir),
             )
         )
     parts.append("</node>\n")
@@ -120,9 +154,13 @@ def write_node(
     host: str,
     domains: Sequence[tuple[str, str, DomainStatus]],
     devices: bool = False,
+    channels: Mapping[str, Sequence[str]] | None = None,
+    socket_dir: str | None = None,
 ) -> str:
-    """Write a node file for ``host`` (see ``node_xml``) and return its ``test:///ABS/PATH`` URI."""
+    """Write a node file for ``host`` (see ``node_xml``; channel sockets default to the file's directory)
+    and return its ``test:///ABS/PATH`` URI."""
     absolute = os.path.abspath(os.fspath(path))
+    directory = socket_dir if socket_dir is not None else os.path.dirname(absolute)
     with open(absolute, "w", encoding="utf-8") as handle:
-        handle.write(node_xml(host, domains, devices))
+        handle.write(node_xml(host, domains, devices, channels, directory))
     return f"test://{absolute}"
