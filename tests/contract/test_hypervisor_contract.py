@@ -375,7 +375,7 @@ def test_libvirt_states_map_to_domain_status_and_reason_words(
 ) -> None:
     import libvirt
 
-    from vmq.hypervisor.libvirt import domain_status
+    from vmq.hypervisor.states import domain_status
 
     assert domain_status(getattr(libvirt, state), getattr(libvirt, reason)) == expected
 
@@ -384,7 +384,7 @@ def test_libvirt_states_map_to_domain_status_and_reason_words(
 def test_an_unknown_reason_number_maps_to_unknown() -> None:
     import libvirt
 
-    from vmq.hypervisor.libvirt import domain_status
+    from vmq.hypervisor.states import domain_status
 
     assert domain_status(libvirt.VIR_DOMAIN_RUNNING, 999) == (DomainStatus.RUNNING, "unknown")
     assert domain_status(999, 0) == (DomainStatus.OTHER, "unknown")

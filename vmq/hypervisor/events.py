@@ -15,7 +15,7 @@ connection and follows it across reconnects (while the listener is disconnected 
 back to a connection of its own). Lending needs ``read_only=False``; the default read-only connection
 is enough for events. ``listener.connection`` exposes the raw connection as well.
 
-Only this module and vmq.hypervisor.libvirt import libvirt (here lazily). DomainEvent and classify are
+Of vmq, only the adapter modules of this package import libvirt (here lazily). DomainEvent and classify are
 pure, live in vmq.hypervisor.types and are re-exported here.
 """
 
