@@ -2,6 +2,8 @@
 
 Standard library only and Python >= 3.9: it is copied into guests as ``vmq_responder.py`` and run as
 ``python3 vmq_responder.py --config /etc/vmq/responder.toml``. It speaks just enough RESP2 itself.
+With ``transport = "channel"`` it talks to the host over the virtio-serial port ``org.vmq.responder.0``
+instead of Redis: one probe per line in, one ``{"m": ..., "s": ...}`` line out (docs/protocol.md).
 The wire format is docs/protocol.md; ``vmq.codec`` imports the encoding functions from here.
 """
 
@@ -15,10 +17,12 @@ import logging
 import os
 import random
 import re
+import select
 import shlex
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -42,6 +46,11 @@ PING_AFTER_IDLE_S = 5.0  # an idle subscriber pings; no answer within PONG_TIMEO
 PONG_TIMEOUT_S = 5.0
 BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.2, 10.0
 LOG_EVERY_S = 60.0
+RESPONDER_CHANNEL = "org.vmq.responder.0"  # the virtio-serial port name; vmq.model has the same constant
+VIRTIO_PORTS_SYSFS = "/sys/class/virtio-ports"
+CHANNEL_BACKOFF_CAP_S = 2.0  # reopening a local port is cheap: notice a host that connects within 2 s
+CHANNEL_WRITE_TIMEOUT_S = 5.0  # a reply the host does not take within this is a dead link: reopen
+TRANSPORTS = ("redis", "channel")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # same rule as vmq.keys.valid_name
 _NONCE = re.compile(r"[0-9a-f]{32}")
 log = logging.getLogger("vmq.responder")
@@ -97,6 +106,25 @@ def _read_text(path: str) -> str:
             return handle.read()
     except OSError:
         return ""
+
+
+def find_channel_device(sysfs: str = VIRTIO_PORTS_SYSFS, dev: str = "/dev",
+                        name: str = RESPONDER_CHANNEL) -> str:
+    """The guest's character device for virtio-serial port ``name``: /dev/vportNpM whose sysfs ``name`` file
+    says so, else udev's symlink /dev/virtio-ports/<name> (which may not exist yet: opening it fails then)."""
+    try:
+        ports = sorted(os.listdir(sysfs))
+    except OSError:
+        ports = []
+    for port in ports:
+        if _read_text(os.path.join(sysfs, port, "name")).strip() == name:
+            return os.path.join(dev, port)
+    return os.path.join(dev, "virtio-ports", name)
+
+
+def channel_reply_line(message: bytes, signature: str) -> bytes:
+    """One reply on the channel: compact ``{"m": <message as a string>, "s": <hex>}`` and a newline (ASCII)."""
+    return json.dumps({"m": message.decode("utf-8"), "s": signature}, separators=(",", ":")).encode() + b"\n"
 
 
 def collect_params(disk_path: str = "/", health: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -184,11 +212,14 @@ class ResponderConfig:
     health: tuple[HealthCommand, ...] = ()
     sentinels: tuple[tuple[str, int], ...] = ()  # ask these for the master; redis_url gives credentials and db
     sentinel_master: str = "vmq"
+    transport: str = "redis"  # "redis", or "channel": the virtio-serial port, no Redis at all
+    channel_path: str | None = None  # channel transport: None = find the port (find_channel_device)
 
 
 # Every key but `health` may also come from VMQ_<KEY>, which overrides the file.
 _KEYS = ("vm_id", "redis_url", "secret_key", "namespace", "reply_stream_maxlen", "tls_ca_file",
-         "tls_insecure", "boot_id", "disk_path", "log_level", "sentinels", "sentinel_master")
+         "tls_insecure", "boot_id", "disk_path", "log_level", "sentinels", "sentinel_master", "transport",
+         "channel_path")
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
           "off": False}
 
@@ -272,8 +303,12 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
     for key, value in (("vm_id", vm_id), ("namespace", namespace)):
         if not _NAME.fullmatch(value):
             raise ConfigProblem(f"{key}: required, 1-128 of A-Z a-z 0-9 _ . -")
+    transport = _get(raw, "transport", str, "redis").strip().lower()
+    if transport not in TRANSPORTS:
+        raise ConfigProblem("transport: must be redis or channel")
     url = _get(raw, "redis_url", str, "")
-    parse_redis_url(url)
+    if transport == "redis" or url:  # the channel needs no Redis; a URL given anyway must still be valid
+        parse_redis_url(url)
     secret = _get(raw, "secret_key", str, "").strip()
     if not re.fullmatch(r"[0-9a-fA-F]{64}", secret):
         raise ConfigProblem("secret_key: required, 64 hex characters (32 bytes)")
@@ -295,7 +330,8 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
         reply_stream_maxlen=maxlen, tls_ca_file=ca_file,
         tls_insecure=_get(raw, "tls_insecure", bool, False), boot_id=_get(raw, "boot_id", str) or None,
         disk_path=_get(raw, "disk_path", str, "/"), log_level=log_level,
-        health=_health_commands(raw.get("health", [])), sentinels=sentinels, sentinel_master=master)
+        health=_health_commands(raw.get("health", [])), sentinels=sentinels, sentinel_master=master,
+        transport=transport, channel_path=_get(raw, "channel_path", str) or None)
 
 
 _TOML_STR = r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\''
@@ -473,14 +509,19 @@ class HealthRunner:
 
 
 class Responder:
-    """Subscribes to probes and XADDs one signed reply per valid probe, reconnecting until stopped."""
+    """Answers each valid probe with one signed reply (Redis: SUBSCRIBE + XADD; channel: lines on the
+    virtio-serial port), reconnecting or reopening until stopped."""
 
     def __init__(self, config: ResponderConfig) -> None:
-        self.config, self.url = config, parse_redis_url(config.redis_url)
+        # The channel transport needs no Redis URL (load_config lets it be empty there).
+        self.config = config
+        needs_url = config.transport == "redis" or bool(config.redis_url)
+        self.url: RedisUrl | None = parse_redis_url(config.redis_url) if needs_url else None
         boot_id = _read_text("/proc/sys/kernel/random/boot_id").strip()
         self.boot_id = config.boot_id or boot_id or str(uuid.uuid4())
         self.probe_channel, self.reply_stream = f"{config.namespace}:probes", f"{config.namespace}:replies"
         self.replies_sent, self.seq, self.failures = 0, 0, 0
+        self.probes_skipped: dict[str, int] = {}  # reason ("not_json", "oversized", ...) -> probes ignored
         self.max_replies: int | None = None  # stop after this many replies (--once)
         self.publisher: RespConnection | None = None
         self._last_logged: dict[str, float] = {}
@@ -495,9 +536,10 @@ class Responder:
             self._last_logged[reason] = now
             log.log(level, message, *args, exc_info=exc_info)
 
-    def _back_off(self, stop: threading.Event, reason: str, why: str, exc_info: bool = False) -> None:
-        """Wait 0.2 s doubling to 10 s, jittered so that many guests do not reconnect in lockstep."""
-        delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(self.failures, 16)) * random.uniform(0.5, 1.0)
+    def _back_off(self, stop: threading.Event, reason: str, why: str, exc_info: bool = False,
+                  cap_s: float = BACKOFF_CAP_S) -> None:
+        """Wait 0.2 s doubling to cap_s (10 s), jittered so that many guests do not reconnect in lockstep."""
+        delay = min(cap_s, BACKOFF_FIRST_S * 2 ** min(self.failures, 16)) * random.uniform(0.5, 1.0)
         self.failures += 1
         level = logging.ERROR if exc_info else logging.WARNING
         self._log_limited(reason, level, "%s, retrying in %.1fs", why, delay, exc_info=exc_info)
@@ -505,6 +547,8 @@ class Responder:
 
     def _connect(self) -> RespConnection:
         url = self._master_url() if self.config.sentinels else self.url
+        if url is None:
+            raise ConfigProblem("redis_url: required for the redis transport")
         return RespConnection(url, self.config.tls_ca_file, self.config.tls_insecure)
 
     def _master_url(self) -> RedisUrl:
@@ -520,7 +564,7 @@ class Responder:
             except (OSError, RedisReplyError) as exc:
                 problems.append(f"{host}:{port}: {exc}")
                 continue
-            if isinstance(address, list) and len(address) == 2:
+            if isinstance(address, list) and len(address) == 2 and self.url is not None:
                 return self.url._replace(host=address[0].decode(), port=int(address[1]))
             problems.append(f"{host}:{port}: does not know {self.config.sentinel_master}")
         raise ConnectionError("no sentinel named the master: " + "; ".join(problems))
@@ -530,6 +574,8 @@ class Responder:
         stop = stop_event or threading.Event()
         for runner in self.health:
             runner.thread.start()
+        if self.config.transport == "channel":
+            return self._run_channel(stop)
         log.info("responder started vm=%s boot_id=%s channel=%s", self.config.vm_id, self.boot_id,
                  self.probe_channel)
         try:
@@ -577,17 +623,37 @@ class Responder:
                 self.publisher.sock.close()
                 self.publisher = None
 
-    def _answer(self, raw: bytes, stop: threading.Event) -> None:
+    def _sign(self, raw: bytes) -> tuple[int, bytes, str] | None:
+        """(round, reply message, signature) for a probe; None (counted, logged rate-limited) if unusable."""
         try:
             round_id, nonce, _sent_ms = parse_probe(raw)
         except ValueError as exc:
-            self._log_limited(f"probe:{str(exc).split(':')[0]}", logging.WARNING, "ignoring probe: %s", exc)
-            return
+            self._skip(str(exc))
+            return None
         self.seq += 1
         health = {runner.command.name: runner.snapshot() for runner in self.health}
         params = collect_params(self.config.disk_path, health)
         message, signature = encode_reply(self.config.vm_id, round_id, nonce, self.boot_id, self.seq, params,
                                           self.config.secret_key)
+        return round_id, message, signature
+
+    def _skip(self, why: str) -> None:
+        """Count and log (rate-limited) a probe that gets no reply; why is "<reason>: <detail>"."""
+        reason = why.split(":")[0]
+        self.probes_skipped[reason] = self.probes_skipped.get(reason, 0) + 1
+        self._log_limited(f"probe:{reason}", logging.WARNING, "ignoring probe: %s", why)
+
+    def _replied(self, round_id: int, stop: threading.Event) -> None:
+        self.replies_sent += 1
+        log.debug("replied vm=%s round=%s seq=%s", self.config.vm_id, round_id, self.seq)
+        if self.max_replies is not None and self.replies_sent >= self.max_replies:
+            stop.set()
+
+    def _answer(self, raw: bytes, stop: threading.Event) -> None:
+        signed = self._sign(raw)
+        if signed is None:
+            return
+        round_id, message, signature = signed
         for attempt in (1, 2):  # an idle publisher may have been dropped: retry once on a fresh connection
             try:
                 self.publisher = self.publisher or self._connect()
@@ -605,10 +671,118 @@ class Responder:
                     self.publisher = None
                 if attempt == 2:
                     raise
-        self.replies_sent += 1
-        log.debug("replied vm=%s round=%s seq=%s", self.config.vm_id, round_id, self.seq)
-        if self.max_replies is not None and self.replies_sent >= self.max_replies:
-            stop.set()
+        self._replied(round_id, stop)
+
+    # ------------------------------------------------------------ the channel transport
+    def _run_channel(self, stop: threading.Event) -> None:
+        """Serve the virtio-serial port until stopped; reopen after 0.2 s doubling to 2 s while it is away."""
+        log.info("responder started vm=%s boot_id=%s transport=channel path=%s", self.config.vm_id,
+                 self.boot_id, self.config.channel_path or "auto")
+        try:
+            while not stop.is_set():
+                try:
+                    self._serve_channel(stop)
+                except OSError as exc:  # no device yet, EOF/EIO while the host end is closed, EBUSY, EPIPE
+                    name = type(exc).__name__
+                    self._back_off(stop, f"channel:{name}", f"channel unavailable ({name}: {exc})",
+                                   cap_s=CHANNEL_BACKOFF_CAP_S)
+                except Exception as exc:  # noqa: BLE001 - a bug must not silence the guest: log, carry on
+                    name = type(exc).__name__
+                    self._back_off(stop, f"bug:{name}", f"unexpected error {exc!r}", exc_info=True,
+                                   cap_s=CHANNEL_BACKOFF_CAP_S)
+        finally:
+            self._health_stop.set()
+            log.info("responder stopped vm=%s replies_sent=%d", self.config.vm_id, self.replies_sent)
+
+    def _open_channel(self) -> tuple[int, str]:
+        """A non-blocking fd on the port and its path. In a guest the path is a character device (os.open);
+        where it is a unix socket (tests, a host-side stand-in) it is connected instead. Either way the rest
+        is the same os.read/os.write/poll code. Raises OSError (FileNotFoundError before the port exists)."""
+        path = self.config.channel_path or find_channel_device()
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.connect(path)
+            except BaseException:
+                sock.close()
+                raise
+            fd = sock.detach()
+            os.set_blocking(fd, False)
+            return fd, path
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY), path
+
+    def _serve_channel(self, stop: threading.Event) -> None:
+        """One session on the port: read probe lines, write reply lines; raises OSError when the link fails.
+
+        A virtio port whose host end is closed polls as HUP and reads EOF (or EIO): that ends the session and
+        run() backs off before reopening, so an absent host never makes this loop spin."""
+        fd, path = self._open_channel()
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            pending, skipping, heard = bytearray(), False, False
+            while not stop.is_set():
+                if not poller.poll(POLL_S * 1000):
+                    continue
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    raise ConnectionError("end of file: the host end of the channel is not connected")
+                if not heard:
+                    heard = True
+                    if self.failures:
+                        log.info("channel connected vm=%s path=%s", self.config.vm_id, path)
+                    self.failures = 0
+                pending += chunk
+                start = 0
+                while not stop.is_set():
+                    end = pending.find(b"\n", start)
+                    if end < 0:
+                        break
+                    line, start = bytes(pending[start:end]), end + 1
+                    if skipping:  # the tail of an over-long line, already counted
+                        skipping = False
+                    elif line.strip():  # blank lines are ignored: the host may use them to keep alive
+                        self._answer_line(fd, line, stop)
+                del pending[:start]
+                if not skipping and len(pending) > MAX_PROBE_BYTES:
+                    self._skip(f"oversized: probe line exceeds {MAX_PROBE_BYTES} bytes")
+                    skipping = True
+                if skipping:
+                    pending.clear()
+        finally:
+            os.close(fd)
+
+    def _answer_line(self, fd: int, line: bytes, stop: threading.Event) -> None:
+        signed = self._sign(line)
+        if signed is None:
+            return
+        round_id, message, signature = signed
+        self._write_all(fd, channel_reply_line(message, signature))
+        self._replied(round_id, stop)
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        """Write all of data to the non-blocking fd within CHANNEL_WRITE_TIMEOUT_S; raises OSError if not.
+        (A virtio port whose host end is closed would block a write forever: never write blocking.)"""
+        view, deadline = memoryview(data), time.monotonic() + CHANNEL_WRITE_TIMEOUT_S
+        writable = select.poll()
+        writable.register(fd, select.POLLOUT)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+                continue
+            except BlockingIOError:
+                pass
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise ConnectionError(f"the host took no reply for {CHANNEL_WRITE_TIMEOUT_S:g}s")
+            for _fd, events in writable.poll(remaining_s * 1000):
+                if events & (select.POLLHUP | select.POLLERR) and not events & select.POLLOUT:
+                    raise ConnectionError("the host end of the channel closed while writing a reply")
 
 
 def main(argv: list[str] | None = None) -> int:
