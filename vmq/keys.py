@@ -69,6 +69,17 @@ class Keys:
         """Last reply-stream id ingested."""
         return self._k("replies", "cursor")
 
+    @property
+    def relay_stream(self) -> str:
+        """Stream host agents XADD their batches of relayed answers to (``channel``/``agent`` VMs); guests' ACL
+        cannot touch it. Its ids stamp the arrival of every answer in a batch, in Redis time."""
+        return self._k("relayed")
+
+    @property
+    def relay_cursor(self) -> str:
+        """Last relay-stream id ingested."""
+        return self._k("relayed", "cursor")
+
     # -- per-VM liveness (hot path: one multi-member ZADD GT per batch)
     @property
     def last_round(self) -> str:

@@ -326,6 +326,8 @@ class VmRecord:
     claim: str = ""
     maintenance_until_ms: int = 0
     overrides: Mapping[str, str] = field(default_factory=dict)
+    probe_path_set: ProbePath | None = None  # the operator's choice (`vmq path`), None: detect
+    probe_path_detected: ProbePath = ProbePath.REDIS  # from the domain's channels, by its host's inventory
 
     @classmethod
     def parse(cls, vm: str, fields: Mapping[str, str]) -> VmRecord:
@@ -346,7 +348,19 @@ class VmRecord:
             decision_grounds=get("decision_grounds", ""), boot_id=get("boot_id", ""), claim=get("claim", ""),
             maintenance_until_ms=_int(get("maintenance_until_ms")),
             overrides={name[7:]: value for name, value in fields.items() if name.startswith("policy.")},
+            probe_path_set=ProbePath(get("probe_path_set")) if get("probe_path_set") else None,
+            probe_path_detected=ProbePath(get("probe_path_detected") or ProbePath.REDIS.value),
         )
+
+    @property
+    def probe_path(self) -> ProbePath:
+        """The path this VM's answers take: the operator's choice, else what its domain's channels allow."""
+        return self.probe_path_set or self.probe_path_detected
+
+    @property
+    def relayed(self) -> bool:
+        """True when its host relays its answers (``channel`` or ``agent``)."""
+        return self.probe_path is not ProbePath.REDIS
 
     @property
     def grace_anchor_ms(self) -> int:

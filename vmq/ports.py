@@ -199,6 +199,22 @@ class AuditLog(Protocol):
              block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]: ...
 
 
+class ProbeFeed(Protocol):
+    """A subscription to the probe rounds as they are published."""
+
+    def get(self, timeout_s: float) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+class Relays(Protocol):
+    """Host agents' side of the relayed paths: hear probes, append batches of relayed answers."""
+
+    def subscribe_probes(self) -> ProbeFeed: ...
+
+    def append(self, host: str, answers: Sequence[Mapping[str, Any]]) -> list[str]: ...
+
+
 class Store(Protocol):
     """vmq's whole state, one part per structure."""
 
@@ -225,6 +241,9 @@ class Store(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+    @property
+    def relays(self) -> Relays: ...
 
 
 class Hypervisor(Protocol):

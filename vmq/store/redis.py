@@ -12,6 +12,7 @@ from vmq.keys import Keys
 from vmq.store.audit import RedisAudit
 from vmq.store.client import connect
 from vmq.store.hosts import RedisHosts
+from vmq.store.relays import RedisRelays
 from vmq.store.replies import RedisReplies
 from vmq.store.rounds import JudgeLease, RedisClock, RedisRounds
 from vmq.store.secrets import RedisKeyring
@@ -35,6 +36,7 @@ class RedisStore:
         self.keyring = RedisKeyring(client, keys)
         self.stats = RedisStats(client, keys)
         self.audit = RedisAudit(client, keys, events_maxlen)
+        self.relays = RedisRelays(client, keys)
 
     @classmethod
     def from_url(cls, url: str, keys: Keys, events_maxlen: int = 100_000) -> RedisStore:

@@ -1,0 +1,79 @@
+"""What host agents write and hear in Redis: batches of relayed answers (``<ns>:relayed``) and the probes.
+
+A batch is one stream entry: ``h`` the host, ``a`` a JSON array of answers, each an object with ``vm`` and
+``p`` (the probe path) and, for ``channel``, the guest-signed ``m`` (message) and ``s`` (signature); for
+``agent``, ``round``, ``nonce``, ``latency_ms``, ``guest_ms`` and optionally ``info`` (docs/protocol.md). The
+entry's stream id is the arrival, in Redis time, of every answer in it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+
+from vmq.errors import StoreUnavailable
+from vmq.keys import Keys
+from vmq.store.client import StorePart, translate_errors
+
+#: An XADD of more answers than this is split: a batch stays well under Redis' and the monitor's bounds.
+MAX_ANSWERS_PER_ENTRY = 2000
+
+
+class ProbeSubscription:
+    """This process's subscription to the probe channel; ``get`` returns the next probe's bytes or None."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._pubsub: Any = client.pubsub(ignore_subscribe_messages=True)
+        with translate_errors("SUBSCRIBE probes"):
+            self._pubsub.subscribe(channel)
+
+    def get(self, timeout_s: float) -> bytes | None:
+        """The next probe published within ``timeout_s``, or None. Raises StoreUnavailable when Redis is gone
+        (subscribe again after a back-off)."""
+        with translate_errors("read probes"):
+            message = self._pubsub.get_message(timeout=timeout_s)
+        if message is None or message.get("type") != "message":
+            return None
+        data = message.get("data")
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    def close(self) -> None:
+        """Unsubscribe and release the connection; idempotent."""
+        try:
+            self._pubsub.close()
+        except (redis.RedisError, OSError):
+            pass
+
+
+class RedisRelays(StorePart):
+    """Host agents' side of the relayed paths: hear probes, append batches of answers."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, maxlen: int = 200_000) -> None:
+        super().__init__(client, keys)
+        self.maxlen = maxlen
+
+    def subscribe_probes(self) -> ProbeSubscription:
+        """A subscription to the probe channel (one per relay loop). Raises StoreUnavailable."""
+        return ProbeSubscription(self.r, self.keys.probe_channel)
+
+    def append(self, host: str, answers: Sequence[Mapping[str, Any]]) -> list[str]:
+        """XADD ``answers`` as batches of ``host`` (split above MAX_ANSWERS_PER_ENTRY); returns the entry ids.
+        Raises StoreUnavailable/StoreError: the caller keeps the answers for its next flush or drops them."""
+        if not answers:
+            return []
+        ids: list[str] = []
+        with translate_errors("XADD relayed"):
+            pipe = self.r.pipeline(transaction=False)
+            for start in range(0, len(answers), MAX_ANSWERS_PER_ENTRY):
+                chunk = list(answers[start:start + MAX_ANSWERS_PER_ENTRY])
+                pipe.xadd(self.keys.relay_stream, {"h": host, "a": json.dumps(chunk, separators=(",", ":"))},
+                          maxlen=self.maxlen, approximate=True)
+            for entry_id in pipe.execute():
+                ids.append(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
+        return ids
+
+
+__all__ = ["MAX_ANSWERS_PER_ENTRY", "ProbeSubscription", "RedisRelays", "StoreUnavailable"]
