@@ -73,6 +73,9 @@ class Settings(BaseSettings):
         "A host whose heartbeat is older than this is `down`, its VMs `unreachable`."))
     host_heartbeat_interval_s: float = Field(1.0, gt=0, description=(
         "Host workers renew their heartbeat this often; 3 missed renewals stop restarts there."))
+    probe_path_detect: bool = Field(False, description=(
+        "Host workers set each VM's probe path from its domain's virtio channels (org.vmq.responder.0: channel; "
+        "org.qemu.guest_agent.0: agent; neither: redis) unless `vmq path` chose one. Off: redis unless chosen."))
     inventory_interval_s: float = Field(5.0, gt=0, description=(
         "Host workers list their domains this often (placement, migrations, shut-off domains)."))
     # -- replies, keys and retention
@@ -156,6 +159,11 @@ class Settings(BaseSettings):
     def host_fresh_ms(self) -> int:
         """A host counts as alive for restarts while its heartbeat was renewed this recently: 3 renewals."""
         return int(3 * self.host_heartbeat_interval_s * 1000)
+
+    @property
+    def relay_fresh_ms(self) -> int:
+        """A host's relay counts as working while it handled a probe round this recently: 3 rounds."""
+        return int(3 * self.probe_interval_s * 1000)
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:

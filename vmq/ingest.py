@@ -12,18 +12,23 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vmq import lifecycle
 from vmq.codec import RawEntry, ReplyVerifier, Verified
 from vmq.errors import CodecError
-from vmq.model import Transition
-from vmq.ports import Lease, Store
+from vmq.model import Transition, VmRecord
+from vmq.ports import Lease, Replies, Store
+from vmq.relayed import decode_batches
 
 log = logging.getLogger(__name__)
 
-BATCH = 5000
+BATCH = 5000  # guest replies per read
+RELAY_BATCH = 50  # relayed batches per read (each holds up to vmq.store.relays.MAX_ANSWERS_PER_ENTRY answers)
+
+
+Verify = Callable[[list[RawEntry]], tuple[list[Verified], list[CodecError]]]
 
 
 @dataclass
@@ -124,41 +129,66 @@ class Ingestor:
         self.reject_log = reject_log
         self.latest = latest
         self.verifier = ReplyVerifier()
+        self.relay_verifier = ReplyVerifier()  # its own MAC cache: the two streams interleave
 
     def ingest(self, up_to_ms: int, lease: Lease | None = None) -> IngestResult:
-        """Verify and record every reply that arrived up to ``up_to_ms`` (Redis time). Under the judge lock
-        (``lease``) the lease is renewed before each batch and the cursor only moves while it is held: once it
-        ran out the result is incomplete and the rest is left unread for the next holder."""
-        replies, result = self.store.replies, IngestResult()
-        cursor = replies.reply_cursor()
+        """Verify and record every answer that arrived up to ``up_to_ms`` (Redis time): the guests' replies,
+        then the hosts' relayed batches. Under the judge lock (``lease``) the lease is renewed before each
+        batch and a cursor only moves while it is held: once it ran out the result is incomplete and the rest
+        is left unread for the next holder."""
+        result = IngestResult()
+        if self._drain(self.store.replies, self._verify_replies, BATCH, up_to_ms, lease, result):
+            self._drain(self.store.relayed, self._verify_relayed, RELAY_BATCH, up_to_ms, lease, result)
+        return result
+
+    def _drain(self, source: Replies, verify: Verify, batch: int, up_to_ms: int, lease: Lease | None,
+               result: IngestResult) -> bool:
+        """Read ``source`` up to ``up_to_ms`` in batches of ``batch`` entries into ``result``; False (and
+        ``result.complete`` False) once the lease ran out."""
+        cursor = source.reply_cursor()
         while True:
             if lease is not None and not lease.renew():
                 result.complete = False
-                return result
-            # Were replies trimmed before we got to them? (a MAXLEN-0 guest, a monitor behind the stream)
-            entries, lost = replies.read_replies(cursor, up_to_ms, BATCH)
+                return False
+            # Were answers trimmed before we got to them? (a MAXLEN-0 guest, a monitor behind the stream)
+            entries, lost = source.read_replies(cursor, up_to_ms, batch)
             if lost:
                 result.lost += lost
-                log.warning("%d replies were trimmed from the stream before vmq read them: the rounds they may "
+                log.warning("%d answers were trimmed from a stream before vmq read them: the rounds they may "
                             "have answered are not judged (no evidence)", lost)
             if entries:
-                if not self._batch(entries, result, lease.token if lease is not None else b""):
+                verified, rejected = verify(entries)
+                if not self._accept(source, verified, rejected, entries, result,
+                                    lease.token if lease is not None else b""):
                     result.complete = False
-                    return result
+                    return False
                 cursor = _text(entries[-1][0])
-            if len(entries) < BATCH:
-                return result
+            if len(entries) < batch:
+                return True
+
+    def _verify_replies(self, entries: list[RawEntry]) -> tuple[list[Verified], list[CodecError]]:
+        store = self.store
+        return self.verifier.verify(entries, store.keyring.secrets(), store.rounds.round_book(),
+                                    self.max_reply_bytes, store.keyring.previous_secrets())
+
+    def _verify_relayed(self, entries: list[RawEntry]) -> tuple[list[Verified], list[CodecError]]:
+        store = self.store
+
+        def records(vms: Sequence[str]) -> dict[str, VmRecord]:
+            return {rec.vm: rec for rec in store.vms.records(vms)}
+
+        return decode_batches(entries, records, self.relay_verifier, store.keyring.secrets(),
+                              store.rounds.round_book(), self.max_reply_bytes, store.keyring.previous_secrets())
 
     def _reject(self, rejects: Counter[str], exc: CodecError) -> None:
         rejects[exc.reason] += 1
         self.reject_log.rejected(exc, time.monotonic())
 
-    def _batch(self, entries: list[RawEntry], result: IngestResult, lock_token: bytes) -> bool:
-        """Verify and record one batch into ``result``; False (nothing counted) when the judge lock's fence
-        refused it."""
+    def _accept(self, source: Replies, verified: list[Verified], rejected: list[CodecError],
+                entries: list[RawEntry], result: IngestResult, lock_token: bytes) -> bool:
+        """Record one verified batch of ``source`` into ``result``; False (nothing counted) when the judge
+        lock's fence refused it."""
         store = self.store
-        verified, rejected = self.verifier.verify(entries, store.keyring.secrets(), store.rounds.round_book(),
-                                                  self.max_reply_bytes, store.keyring.previous_secrets())
         rejects: Counter[str] = Counter()
         for exc in rejected:
             self._reject(rejects, exc)
@@ -175,7 +205,7 @@ class Ingestor:
         vms = list(accepted)
         rounds: dict[str, int] = {}
         arrivals: dict[str, int] = {}
-        for vm, stored in zip(vms, store.replies.last_rounds(vms), strict=True):
+        for vm, stored in zip(vms, source.last_rounds(vms), strict=True):
             reply = accepted[vm]
             if stored is not None and reply.round <= stored:
                 self._reject(rejects, CodecError("replayed", f"round {reply.round} was already answered", vm))
@@ -183,7 +213,7 @@ class Ingestor:
                 continue
             rounds[vm] = reply.round
             arrivals[vm] = reply.arrival_ms
-        if not store.replies.record_replies(
+        if not source.record_replies(
             rounds=rounds,
             arrivals=arrivals,
             payloads=self.latest.note(accepted),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from vmq.keys import valid_name
 from vmq.routing import host_queue
-from vmq.model import AuditEvent, DomainInfo, DomainStatus
+from vmq.model import AuditEvent, DomainInfo, DomainStatus, ProbePath, detect_probe_path
 from vmq.ports import Hypervisor, Store
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,13 @@ def mark_degraded(store: Store, host: str, uri: str, ttl_s: float, error: str) -
                            "libvirt_error": error[:500], "seen_ms": store.clock.time_ms()}, int(ttl_s * 1000))
 
 
-def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float) -> SyncReport:
+def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float,
+                   detect_paths: bool = False) -> SyncReport:
     """List this host's domains and update the inventory; raises HypervisorError if libvirt fails.
+
+    Each VM this host holds gets its domain's virtio channels recorded and, with ``detect_paths``
+    (VMQ_PROBE_PATH_DETECT), the probe path they allow (vmq.model.detect_probe_path); without it the detected
+    path stays ``redis`` and only an operator's ``vmq path`` moves a VM to a relayed path.
 
     Every host lists the domains defined on it, so a VM defined on several hosts is reported by each of them,
     at any moment: its record is placed atomically per VM (the store's place_domains), and a domain that is
@@ -87,13 +92,21 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
     # VMs listed here before whose domain vanished from this host: absent, if the record still says here.
     vanished = [DomainInfo(vm, "", DomainStatus.ABSENT, f"not defined on {host}")
                 for vm in sorted(previously_listed - set(names))]
-    for placed in store.vms.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS, listed_us):
+    by_name = {d.name: d for d in domains}
+    paths: dict[str, dict[str, str]] = {}
+    for placed in store.vms.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS,
+                                          listed_us):
+        listed = by_name.get(placed.vm)
+        if placed.written and listed is not None:
+            detected = detect_probe_path(listed.channels) if detect_paths else ProbePath.REDIS
+            paths[placed.vm] = {"channels": ",".join(listed.channels), "probe_path_detected": detected.value}
         if placed.migrated:
             report.migrated.append(placed.vm)
             store.audit.append(AuditEvent.MIGRATED, placed.vm, host, now_ms, previous_host=placed.previous_host)
             log.info("vm=%s migrated %s -> %s", placed.vm, placed.previous_host, host)
         if placed.started:
             report.started.append(placed.vm)
+    store.vms.write_many(paths)
     if report.skipped_names:
         log.warning("host=%s domains with unusable names skipped: %s", host, report.skipped_names)
     return report

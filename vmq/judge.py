@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmq.config import Settings
-from vmq.model import DomainStatus, HostContext, VmRecord, VmView
+from vmq.model import DomainStatus, HostContext, ProbePath, VmRecord, VmView
 from vmq.policy import PolicyConfig, with_overrides
 from vmq.ports import Store
 
@@ -99,8 +99,10 @@ class Judge:
             if not rec.exists:
                 continue  # listed in last_round but no record: removed VM
             host = hosts.get(rec.host)
+            relay_alive = not rec.relayed or bool(host and host.relay_fresh(now_ms, self.settings.relay_fresh_ms))
             view = view_of(
-                rec, has_key=rec.vm in keyed, host_alive=bool(host and host.alive),
+                rec, has_key=rec.vm in keyed or rec.probe_path is ProbePath.AGENT, host_alive=bool(host and host.alive),
+                relay_alive=relay_alive,
                 host_degraded=bool(host and host.degraded),
                 host_maintenance=bool(host and host.in_maintenance(now_ms)),
                 last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i], restarts_suspended=suspended,

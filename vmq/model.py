@@ -59,6 +59,8 @@ class RejectReason(str, Enum):
     UNKNOWN_VM = "unknown_vm"
     STALE_NONCE = "stale_nonce"
     REPLAYED = "replayed"
+    WRONG_HOST = "wrong_host"  # a host relayed an answer for a VM its record places elsewhere
+    WRONG_PATH = "wrong_path"  # an answer on a path the VM is not on
 
 
 class Action(str, Enum):
@@ -78,6 +80,10 @@ class RestartAction(str, Enum):
     CREATE = "create"
     DESTROY_CREATE = "destroy+create"  # the ladder's second rung, when a reset did not bring it back
     LEFT_ALONE = "left_alone"
+
+
+#: Version of the answer documents vmq writes itself for relayed ``agent`` answers (docs/protocol.md).
+WIRE_VERSION_RELAYED = 1
 
 
 class ProbePath(str, Enum):
@@ -160,6 +166,7 @@ class VmView:
     state_since_ms: int
     has_key: bool = True
     host_alive: bool = True
+    relay_alive: bool = True  # a relayed VM's host relays probe rounds (always True on the redis path)
     domain_status: DomainStatus = DomainStatus.RUNNING
     domain_reason: str = ""
     booted_at_ms: int = 0
@@ -208,6 +215,7 @@ class AuditEvent(str, Enum):
     MIGRATED = "migrated"
     OPERATOR_ACTION = "operator_action"
     OVERRIDES = "overrides"
+    PROBE_PATH = "probe_path"
     KEY_ROTATED = "key_rotated"
     RESTARTS_SUSPENDED = "restarts_suspended"
     RESTARTS_RESUMED = "restarts_resumed"
@@ -248,10 +256,15 @@ class HostContext:
     degraded: bool
     maintenance_until_ms: int  # 0: none; -1: until lifted
     vm_count: int
+    relay_seen_ms: int = 0  # when its relay last handled a probe round (Redis ms; 0: never)
 
     def in_maintenance(self, now_ms: int) -> bool:
         """True while the host's maintenance window lasts."""
         return self.maintenance_until_ms == -1 or self.maintenance_until_ms > now_ms
+
+    def relay_fresh(self, now_ms: int, fresh_ms: int) -> bool:
+        """True while the host's relay handled a probe round within ``fresh_ms``."""
+        return self.relay_seen_ms > 0 and now_ms - self.relay_seen_ms <= fresh_ms
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
                 "restarts_in_window": restarts[i],
                 "has_key": vm in keyed,
                 "domain_status": rec.domain_status.value if rec.domain_status else "",
+                "probe_path": rec.probe_path.value,
                 "incident": rec.incident,
                 "decision": rec.decision,
             }

@@ -87,6 +87,8 @@ def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
         return f"state is {view.state.value}: not judged until an operator changes it"
     if not view.has_key:
         return "no responder key registered: cannot judge silence"
+    if not view.relay_alive:
+        return f"host {view.host or '?'} relays no probe rounds (its relay is late or gone): silence is no evidence"
     if view.domain_status is DomainStatus.ABSENT:
         return "domain not found on any live host"
     if view.domain_status is DomainStatus.SHUTOFF:

@@ -228,6 +228,9 @@ class Store(Protocol):
     def replies(self) -> Replies: ...
 
     @property
+    def relayed(self) -> Replies: ...
+
+    @property
     def vms(self) -> VmRecords: ...
 
     @property

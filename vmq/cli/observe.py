@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmq.cli.common import one_line_errors, open_store
-from vmq.model import EXPLAINED_EVENTS, AuditEvent
+from vmq.model import EXPLAINED_EVENTS, AuditEvent, ProbePath
 from vmq.operator_views import cluster_status, event_json
 
 STATE_STYLE = {"healthy": "green", "faulty": "red", "restarting": "yellow", "recovering": "cyan",
@@ -35,13 +35,13 @@ def status(as_json: bool) -> None:
     for h in data["hosts"]:
         hosts.add_row(h["name"], "[green]yes[/]" if h["alive"] else "[red]no[/]", str(h["vms"]), h["libvirt_uri"])
     vms = Table(title="VMs")
-    for col in ("vm", "host", "state", "last reply", "restarts", "decision"):
+    for col in ("vm", "host", "path", "state", "last reply", "restarts", "decision"):
         vms.add_column(col)
     for v in data["vms"]:
         seen = "never" if v["since_last_reply_s"] is None else f"{v['since_last_reply_s']:.1f}s ago"
         style = STATE_STYLE.get(v["state"], "white")
-        vms.add_row(v["id"], v["host"], f"[{style}]{v['state']}[/]", seen, str(v["restarts_in_window"]),
-                    v["decision"][:80])
+        vms.add_row(v["id"], v["host"], v["probe_path"], f"[{style}]{v['state']}[/]", seen,
+                    str(v["restarts_in_window"]), v["decision"][:80])
     console.print(hosts)
     console.print(vms)
     if data["rejected_replies"]:
@@ -103,20 +103,22 @@ def hosts(as_json: bool) -> None:
     rows: list[dict[str, Any]] = [{"name": name, "alive": alive, "fresh": context[name].alive, "degraded": context[name].degraded,
              "maintenance": context[name].in_maintenance(now_ms), "domains": context[name].vm_count,
              "queue": info.get("queue", ""), "libvirt_uri": info.get("libvirt_uri", ""),
+             "relay": ("never" if not context[name].relay_seen_ms else
+                       "ok" if context[name].relay_fresh(now_ms, settings.relay_fresh_ms) else "late"),
              "seen_s_ago": round((now_ms - int(info.get("seen_ms") or 0)) / 1000, 1) if info.get("seen_ms") else None}
             for name, alive, info in overview]
     if as_json:
         click.echo(json.dumps({"hosts": rows}))
         return
     table = Table(title="hosts")
-    for col in ("host", "state", "domains", "last heartbeat", "queue", "libvirt"):
+    for col in ("host", "state", "domains", "last heartbeat", "relay", "queue", "libvirt"):
         table.add_column(col)
     for row in rows:
         state = ("[red]down[/]" if not row["alive"] else "[yellow]late[/]" if not row["fresh"]
                  else "[yellow]degraded[/]" if row["degraded"] else "[blue]maintenance[/]" if row["maintenance"]
                  else "[green]up[/]")
         seen = "never" if row["seen_s_ago"] is None else f"{row['seen_s_ago']:.1f}s ago"
-        table.add_row(row["name"], state, str(row["domains"]), seen, row["queue"], row["libvirt_uri"])
+        table.add_row(row["name"], state, str(row["domains"]), seen, row["relay"], row["queue"], row["libvirt_uri"])
     Console().print(table)
 
 
@@ -161,6 +163,9 @@ def explain(vm: str, last: int) -> None:
         raise click.UsageError(f"unknown VM {vm}")
     click.echo(f"{vm} on {rec.host or '?'}: {rec.state.value}"
                + (f" (incident {rec.incident})" if rec.incident else ""))
+    source = ("chosen with `vmq path`" if rec.probe_path_set else
+              "detected from its domain's channels" if rec.probe_path_detected is not ProbePath.REDIS else "default")
+    click.echo(f"  probe path: {rec.probe_path.value} ({source})")
     if rec.decision:
         click.echo(f"  now: {rec.decision_action}: {rec.decision}")
     rows = [event_json(i, f) for i, f in store.audit.read(count=1_000_000) if f.get("vm") == vm]

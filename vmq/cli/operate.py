@@ -7,7 +7,7 @@ import click
 
 from vmq.cli.common import duration_s, one_line_errors, open_store
 from vmq import lifecycle
-from vmq.model import AuditEvent, VmState
+from vmq.model import AuditEvent, ProbePath, VmState
 
 
 @click.command()
@@ -89,6 +89,25 @@ def set_knobs(vm: str, knobs: tuple[str, ...]) -> None:
     click.echo(f"{vm}: " + ", ".join(f"{k[7:]}={v or '(cluster default)'}" for k, v in fields.items()))
 
 
+@click.command("path")
+@click.argument("vm")
+@click.argument("path", type=click.Choice([*(p.value for p in ProbePath), "auto"]))
+@one_line_errors
+def probe_path(vm: str, path: str) -> None:
+    """Choose how VM's answers reach vmq: redis (its responder talks to Redis), channel (its responder answers
+    over virtio-serial, relayed by its host), agent (the QEMU guest agent, asked by its host); auto: as its
+    domain's channels allow (VMQ_PROBE_PATH_DETECT)."""
+    _, store = open_store()
+    rec = store.vms.record(vm)
+    if not rec.exists:
+        raise click.UsageError(f"unknown VM {vm}")
+    store.vms.set_fields(vm, {"probe_path_set": "" if path == "auto" else path})
+    now_ms = store.clock.time_ms()
+    store.audit.append(AuditEvent.PROBE_PATH, vm, rec.host, now_ms, path=path, previous=rec.probe_path.value)
+    store.vms.start_monitoring(vm, now_ms)  # answers on the new path are owed from the next round, after grace
+    click.echo(f"{vm}: probe path {rec.probe_path.value} -> {path}")
+
+
 def _switch(vm: str, enable: bool) -> None:
     _, store = open_store()
     rec = store.vms.record(vm)
@@ -133,4 +152,4 @@ def clear(vm: str) -> None:
     click.echo(f"{vm}: {result.previous} -> unknown, restart budget reset")
 
 
-COMMANDS: list[click.Command] = [suspend, resume, maintenance, set_knobs, disable, enable, clear]
+COMMANDS: list[click.Command] = [suspend, resume, maintenance, set_knobs, disable, enable, clear, probe_path]

@@ -27,15 +27,15 @@ class RedisHosts(StorePart):
             pipe = self.r.pipeline(transaction=False)
             for host in names:
                 pipe.exists(self.keys.host_heartbeat(host))
-                pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms", "seen_ms"])
+                pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms", "seen_ms", "relay_seen_ms"])
                 pipe.hlen(self.keys.host_domains(host))
             out = pipe.execute()
         result = {}
         for i, host in enumerate(names):
-            alive, (libvirt_ok, until, seen), size = out[3 * i], out[3 * i + 1], out[3 * i + 2]
+            alive, (libvirt_ok, until, seen, relay), size = out[3 * i], out[3 * i + 1], out[3 * i + 2]
             fresh = bool(alive) and now_ms - int(_text(seen or b"0")) <= fresh_ms
             result[host] = HostContext(fresh, _text(libvirt_ok or b"1") == "0", int(_text(until or b"0")),
-                                       int(size))
+                                       int(size), int(_text(relay or b"0")))
         return result
 
     def set_kill_switch(self, seconds: float | None, on: bool = True) -> None:

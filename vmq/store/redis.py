@@ -13,7 +13,7 @@ from vmq.store.audit import RedisAudit
 from vmq.store.client import connect
 from vmq.store.hosts import RedisHosts
 from vmq.store.relays import RedisRelays
-from vmq.store.replies import RedisReplies
+from vmq.store.replies import RedisReplies, relayed_batches
 from vmq.store.rounds import JudgeLease, RedisClock, RedisRounds
 from vmq.store.secrets import RedisKeyring
 from vmq.store.stats import RedisStats
@@ -31,6 +31,7 @@ class RedisStore:
         self.clock = RedisClock(client)
         self.rounds = RedisRounds(client, keys)
         self.replies = RedisReplies(client, keys)
+        self.relayed = RedisReplies(client, keys, relayed_batches(keys))
         self.vms = RedisVms(client, keys, events_maxlen)
         self.hosts = RedisHosts(client, keys)
         self.keyring = RedisKeyring(client, keys)

@@ -12,6 +12,7 @@ entries from the head only, so when the oldest entry left is newer than the curs
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -27,11 +28,33 @@ def _id(value: Any) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class RedisReplies(StorePart):
-    """The reply stream, its cursor, each VM's last answered round and arrival, and lost-reply accounting."""
+@dataclass(frozen=True)
+class AnswerStream:
+    """One stream of answers the monitor reads: its key, its cursor's key and its counters' names."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    stream: str
+    cursor: str
+    read_field: str  # entries read (with entries-added, tells what was trimmed unread)
+    valid_field: str  # valid answers recorded
+
+
+def guest_replies(keys: Keys) -> AnswerStream:
+    """The stream guests on the ``redis`` path XADD their signed replies to."""
+    return AnswerStream(keys.reply_stream, keys.reply_cursor, "replies_read", "replies_valid")
+
+
+def relayed_batches(keys: Keys) -> AnswerStream:
+    """The stream host agents XADD their batches of relayed answers to (``channel``/``agent`` paths)."""
+    return AnswerStream(keys.relay_stream, keys.relay_cursor, "relayed_read", "relayed_valid")
+
+
+class RedisReplies(StorePart):
+    """One answer stream (``source``: the guests' replies by default), its cursor, each VM's last answered
+    round and arrival (shared by every stream), and lost-answer accounting."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, source: AnswerStream | None = None) -> None:
         super().__init__(client, keys)
+        self.source = source or guest_replies(keys)
         self._raw = raw_client(client)
         self._advance_cursor = self._script("advance_cursor.lua")
 
@@ -43,7 +66,7 @@ class RedisReplies(StorePart):
         with translate_errors("XRANGE replies"):
             pipe = self._raw.pipeline(transaction=True)
             self._queue_stream_view(pipe)
-            pipe.xrange(self.keys.reply_stream, start, str(up_to_ms), count=count)
+            pipe.xrange(self.source.stream, start, str(up_to_ms), count=count)
             info, read, entries = pipe.execute(raise_on_error=False)
             _raise_any(entries)
             view = _stream_view(info, read)
@@ -60,7 +83,7 @@ class RedisReplies(StorePart):
         with translate_errors("reply backlog"):
             pipe = self.r.pipeline(transaction=True)  # one view: the count read and the stream's counters
             pipe.time()
-            pipe.get(k.reply_cursor)
+            pipe.get(self.source.cursor)
             self._queue_stream_view(pipe)
             now, cursor, info, read = pipe.execute(raise_on_error=False)
             _raise_any(now, cursor)
@@ -70,7 +93,7 @@ class RedisReplies(StorePart):
             added = view[0].get("entries-added")
             unread = None if added is None else max(0, int(added) - view[1])
             start = f"({_text(cursor)}" if cursor and _text(cursor) != "0-0" else "-"
-            first = self.r.xrange(k.reply_stream, start, "+", count=1)
+            first = self.r.xrange(self.source.stream, start, "+", count=1)
         if not first:
             return unread, 0.0
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
@@ -78,13 +101,13 @@ class RedisReplies(StorePart):
 
     def _queue_stream_view(self, pipe: Any) -> None:
         """Queue the stream's counters (XINFO STREAM) and the count of entries read: see ``_stream_view``."""
-        pipe.xinfo_stream(self.keys.reply_stream)
-        pipe.hget(self.keys.stats, "replies_read")
+        pipe.xinfo_stream(self.source.stream)
+        pipe.hget(self.keys.stats, self.source.read_field)
 
     def reply_cursor(self) -> str:
         """Id of the last reply-stream entry ingested ("0-0" before the first)."""
         with translate_errors("GET cursor"):
-            value = self.r.get(self.keys.reply_cursor)
+            value = self.r.get(self.source.cursor)
         return _text(value) if value else "0-0"
 
     def last_rounds(self, vms: Sequence[str]) -> list[float | None]:
@@ -121,11 +144,11 @@ class RedisReplies(StorePart):
             for reason, count in rejects.items():
                 pipe.hincrby(k.rejects, reason, count)
             if valid_count:
-                pipe.hincrby(k.stats, "replies_valid", valid_count)
+                pipe.hincrby(k.stats, self.source.valid_field, valid_count)
             if len(pipe):
                 pipe.execute()
-            advanced = self._advance_cursor(keys=[k.judge_lock, k.reply_cursor, k.stats],
-                                            args=[lock_token, cursor, read])
+            advanced = self._advance_cursor(keys=[k.judge_lock, self.source.cursor, k.stats],
+                                            args=[lock_token, cursor, read, self.source.read_field])
         return bool(advanced)
 
 
@@ -155,14 +178,14 @@ class RedisReplies(StorePart):
             return 0  # the head still holds read entries: nothing unread was trimmed
         with translate_errors("record lost replies"):
             if added < read:  # the stream was deleted and made again: start counting afresh
-                self.r.hset(k.stats, "replies_read", int(added) - int(info["length"]))
+                self.r.hset(k.stats, self.source.read_field, int(added) - int(info["length"]))
                 return 0
             lost = int(added) - read - int(info["length"])
             if lost <= 0:
                 return 0
             newest = first[0] if first is not None else info["last-generated-id"]
             pipe = self.r.pipeline(transaction=False)
-            pipe.hincrby(k.stats, "replies_read", lost)  # counted once
+            pipe.hincrby(k.stats, self.source.read_field, lost)  # counted once
             pipe.hincrby(k.stats, "replies_lost", lost)
             pipe.zadd(k.replies_lost, {"until": _id(newest)[0]}, gt=True)
             pipe.execute()

@@ -1,0 +1,177 @@
+"""Answers relayed by a VM's own host (`channel` and `agent` paths), judged by the monitor: the batch's arrival
+(Redis' stream id) is every answer's arrival, a host vouches only for its own VMs on their own path, and a host
+whose relay stops leaves its relayed VMs unjudged, never faulty. On fakeredis and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+from tests.contract.test_monitor_store import (  # noqa: F401 - fixtures
+    BOOT_ID,
+    HOST_A,
+    HOST_B,
+    SECRET,
+    World,
+    backend,
+    redis_server,
+    world,
+)
+from vmq.codec import encode_reply
+from vmq.model import ProbePath, VmState
+
+
+def relayed(world: World, vm: str, path: ProbePath, host: str = HOST_A) -> None:
+    """``vm`` registered on ``host`` with its answers on ``path``, and ``host``'s relay working."""
+    world.register(vm, host)
+    world.store.vms.set_fields(vm, {"probe_path_set": path.value})
+    relay_alive(world, host)
+
+
+def relay_alive(world: World, host: str = HOST_A) -> None:
+    world.store.hosts.set_host_fields(host, {"relay_seen_ms": world.store.clock.time_ms()})
+
+
+def agent_answer(world: World, vm: str, round_id: int, nonce: str | None = None) -> dict[str, object]:
+    return {"vm": vm, "p": "agent", "round": round_id, "nonce": nonce or world.nonce(round_id), "latency_ms": 1.3,
+            "guest_ms": 1_700_000_000_000}
+
+
+def channel_answer(world: World, vm: str, round_id: int, key_of: str | None = None) -> dict[str, object]:
+    message, signature = encode_reply(vm, round_id, world.nonce(round_id), BOOT_ID, round_id, {"uptime_s": 1.0},
+                                      bytes.fromhex(SECRET[key_of or vm]))
+    return {"vm": vm, "p": "channel", "m": message.decode(), "s": signature}
+
+
+def batch(world: World, host: str, answers: list[dict[str, object]]) -> int:
+    """XADD one batch as ``host``'s relay does; returns its arrival (Redis ms)."""
+    [entry_id] = world.store.relays.append(host, answers)
+    return int(entry_id.split("-")[0])
+
+
+def test_an_agent_vm_answered_through_its_hosts_batch_turns_healthy_with_the_batch_arrival(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    round_id = world.probe()
+    arrival = batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
+    report = world.tick_after_arrivals()
+    assert report.healed == ["web-1"] and world.state("web-1") == VmState.HEALTHY.value
+    [event] = world.events("healthy")
+    assert (event["round"], event["time"]) == (str(round_id), str(arrival))
+    saved = json.loads(world.client.hget(world.keys.last_reply, "web-1"))
+    assert (saved["via"], saved["host"], saved["params"]["latency_ms"]) == ("agent", HOST_A, 1.3)
+
+
+def test_an_agent_vm_whose_host_relays_no_answer_by_the_deadline_is_faulty_and_restarted(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    first = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", first)])
+    world.make_due(first)
+    world.monitor.tick()
+    second = world.probe()
+    relay_alive(world)  # the relay handled the round; the agent did not answer
+    world.make_due(second)
+    report = world.monitor.tick()
+    assert report.flagged == ["web-1"] and report.dispatched == ["web-1"]
+    assert world.dispatched[-1].host == HOST_A
+
+
+def test_a_channel_vm_answered_with_its_own_signed_reply_through_its_host_is_healthy(world: World) -> None:
+    relayed(world, "web-1", ProbePath.CHANNEL)
+    round_id = world.probe()
+    batch(world, HOST_A, [channel_answer(world, "web-1", round_id)])
+    assert world.tick_after_arrivals().healed == ["web-1"]
+
+
+def test_a_channel_answer_signed_with_another_vms_key_is_refused(world: World) -> None:
+    relayed(world, "web-1", ProbePath.CHANNEL)
+    relayed(world, "web-2", ProbePath.CHANNEL)
+    round_id = world.probe()
+    batch(world, HOST_A, [channel_answer(world, "web-1", round_id, key_of="web-2")])
+    report = world.tick_after_arrivals()
+    assert report.healed == [] and report.rejected == {"bad_signature": 1}
+
+
+def test_a_host_cannot_vouch_for_a_vm_its_record_places_on_another_host(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT, host=HOST_A)
+    relay_alive(world, HOST_B)
+    round_id = world.probe()
+    batch(world, HOST_B, [agent_answer(world, "web-1", round_id)])
+    report = world.tick_after_arrivals()
+    assert report.healed == [] and report.rejected == {"wrong_host": 1}
+    assert world.state("web-1") == VmState.UNKNOWN.value
+
+
+def test_an_answer_on_a_path_the_vm_is_not_on_is_refused(world: World) -> None:
+    world.register("web-1")  # the redis path: its own responder must answer
+    relay_alive(world)
+    round_id = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
+    report = world.tick_after_arrivals()
+    assert report.healed == [] and report.rejected == {"wrong_path": 1}
+
+
+def test_an_agent_answer_with_another_rounds_nonce_or_an_unknown_vm_is_refused(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    first = world.probe()
+    second = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", second, nonce=world.nonce(first)),
+                          agent_answer(world, "ghost", second)])
+    report = world.tick_after_arrivals()
+    assert report.healed == [] and report.rejected == {"stale_nonce": 1, "unknown_vm": 1}
+
+
+def test_a_garbage_batch_is_counted_and_the_good_one_after_it_still_counts(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    round_id = world.probe()
+    world.client.xadd(world.keys.relay_stream, {"h": HOST_A, "a": b"\xff not json"})
+    world.client.xadd(world.keys.relay_stream, {"a": "[]"})
+    batch(world, HOST_A, [{"vm": "web-1"}, agent_answer(world, "web-1", round_id)])
+    report = world.tick_after_arrivals()
+    assert report.healed == ["web-1"] and report.rejected == {"malformed": 3}
+
+
+def test_a_replayed_relayed_answer_is_refused(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    round_id = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
+    world.tick_after_arrivals()
+    batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
+    assert world.tick_after_arrivals().rejected == {"replayed": 1}
+
+
+def test_relayed_vms_of_a_host_whose_relay_stopped_are_not_judged_and_not_restarted(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    world.register("web-2")  # on the redis path, same host: still judged
+    first = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", first)])
+    world.reply("web-2", first)
+    world.make_due(first)
+    world.monitor.tick()
+    world.client.hset(world.keys.host(HOST_A), "relay_seen_ms", 1)  # the relay stopped long ago
+    second = world.probe()
+    world.make_due(second)
+    report = world.monitor.tick()
+    assert report.flagged == ["web-2"], "the redis-path VM is judged as before"
+    assert world.state("web-1") == VmState.HEALTHY.value
+    assert "relays no probe rounds" in world.record("web-1")["decision"]
+
+
+def test_an_agent_vm_needs_no_responder_key_to_be_judged(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    world.store.keyring.delete_secret("web-1")
+    round_id = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
+    assert world.tick_after_arrivals().healed == ["web-1"]
+
+
+def test_the_relayed_stream_is_read_to_the_deadline_like_the_reply_stream(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    first = world.probe()
+    batch(world, HOST_A, [agent_answer(world, "web-1", first)])
+    world.make_due(first)
+    world.monitor.tick()
+    second = world.probe()
+    relay_alive(world)
+    deadline = world.make_due(second)
+    batch(world, HOST_A, [agent_answer(world, "web-1", second)])  # after the deadline: too late
+    report = world.monitor.tick()
+    assert report.flagged == ["web-1"], f"an answer that arrived after the deadline {deadline} counts for nothing"
