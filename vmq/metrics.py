@@ -105,6 +105,9 @@ def _families(snap: MetricsSnapshot, hosts: dict[str, int]) -> Iterator[Metric]:
     yield CounterMetricFamily("vmq_replies_lost", "Replies trimmed from the stream before vmq read them (a "
                               "MAXLEN-0 guest or a stalled monitor); the rounds they may have answered are not "
                               "judged.", value=snap.stats.get("replies_lost", 0))
+    yield CounterMetricFamily("vmq_relayed_answers", "Valid answers relayed by the VMs' hosts (channel and agent "
+                              "paths; their rejects are counted in vmq_replies by reason).",
+                              value=snap.stats.get("relayed_valid", 0))
     yield CounterMetricFamily("vmq_replies_previous_key", "Valid replies still signed with a rotated-out key "
                               "(inside its grace period; also counted as valid).",
                               value=snap.stats.get("replies_previous_key", 0))

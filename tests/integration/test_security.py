@@ -128,6 +128,9 @@ GUEST_REFUSED = {
     "XADD-events": ("XADD", KEYS.events, "*", "type", "forged"),
     "XADD-other-stream": ("XADD", f"{NS}:replies2", "*", "m", "x"),
     "PUBLISH-probes": ("PUBLISH", KEYS.probe_channel, '{"v": 1, "type": "probe"}'),
+    # a host's batch of relayed answers (issue 15): a guest must not be able to speak as a host
+    "XADD-relayed": ("XADD", KEYS.relay_stream, "*", "h", "node1", "a", '[{"vm":"web-1","p":"agent"}]'),
+    "XADD-relayed-MAXLEN-0": ("XADD", KEYS.relay_stream, "MAXLEN", "0", "*", "h", "node1", "a", "[]"),
     "LPUSH-vmq.monitor": ("LPUSH", "vmq.monitor", "{}"),
     "RPUSH-vmq.timeouts": ("RPUSH", "vmq.timeouts", "{}"),
     "LPUSH-host.node1": ("LPUSH", "host.node1", "{}"),
