@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         "org.qemu.guest_agent.0: agent; neither: redis) unless `vmq path` chose one. Off: redis unless chosen."))
     inventory_interval_s: float = Field(5.0, gt=0, description=(
         "Host workers list their domains this often (placement, migrations, shut-off domains)."))
+    relay_agent_timeout_s: float = Field(1.0, gt=0, le=60, description=(
+        "Host workers only: a guest-agent ping of an `agent` VM waits at most this long (and never more than "
+        "0.8 x VMQ_PROBE_INTERVAL_S); an agent that does not answer in time gives no answer that round."))
     # -- replies, keys and retention
     max_reply_bytes: int = Field(8192, ge=256, description="Replies larger than this are refused as oversized.")
     reply_save_interval_s: float = Field(10.0, ge=0, description=(

@@ -1,5 +1,6 @@
-"""The host worker's agent: keeps its host registered and its inventory current, and tells the monitor
-about lifecycle events it did not cause itself.
+"""The host worker's agent: keeps its host registered and its inventory current, tells the monitor
+about lifecycle events it did not cause itself, and runs the host's probe relay (vmq.relay) for its
+``agent``/``channel`` VMs.
 
 No Celery here: the worker gives it a ``report_event`` callable (which sends the monitor's task), getters
 for this process's store and hypervisor, and a way to install the listener's connection as the hypervisor
@@ -21,6 +22,7 @@ from vmq.hypervisor.types import DomainEvent, classify
 from vmq.inventory import mark_degraded, renew_heartbeat, sync_inventory
 from vmq.model import REPORTED_EVENT_KINDS, DomainEventKind
 from vmq.ports import Hypervisor, Store
+from vmq.relay import ProbeRelay
 
 __all__ = ["OWN_EVENTS_S", "HostAgent", "OwnActions", "ReportEvent"]
 
@@ -72,15 +74,18 @@ class OwnActions:
 
 
 class HostAgent:
-    """One host worker's inventory loop (a daemon thread), lifecycle-event reporting and own-event muting.
+    """One host worker's inventory loop (a daemon thread), probe relay (another), lifecycle-event reporting
+    and own-event muting.
 
     Idempotent to stop; ``start`` once per process. Store and hypervisor are getters because the
-    hypervisor the tasks use becomes the listener's connection once the listener runs.
+    hypervisor the tasks use becomes the listener's connection once the listener runs. ``relay`` builds the
+    probe relay (default: vmq.relay.ProbeRelay on the same getters); None runs none.
     """
 
     def __init__(self, settings: Settings, store: Callable[[], Store], hypervisor: Callable[[], Hypervisor],
                  report_event: ReportEvent, install_hypervisor: Callable[[Hypervisor], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 relay: Callable[[HostAgent], ProbeRelay] | None = None) -> None:
         self.settings = settings
         self.host = settings.require_host()
         self._store = store
@@ -92,6 +97,9 @@ class HostAgent:
         self.stop_event = threading.Event()
         self.listener: Any = None
         self._thread: threading.Thread | None = None
+        self.relay: ProbeRelay | None = None
+        self._make_relay = relay or (lambda agent: ProbeRelay(agent.settings, agent.host, agent._store,
+                                                              agent._hypervisor, clock=agent._clock))
 
     # ------------------------------------------------------------------ own actions and events
     def acting(self, vm: str) -> contextlib.AbstractContextManager[None]:
@@ -121,14 +129,20 @@ class HostAgent:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the lifecycle listener (if libvirt can deliver events here), then the inventory thread."""
+        """Start the lifecycle listener (if libvirt can deliver events here), the inventory thread, then the
+        probe relay's thread."""
         self.listener = self._start_listener()
         self._thread = threading.Thread(target=self._run, name="vmq-inventory", daemon=True)
         self._thread.start()
+        self.relay = self._make_relay(self)
+        self.relay.start()
 
     def stop(self) -> None:
-        """Stop the thread and the listener, and drop the heartbeat at once instead of letting it expire."""
+        """Stop the threads and the listener, and drop the heartbeat at once instead of letting it expire."""
         self.stop_event.set()
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
         if self.listener is not None:
             self.listener.stop()
             self.listener = None

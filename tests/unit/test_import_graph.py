@@ -28,7 +28,7 @@ PACKAGE = "vmq"
 CORE = ("vmq.model", "vmq.policy", "vmq.codec", "vmq.keys", "vmq.errors", "vmq.ports", "vmq.routing",
         "vmq.telemetry", "vmq.evidence", "vmq.lifecycle", "vmq.judge", "vmq.verdict", "vmq.ingest", "vmq.monitor",
         "vmq.housekeeping", "vmq.operator_restart", "vmq.host_restart", "vmq.inventory", "vmq.hostagent",
-        "vmq.operator_views")
+        "vmq.operator_views", "vmq.relay", "vmq.relay_answers")
 ADAPTER_LIBRARIES = frozenset({"redis", "libvirt", "celery", "kombu"})
 RIM = frozenset({"workers", "beat_schedule"})
 SIMULATOR = "vmq.sim"

@@ -70,7 +70,7 @@ class _Agent:
     """One fake guest agent: its mode, answer latency and the raw guestInfo() parameters it answers."""
 
     mode: AgentMode = AgentMode.ANSWER
-    latency_s: float = AGENT_LATENCY_S
+    latency_s: float | Callable[[], float] = AGENT_LATENCY_S  # a callable draws each call's latency
     info: Mapping[str, object] = field(default_factory=_default_guest_info)
 
 _ACTIVE = frozenset({DomainStatus.RUNNING, DomainStatus.PAUSED, DomainStatus.OTHER})
@@ -283,11 +283,12 @@ class FakeHypervisor:
         self,
         name: str,
         mode: AgentMode | str = AgentMode.ANSWER,
-        latency_s: float = AGENT_LATENCY_S,
+        latency_s: float | Callable[[], float] = AGENT_LATENCY_S,
         info: Mapping[str, object] | None = None,
     ) -> None:
-        """Set a domain's fake agent: its mode, answer latency (s) and raw guestInfo() parameters (None:
-        a small Debian guest); not recorded; raises DomainNotFound, ValueError on an unknown mode."""
+        """Set a domain's fake agent: its mode, answer latency (s, or a callable drawing each call's) and raw
+        guestInfo() parameters (None: a small Debian guest); not recorded; raises DomainNotFound, ValueError on
+        an unknown mode."""
         agent = _Agent(AgentMode(mode), latency_s, _default_guest_info() if info is None else dict(info))
         with self._lock:
             self._get("set_agent", name)
@@ -327,10 +328,11 @@ class FakeHypervisor:
             self._agent_in_flight.add(name)
         try:
             started = time.perf_counter()
-            if agent.mode is AgentMode.HANG or agent.latency_s > timeout_s:
+            latency_s = agent.latency_s() if callable(agent.latency_s) else agent.latency_s
+            if agent.mode is AgentMode.HANG or latency_s > timeout_s:
                 time.sleep(timeout_s)
                 raise AgentTimeout(f"{what}: no answer within {timeout_s:g} s")
-            time.sleep(agent.latency_s)
+            time.sleep(latency_s)
             return answer(agent, (time.perf_counter() - started) * 1000.0)
         finally:
             with self._lock:
