@@ -172,7 +172,8 @@ class HostAgent:
 
         Raises HypervisorError when libvirt does not answer, StoreError when Redis fails.
         """
-        report = sync_inventory(self._store(), self._hypervisor(), self.host, self.settings.host_heartbeat_ttl_s)
+        report = sync_inventory(self._store(), self._hypervisor(), self.host, self.settings.host_heartbeat_ttl_s,
+                                detect_paths=self.settings.probe_path_detect)
         if report.new_vms or report.migrated:
             log.info("host=%s inventory: %d domains, new=%s migrated=%s", self.host, report.domains,
                      report.new_vms, report.migrated)

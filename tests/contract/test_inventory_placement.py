@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.contract.test_monitor_store import HOST_A, HOST_B, World
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
-from vmq.model import DomainInfo, DomainStatus
+from vmq.model import AGENT_CHANNEL, RESPONDER_CHANNEL, DomainInfo, DomainStatus, ProbePath
 from vmq.store.redis import RedisStore
 from vmq.store.vms import RedisVms
 
@@ -181,3 +183,22 @@ def test_a_source_listing_from_before_the_switch_over_landing_after_the_destinat
     assert [e["previous_host"] for e in world.events("migrated")] == [HOST_A]  # one move, no move back
     sync_inventory(world.store, copy(HOST_A, DomainStatus.SHUTOFF, "migrated"), HOST_A, TTL_S)  # A's next
     assert placement(world) == (HOST_B, "running")
+
+
+@pytest.mark.parametrize(("channels", "detect", "expected"), [
+    ((AGENT_CHANNEL,), True, ProbePath.AGENT),
+    ((AGENT_CHANNEL, RESPONDER_CHANNEL), True, ProbePath.CHANNEL),
+    ((), True, ProbePath.REDIS),
+    ((AGENT_CHANNEL,), False, ProbePath.REDIS),  # VMQ_PROBE_PATH_DETECT off: only `vmq path` moves a VM
+])
+def test_the_inventory_records_each_domains_channels_and_the_path_they_allow(
+        world: World, channels: tuple[str, ...], detect: bool, expected: ProbePath) -> None:
+    host = node(HOST_A, DomainStatus.RUNNING)
+    host.set_channels("web-1", dict.fromkeys(channels))
+    sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=detect)
+    record = world.store.vms.record("web-1")
+    assert (record.probe_path_detected, record.probe_path) == (expected, expected)
+    assert world.record("web-1")["channels"] == ",".join(channels)
+    world.store.vms.set_fields("web-1", {"probe_path_set": "redis"})  # the operator's choice wins
+    sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=detect)
+    assert world.store.vms.record("web-1").probe_path is ProbePath.REDIS
