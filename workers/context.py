@@ -70,7 +70,12 @@ def hypervisor_of(app: Celery) -> Hypervisor:
 
 
 def set_hypervisor(app: Celery, hypervisor: Hypervisor) -> None:
-    """Install the hypervisor this process uses (before any task runs)."""
+    """Install the hypervisor this process uses (before any task runs); in a simulated host worker wrapped
+    as open_hypervisor wraps its own (vmq.hypervisor.with_simulated_agents), so the listener's connection
+    answers agent calls as the simulated guests do."""
+    from vmq.hypervisor import with_simulated_agents
+
+    hypervisor = with_simulated_agents(hypervisor)
     with _lock:
         _cache[(os.getpid(), "hypervisor")] = hypervisor
 

@@ -7,7 +7,7 @@
     ``__init__`` included);
 (c) no module under vmq/ imports the Celery rim (``workers``, ``beat_schedule``), at any level;
 (d) no module outside ``vmq.sim`` imports the simulator at module level (``vmq sim``/``vmq demo`` load it
-    inside the command functions).
+    inside the command functions), and inside functions only from the modules ``SIMULATOR_LOADERS`` names.
 
 The checker is pure functions over ``{module: imports}``; the last tests feed it synthetic graphs to show each
 rule can fail.
@@ -35,6 +35,13 @@ SIMULATOR = "vmq.sim"
 
 #: (importing module, imported module) pairs rule (c) lets through.
 RIM_IMPORTS_ALLOWED: frozenset[tuple[str, str]] = frozenset()
+
+#: The only modules outside vmq.sim that may load the simulator (inside a function, never at module level).
+SIMULATOR_LOADERS = frozenset({
+    "vmq.cli.sim",  # `vmq sim node|guests`, `vmq demo`
+    # with_simulated_agents, only when VMQ_SIM_AGENTS_DIR is set (a simulated host worker on test:///)
+    "vmq.hypervisor",
+})
 
 #: Module-level cycles rule (a) lets through, each as the set of its modules. None known today.
 CYCLES_ALLOWED: frozenset[frozenset[str]] = frozenset()
@@ -225,6 +232,17 @@ def simulator_violations(graph: Mapping[str, Iterable[str]], simulator: str = SI
             for target in sorted(targets) if inside(target)]
 
 
+def simulator_loader_violations(graph: Mapping[str, Iterable[str]], loaders: Set[str] = SIMULATOR_LOADERS,
+                                simulator: str = SIMULATOR) -> list[str]:
+    """Rule (d), second half: one line per module outside the simulator and ``loaders`` that imports it at all."""
+    def inside(name: str) -> bool:
+        return name == simulator or name.startswith(simulator + ".")
+
+    return [f"{module} imports {target}: only {', '.join(sorted(loaders))} may load the simulator"
+            for module, targets in sorted(graph.items()) if not inside(module) and module not in loaders
+            for target in sorted(targets) if inside(target)]
+
+
 # ------------------------------------------------------------------------------------------ vmq itself
 GRAPH = read_graph()
 MODULE_LEVEL = {module: imports.module_level for module, imports in GRAPH.items()}
@@ -256,6 +274,12 @@ def test_no_vmq_module_imports_the_celery_rim_anywhere() -> None:
 def test_only_the_simulator_imports_the_simulator_at_module_level() -> None:
     problems = simulator_violations(MODULE_LEVEL)
     assert not problems, "\n".join(problems)
+
+
+def test_outside_the_simulator_only_the_named_loaders_import_it_even_inside_functions() -> None:
+    problems = simulator_loader_violations(ANYWHERE)
+    assert not problems, "\n".join(problems)
+    assert "vmq.sim.agents" in ANYWHERE["vmq.hypervisor"] and "vmq.sim.agents" not in MODULE_LEVEL["vmq.hypervisor"]
 
 
 def test_cli_command_modules_import_only_common_and_the_library() -> None:
@@ -329,3 +353,6 @@ def test_a_module_level_simulator_import_outside_the_simulator_is_reported() -> 
     assert simulator_violations(graph) == [
         "vmq.cli.guest imports vmq.sim.guests at module level: production code must not load the simulator "
         "(import it inside the command function)"]
+    assert simulator_loader_violations({"vmq.cli.guest": {"vmq.sim.guests"}, "vmq.cli.sim": {"vmq.sim.demo"},
+                                        "vmq.sim.demo": {"vmq.sim.guests"}}, loaders={"vmq.cli.sim"}) == [
+        "vmq.cli.guest imports vmq.sim.guests: only vmq.cli.sim may load the simulator"]

@@ -23,7 +23,7 @@ from vmq.codec import new_secret
 from vmq.config import load_settings
 from vmq.errors import ConfigError
 from vmq.keys import valid_name
-from vmq.model import DomainStatus
+from vmq.model import DomainStatus, ProbePath
 
 TEST_URI_PREFIX = "test:///"
 
@@ -138,9 +138,13 @@ def sim_guests(hosts_text: str, vms: int, workdir: str, guest_redis_url: str, bo
 @click.option("--reply-timeout", default=3.0, show_default=True, help="T2, seconds (> T1).")
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end (live view on stderr).")
+@click.option("--via", default="redis", show_default=True,
+              type=click.Choice([*(path.value for path in ProbePath), "mixed"]),
+              help="How guests answer: their own Redis connection, the virtio-serial channel or the QEMU guest "
+                   "agent (both relayed by the VM's host), or mixed: the three in turn over the VMs.")
 @one_line_errors
 def demo(hosts: int, vms: int, fault: str | None, probe_interval: float, reply_timeout: float,
-         timeout_s: float, as_json: bool) -> None:
+         timeout_s: float, as_json: bool, via: str) -> None:
     """Run a whole cluster here, freeze one guest, and show its detection, restart and recovery live."""
     from vmq.sim.demo import run_demo
 
@@ -148,7 +152,7 @@ def demo(hosts: int, vms: int, fault: str | None, probe_interval: float, reply_t
         raise click.BadParameter("need at least 1 host and 2 VMs")
     if reply_timeout <= probe_interval:
         raise click.BadParameter("--reply-timeout must be greater than --probe-interval")
-    status_code, _ = run_demo(hosts, vms, fault, probe_interval, reply_timeout, as_json, timeout_s)
+    status_code, _ = run_demo(hosts, vms, fault, probe_interval, reply_timeout, as_json, timeout_s, via)
     sys.exit(status_code)
 
 

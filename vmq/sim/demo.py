@@ -3,6 +3,9 @@
 Starts a private redis-server (unless VMQ_REDIS_URL is set), beat, the monitor/timeout worker, one host
 worker per simulated host on its own libvirt test:/// node, and one real responder per VM; freezes one
 guest and follows the audit stream until it is detected, restarted on its own host and answers again.
+
+``via`` chooses the VMs' probe paths (vmq.sim.localcluster): ``redis``, ``channel`` or ``agent`` for every VM,
+or ``mixed``: redis, channel, agent in turn over vm-1, vm-2, ...
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
-from vmq.model import AuditEvent
+from vmq.model import AuditEvent, ProbePath
 from vmq.operator_views import event_json
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
@@ -28,6 +31,10 @@ STYLE = {AuditEvent.FAULTY.value: "bold red", AuditEvent.RESTART_DISPATCHED.valu
          AuditEvent.HEALTHY.value: "green", AuditEvent.FAILED.value: "bold magenta",
          AuditEvent.RESTART_FAILED.value: "red"}
 
+#: ``vmq demo --via`` choices: one path for every VM, or ``mixed``.
+VIA_CHOICES = (*(path.value for path in ProbePath), "mixed")
+MIXED_ORDER = (ProbePath.REDIS, ProbePath.CHANNEL, ProbePath.AGENT)
+
 
 @dataclass
 class DemoResult:
@@ -35,6 +42,8 @@ class DemoResult:
 
     fault_vm: str
     host: str
+    via: str = ProbePath.REDIS.value
+    paths: dict[str, str] = field(default_factory=dict)  # VM -> its probe path
     detected_after_s: float | None = None
     restarted_on: str | None = None
     recovered_after_s: float | None = None
@@ -49,11 +58,22 @@ class DemoResult:
     error: str = ""
 
 
-def _spec(hosts: int, vms: int, probe_interval_s: float, reply_timeout_s: float) -> ClusterSpec:
+def probe_paths(vm_names: list[str], via: str) -> dict[str, ProbePath]:
+    """VM -> probe path for ``--via``: the one path for all, or ``mixed`` (redis, channel, agent in turn);
+    raises ValueError for anything else."""
+    if via == "mixed":
+        return {vm: MIXED_ORDER[i % len(MIXED_ORDER)] for i, vm in enumerate(vm_names)}
+    path = ProbePath(via)
+    return {vm: path for vm in vm_names}
+
+
+def _spec(hosts: int, vms: int, probe_interval_s: float, reply_timeout_s: float,
+          via: str = ProbePath.REDIS.value) -> ClusterSpec:
     names = [f"node{i + 1}" for i in range(hosts)]
     placement: dict[str, list[str]] = {h: [] for h in names}
     for i in range(vms):
         placement[names[i % hosts]].append(f"vm-{i + 1}")
+    paths = probe_paths([f"vm-{i + 1}" for i in range(vms)], via)
     env = {
         "VMQ_NAMESPACE": "vmq",
         "VMQ_PROBE_INTERVAL_S": str(probe_interval_s),
@@ -64,21 +84,22 @@ def _spec(hosts: int, vms: int, probe_interval_s: float, reply_timeout_s: float)
         "VMQ_HOST_HEARTBEAT_TTL_S": "10",
         "VMQ_HOST_HEARTBEAT_INTERVAL_S": str(min(1.0, reply_timeout_s / 4)),
     }
-    return ClusterSpec(placement=placement, env=env, boot_delay_s=2.0)
+    return ClusterSpec(placement=placement, env=env, boot_delay_s=2.0, paths=paths)
 
 
 def run_demo(hosts: int, vms: int, fault: str | None, probe_interval_s: float, reply_timeout_s: float,
-             as_json: bool, timeout_s: float = 120.0) -> tuple[int, DemoResult]:
+             as_json: bool, timeout_s: float = 120.0, via: str = ProbePath.REDIS.value) -> tuple[int, DemoResult]:
     """Run the demo; returns (exit status, result). Every process it starts is stopped before return."""
     console = Console(stderr=as_json, soft_wrap=True)
     workdir = Path(tempfile.mkdtemp(prefix="vmq-demo-"))
-    spec = _spec(hosts, vms, probe_interval_s, reply_timeout_s)
+    spec = _spec(hosts, vms, probe_interval_s, reply_timeout_s, via)
     all_vms = [vm for group in spec.placement.values() for vm in group]
     fault_vm = fault or random.choice(all_vms)
     if fault_vm not in all_vms:
         raise SystemExit(f"vmq demo: --fault {fault_vm!r} is not one of {all_vms}")
     fault_host = next(h for h, group in spec.placement.items() if fault_vm in group)
-    result = DemoResult(fault_vm=fault_vm, host=fault_host, probe_interval_s=probe_interval_s,
+    result = DemoResult(fault_vm=fault_vm, host=fault_host, via=via,
+                        paths={vm: path.value for vm, path in spec.paths.items()}, probe_interval_s=probe_interval_s,
                         reply_timeout_s=reply_timeout_s, bound_s=probe_interval_s + reply_timeout_s + 1.0)
     local_redis: LocalRedis | None = None
     cluster: LocalCluster | None = None
@@ -90,6 +111,7 @@ def run_demo(hosts: int, vms: int, fault: str | None, probe_interval_s: float, r
             url = local_redis.url
         console.print(f"[bold]vmq demo[/]: {hosts} hosts, {vms} VMs, T1={probe_interval_s:g}s "
                       f"T2={reply_timeout_s:g}s, redis {url}, logs in {workdir}")
+        console.print("probe paths: " + ", ".join(f"{vm} [bold]{path}[/]" for vm, path in result.paths.items()))
         cluster = LocalCluster(workdir, url, spec)
         cluster.start()
         console.print("waiting for every guest to answer ...")
@@ -122,7 +144,8 @@ def _run_fault(cluster: LocalCluster, console: Console, result: DemoResult, time
     store = cluster.store
     assert cluster.fleet is not None
     cursor = store.audit.read(count=1_000_000)[-1][0] if store.audit.read(count=1) else "0-0"
-    console.print(f"all VMs healthy; [bold red]injecting a hang into {result.fault_vm}[/] (guest frozen)")
+    how = "guest agent silent" if result.paths.get(result.fault_vm) == ProbePath.AGENT.value else "guest frozen"
+    console.print(f"all VMs healthy; [bold red]injecting a hang into {result.fault_vm}[/] ({how})")
     t_fault = store.clock.time_ms()
     cluster.fleet.hang(result.fault_vm)
     deadline = time.monotonic() + timeout_s

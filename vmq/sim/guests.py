@@ -4,6 +4,16 @@ A hang is SIGSTOP of the guest's responder (it stops answering, like a hung kern
 modelled from the audit stream: when a host worker reports it reset/created the VM's domain, the guest's
 process is killed, stays down for ``boot_delay_s`` and starts again with a new boot id. The simulator
 cannot share libvirt's in-process test driver with the host worker, so the audit stream is its link.
+
+Each guest answers on its probe path (vmq.model.ProbePath, ``redis`` unless ``paths`` says otherwise):
+
+* ``redis``: the responder talks to Redis itself;
+* ``channel``: the responder runs with ``transport = "channel"`` on a socket of a ChannelBridge
+  (vmq.sim.bridge), which also listens where the domain's XML puts the channel's host socket, as QEMU would;
+  hang and reboot are the same SIGSTOP and kill + start;
+* ``agent``: no vmq in the guest, no process: the guest is its QEMU guest agent, which a host worker with
+  VMQ_SIM_AGENTS_DIR consults through vmq.sim.agents.SimulatedAgents; a hang, a power-off and the boot delay
+  leave its "silent" marker, a boot removes it.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +35,10 @@ import redis
 
 from vmq.config import responder_url
 from vmq.keys import Keys
-from vmq.model import AuditEvent
+from vmq.model import AuditEvent, ProbePath
 from vmq.operator_views import event_json
+from vmq.sim.agents import set_agent_silent
+from vmq.sim.bridge import ChannelBridge
 from vmq.store.redis import connect
 
 log = logging.getLogger(__name__)
@@ -39,6 +51,11 @@ def responder_argv(config: Path) -> list[str]:
     return [sys.executable, str(RESPONDER_FILE), "--config", str(config)]
 
 
+def guest_socket_path(host_socket_path: str) -> str:
+    """The socket a ``channel`` guest's responder opens as its virtio port: beside the channel's host socket."""
+    return f"{host_socket_path}.guest"
+
+
 @dataclass
 class Guest:
     """One simulated guest: its responder process and what happened to it."""
@@ -49,23 +66,42 @@ class Guest:
     process: subprocess.Popen[bytes] | None = None
     hung: bool = False
     boots: bool = True  # False: the guest never comes back from a reboot (a broken image)
+    path: ProbePath = ProbePath.REDIS
     reboots: int = 0
     events: list[str] = field(default_factory=list)
 
 
 class GuestFleet:
-    """Runs one real responder process per VM and reboots them when the audit stream says so."""
+    """Runs one real responder process per VM (none for an ``agent`` VM) and reboots them when the audit
+    stream says so.
+
+    ``paths``: VM -> probe path (default redis); ``channel_sockets``: a ``channel`` VM -> the host socket path
+    its domain's XML names; ``agents_dir``: where ``agent`` VMs' markers live (VMQ_SIM_AGENTS_DIR of the host
+    workers). Raises ValueError when a ``channel`` or ``agent`` VM lacks what it needs.
+    """
 
     def __init__(self, redis_url: str, keys: Keys, secrets: dict[str, str], workdir: Path,
                  boot_delay_s: float = 2.0, watch_url: str | None = None,
-                 sentinels: Sequence[tuple[str, int]] = (), sentinel_master: str = "vmq") -> None:
+                 sentinels: Sequence[tuple[str, int]] = (), sentinel_master: str = "vmq",
+                 paths: Mapping[str, ProbePath] | None = None, channel_sockets: Mapping[str, str] | None = None,
+                 agents_dir: Path | None = None) -> None:
         self.redis_url = redis_url  # what the responders use (in a stack: the `guest` ACL user)
         self.watch_url = watch_url or redis_url  # reads the audit stream, which guests may not
         self.sentinels, self.sentinel_master = list(sentinels), sentinel_master  # both sides follow a failover
         self.keys = keys
         self.workdir = workdir
         self.boot_delay_s = boot_delay_s
-        self.guests = {vm: Guest(vm, secret) for vm, secret in secrets.items()}
+        paths = paths or {}
+        self.guests = {vm: Guest(vm, secret, path=ProbePath(paths.get(vm, ProbePath.REDIS)))
+                       for vm, secret in secrets.items()}
+        self.agents_dir = agents_dir
+        self.bridges: dict[str, ChannelBridge] = {}
+        self._channel_sockets = dict(channel_sockets or {})
+        for guest in self.guests.values():
+            if guest.path is ProbePath.CHANNEL and guest.vm not in self._channel_sockets:
+                raise ValueError(f"{guest.vm}: a channel guest needs its channel's host socket path")
+            if guest.path is ProbePath.AGENT and agents_dir is None:
+                raise ValueError(f"{guest.vm}: an agent guest needs agents_dir")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
@@ -73,6 +109,13 @@ class GuestFleet:
 
     def _config(self, guest: Guest) -> Path:
         path = self.workdir / f"responder-{guest.vm}.toml"
+        if guest.path is ProbePath.CHANNEL:  # no Redis URL, no credentials: only the port and the VM's key
+            port = guest_socket_path(self._channel_sockets[guest.vm])
+            path.write_text(
+                f'vm_id = "{guest.vm}"\nsecret_key = "{guest.secret}"\nnamespace = "{self.keys.namespace}"\n'
+                f'log_level = "WARNING"\ntransport = "channel"\nchannel_path = {json.dumps(port)}\n')
+            path.chmod(0o600)
+            return path
         url, tls_ca_file = responder_url(self.redis_url)
         path.write_text(
             f'vm_id = "{guest.vm}"\nredis_url = "{url}"\nsecret_key = "{guest.secret}"\n'
@@ -88,6 +131,11 @@ class GuestFleet:
         """Start (or start again) a guest's responder with a fresh boot id."""
         guest = self.guests[vm]
         guest.boot_id = str(uuid.uuid4())
+        if guest.path is ProbePath.AGENT:
+            assert self.agents_dir is not None
+            set_agent_silent(self.agents_dir, vm, False)  # the guest agent is up again
+            guest.hung = False
+            return
         # The guest's config file is the whole truth: no VMQ_* of ours may leak into it, but its boot id.
         env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
         env["VMQ_BOOT_ID"] = guest.boot_id
@@ -99,15 +147,25 @@ class GuestFleet:
         guest.hung = False
 
     def start(self) -> None:
-        """Boot every guest and start following the audit stream."""
+        """Bind the channel guests' bridges, boot every guest and start following the audit stream."""
+        for guest in self.guests.values():
+            if guest.path is ProbePath.CHANNEL:
+                host_socket = self._channel_sockets[guest.vm]
+                self.bridges[guest.vm] = ChannelBridge(host_socket, guest_socket_path(host_socket)).start()
         for vm in self.guests:
             self.boot(vm)
         self._watcher = threading.Thread(target=self._watch, name="guest-fleet", daemon=True)
         self._watcher.start()
 
     def hang(self, vm: str) -> None:
-        """Inject a fault: the guest stops answering (its responder is frozen with SIGSTOP)."""
+        """Inject a fault: the guest stops answering (its responder is frozen with SIGSTOP; an agent guest's
+        agent goes silent)."""
         guest = self.guests[vm]
+        if guest.path is ProbePath.AGENT:
+            assert self.agents_dir is not None
+            set_agent_silent(self.agents_dir, vm, True)
+            guest.hung = True
+            return
         assert guest.process is not None
         guest.process.send_signal(signal.SIGSTOP)
         guest.hung = True
@@ -117,6 +175,10 @@ class GuestFleet:
         self.guests[vm].boots = False
 
     def _power_off(self, guest: Guest) -> None:
+        if guest.path is ProbePath.AGENT:
+            assert self.agents_dir is not None
+            set_agent_silent(self.agents_dir, guest.vm, True)  # silent until boot() (boot delay, broken image)
+            return
         proc = guest.process
         if proc is None or proc.poll() is not None:
             return
@@ -160,3 +222,5 @@ class GuestFleet:
                 self._power_off(guest)
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        for bridge in self.bridges.values():
+            bridge.stop()

@@ -2,6 +2,12 @@
 one host worker per simulated host on its own libvirt ``test:///`` node, and simulated guests.
 
 Used by ``vmq demo`` and by the integration tests; every process it starts is stopped by ``stop()``.
+
+Each VM answers on the probe path ``ClusterSpec.paths`` gives it (``redis`` by default): a ``channel`` VM's
+domains get the ``org.vmq.responder.0`` channel and the fleet bridges its socket (vmq.sim.bridge); an
+``agent`` VM's domains get the ``org.qemu.guest_agent.0`` channel, and every host worker runs with
+VMQ_SIM_AGENTS_DIR so that its agent calls follow the fleet (vmq.sim.agents). A VM named in ``paths`` gets
+``probe_path_set`` in its record before any process starts, as `vmq path` would set it.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import redis
 
@@ -24,15 +32,25 @@ import vmq
 from vmq.codec import new_secret
 from vmq.config import Settings, load_settings
 from vmq.errors import ConfigError
-from vmq.model import DomainStatus
+from vmq.hypervisor import SIM_AGENTS_DIR_VARIABLE
+from vmq.hypervisor.xmldesc import channel_socket_path
+from vmq.model import AGENT_CHANNEL, RESPONDER_CHANNEL, DomainStatus, ProbePath
 from vmq.routing import MONITOR_QUEUE, TIMEOUT_QUEUE, host_queue
-from vmq.sim.guests import GuestFleet
+from vmq.sim.agents import set_agent_silent
+from vmq.sim.guests import GuestFleet, guest_socket_path
 from vmq.sim.testnode import stable_uuid, write_node
 from vmq.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
 
 SOURCE_ROOT = Path(vmq.__file__).resolve().parent.parent
+
+#: The virtio channel each relayed path gives a VM's domains.
+PATH_CHANNELS: dict[ProbePath, str] = {ProbePath.CHANNEL: RESPONDER_CHANNEL, ProbePath.AGENT: AGENT_CHANNEL}
+
+# The longest socket name under the channel directory: testnode's "vmq-<uuid8>.<channel>" plus ".guest".
+_LONGEST_SOCKET_NAME = len(guest_socket_path(f"/vmq-12345678.{RESPONDER_CHANNEL}"))
+_MAX_UNIX_PATH = 107
 
 
 def find_redis_server() -> str:
@@ -132,6 +150,7 @@ class ClusterSpec:
     devices: bool = False  # give test-driver domains a disk and a NIC (their counters then move)
     monitors: int = 1  # monitor/timeout workers: "monitor", then "monitor-2", ...
     beats: int = 1  # beat processes: "beat", then "beat-2", ... (a second one must be harmless)
+    paths: dict[str, ProbePath] = field(default_factory=dict)  # VM -> probe path; absent: redis, not recorded
 
 
 class LocalCluster:
@@ -143,8 +162,17 @@ class LocalCluster:
         self.spec = spec
         self.env = {**os.environ, **spec.env, "VMQ_REDIS_URL": redis_url}
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), self.env.get("PYTHONPATH")) if p)
-        for name in ("VMQ_HOST_NAME", "VMQ_LIBVIRT_URI"):
+        for name in ("VMQ_HOST_NAME", "VMQ_LIBVIRT_URI", SIM_AGENTS_DIR_VARIABLE):
             self.env.pop(name, None)
+        every_vm = set(self.vms) | {vm for vms in spec.standby.values() for vm in vms}
+        unknown = set(spec.paths) - every_vm
+        if unknown:
+            raise ValueError(f"ClusterSpec.paths names VMs that are neither placed nor standby: {sorted(unknown)}")
+        self.paths = {vm: ProbePath(path) for vm, path in spec.paths.items()}
+        self.agents_dir = workdir / "agents"
+        self._channel_dir: Path | None = None
+        self._channel_dir_owned = False  # made under the system's temp dir (workdir too deep): removed by stop()
+        self.channel_sockets: dict[str, str] = {}  # channel VM -> the host socket its domain's XML names
         self.settings: Settings = load_settings({k[4:].lower(): v for k, v in self.env.items()
                                                  if k.startswith("VMQ_") and k[4:].lower() in Settings.model_fields})
         self.store = RedisStore.from_settings(self.settings)
@@ -165,15 +193,41 @@ class LocalCluster:
             stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
 
-    def start_host(self, host: str, extra_env: Mapping[str, str] | None = None) -> None:
-        """Write the host's test:/// node and start its host worker (queue host.<name> only)."""
+    def channel_dir(self) -> Path:
+        """Where the channel sockets live: ``<workdir>/channels``, or a short temp dir when that path would
+        not fit a unix socket's 107 bytes."""
+        if self._channel_dir is None:
+            candidate = self.workdir / "channels"
+            if len(os.fsencode(str(candidate))) + _LONGEST_SOCKET_NAME > _MAX_UNIX_PATH:
+                candidate, self._channel_dir_owned = Path(tempfile.mkdtemp(prefix="vmq-ch-")), True
+            candidate.mkdir(parents=True, exist_ok=True)
+            self._channel_dir = candidate
+        return self._channel_dir
+
+    def write_host_node(self, host: str) -> str:
+        """Write the host's test:/// node (its placed VMs running, standby ones shut off, each with the channel
+        of its probe path) and return its URI; a channel VM's host socket is recorded in ``channel_sockets``."""
         domains = [(vm, stable_uuid(vm), DomainStatus.RUNNING) for vm in self.spec.placement.get(host, [])]
         domains += [(vm, stable_uuid(vm), DomainStatus.SHUTOFF) for vm in self.spec.standby.get(host, [])]
-        uri = write_node(self.workdir / f"node-{host}.xml", host, domains, devices=self.spec.devices)
+        channels = {vm: [PATH_CHANNELS[self.paths[vm]]] for vm, _uuid, _status in domains
+                    if self.paths.get(vm, ProbePath.REDIS) in PATH_CHANNELS}
+        node = self.workdir / f"node-{host}.xml"
+        if channels:
+            uri = write_node(node, host, domains, devices=self.spec.devices, channels=channels,
+                             socket_dir=str(self.channel_dir()))
+            self.channel_sockets.update(_responder_sockets(node))
+        else:  # exactly the node file of a cluster without relayed paths
+            uri = write_node(node, host, domains, devices=self.spec.devices)
+        return uri
+
+    def start_host(self, host: str, extra_env: Mapping[str, str] | None = None) -> None:
+        """Write the host's test:/// node and start its host worker (queue host.<name> only)."""
+        uri = self.write_host_node(host)
+        agents = {SIM_AGENTS_DIR_VARIABLE: str(self.agents_dir)} if ProbePath.AGENT in self.paths.values() else {}
         self._celery(f"host-{host}", ["worker", "-Q", host_queue(host), "-P", "threads", "-c", "2",
                                       "-n", f"{host}@%h", "--without-gossip", "--without-mingle",
                                       "--loglevel", "INFO"],
-                     {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri, **(extra_env or {})})
+                     {"VMQ_HOST_NAME": host, "VMQ_LIBVIRT_URI": uri, **agents, **(extra_env or {})})
 
     def kill_host(self, host: str) -> None:
         """SIGKILL a host worker, as a crashed hypervisor would leave it (no goodbye, the heartbeat expires)."""
@@ -191,6 +245,10 @@ class LocalCluster:
         for vm in self.vms:
             self.secrets[vm] = new_secret()
             self.store.keyring.set_secret(vm, self.secrets[vm])
+        for vm, path in sorted(self.paths.items()):
+            self.store.vms.set_fields(vm, {"probe_path_set": path.value})
+            if path is ProbePath.AGENT:  # powered off until the fleet boots it (never, with guests=False)
+                set_agent_silent(self.agents_dir, vm, True)
         for n in range(1, self.spec.monitors + 1):
             suffix = "" if n == 1 else f"-{n}"
             self._celery(f"monitor{suffix}", ["worker", "-Q", f"{MONITOR_QUEUE},{TIMEOUT_QUEUE}", "-P", "threads",
@@ -205,7 +263,9 @@ class LocalCluster:
         if self.spec.guests:
             self.fleet = GuestFleet(self.redis_url, self.settings.keys, self.secrets, self.workdir,
                                     self.spec.boot_delay_s, sentinels=self.settings.sentinel_addresses,
-                                    sentinel_master=self.settings.redis_sentinel_master)
+                                    sentinel_master=self.settings.redis_sentinel_master,
+                                    paths=self.paths, channel_sockets=self.channel_sockets,
+                                    agents_dir=self.agents_dir)
             self.fleet.start()
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
@@ -240,3 +300,18 @@ class LocalCluster:
             if proc is not None:
                 _stop_process(proc)
         self.store.client.close()
+        if self._channel_dir_owned and self._channel_dir is not None:
+            shutil.rmtree(self._channel_dir, ignore_errors=True)
+
+
+def _responder_sockets(node_file: Path) -> dict[str, str]:
+    """Domain name -> host socket of its ``org.vmq.responder.0`` channel, read back from a node file as the
+    host reads a domain's XML (vmq.hypervisor.xmldesc), so the fleet binds exactly where libvirt points."""
+    sockets: dict[str, str] = {}
+    for domain in ElementTree.parse(node_file).getroot().iter("domain"):
+        try:
+            sockets[domain.findtext("name", "")] = channel_socket_path(ElementTree.tostring(domain, "unicode"),
+                                                                       RESPONDER_CHANNEL)
+        except LookupError:
+            continue
+    return sockets
