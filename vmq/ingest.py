@@ -20,7 +20,7 @@ from vmq.codec import RawEntry, ReplyVerifier, Verified
 from vmq.errors import CodecError
 from vmq.model import Transition, VmRecord
 from vmq.ports import Lease, Replies, Store
-from vmq.relayed import decode_batches
+from vmq.relayed import Decoded, decode_batches
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ BATCH = 5000  # guest replies per read
 RELAY_BATCH = 50  # relayed batches per read (each holds up to vmq.store.relays.MAX_ANSWERS_PER_ENTRY answers)
 
 
-Verify = Callable[[list[RawEntry]], tuple[list[Verified], list[CodecError]]]
+Verify = Callable[[list[RawEntry]], Decoded]
 
 
 @dataclass
@@ -157,21 +157,20 @@ class Ingestor:
                 log.warning("%d answers were trimmed from a stream before vmq read them: the rounds they may "
                             "have answered are not judged (no evidence)", lost)
             if entries:
-                verified, rejected = verify(entries)
-                if not self._accept(source, verified, rejected, entries, result,
-                                    lease.token if lease is not None else b""):
+                if not self._accept(source, verify(entries), entries, result, lease.token if lease is not None else b""):
                     result.complete = False
                     return False
                 cursor = _text(entries[-1][0])
             if len(entries) < batch:
                 return True
 
-    def _verify_replies(self, entries: list[RawEntry]) -> tuple[list[Verified], list[CodecError]]:
+    def _verify_replies(self, entries: list[RawEntry]) -> Decoded:
         store = self.store
-        return self.verifier.verify(entries, store.keyring.secrets(), store.rounds.round_book(),
-                                    self.max_reply_bytes, store.keyring.previous_secrets())
+        verified, rejected = self.verifier.verify(entries, store.keyring.secrets(), store.rounds.round_book(),
+                                                  self.max_reply_bytes, store.keyring.previous_secrets())
+        return Decoded(verified, rejected)
 
-    def _verify_relayed(self, entries: list[RawEntry]) -> tuple[list[Verified], list[CodecError]]:
+    def _verify_relayed(self, entries: list[RawEntry]) -> Decoded:
         store = self.store
 
         def records(vms: Sequence[str]) -> dict[str, VmRecord]:
@@ -184,11 +183,12 @@ class Ingestor:
         rejects[exc.reason] += 1
         self.reject_log.rejected(exc, time.monotonic())
 
-    def _accept(self, source: Replies, verified: list[Verified], rejected: list[CodecError],
-                entries: list[RawEntry], result: IngestResult, lock_token: bytes) -> bool:
+    def _accept(self, source: Replies, decoded: Decoded, entries: list[RawEntry], result: IngestResult,
+                lock_token: bytes) -> bool:
         """Record one verified batch of ``source`` into ``result``; False (nothing counted) when the judge
         lock's fence refused it."""
         store = self.store
+        verified, rejected = decoded.accepted, decoded.rejected
         rejects: Counter[str] = Counter()
         for exc in rejected:
             self._reject(rejects, exc)
@@ -222,6 +222,8 @@ class Ingestor:
             cursor=_text(entries[-1][0]),
             read=len(entries),
             lock_token=lock_token,
+            finished=decoded.finished,
+            unasked=decoded.unasked,
         ):
             return False
         result.ingested += len(entries)

@@ -85,13 +85,18 @@ class Judge:
             log.warning("vm=%s overrides refused: %s", rec.vm, refused)
         return cfg
 
-    def inputs(self, records: Sequence[VmRecord], now_ms: int) -> JudgeInputs:
-        """The views of ``records`` with their budget, guards and host context."""
+    def inputs(self, records: Sequence[VmRecord], now_ms: int, round_id: int | None = None) -> JudgeInputs:
+        """The views of ``records`` with their budget, guards and host context. With ``round_id`` (judging a
+        round's silence), a relayed VM counts as asked only if its host's relay reported that round finished,
+        in a batch read by now, without leaving it unasked."""
         store = self.store
         vms = [rec.vm for rec in records]
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
-        restarts, last_replies, keyed, suspended = store.vms.judge_context(vms, window_start)
-        hosts = store.hosts.host_context((r.host for r in records if r.host), now_ms, self.settings.host_fresh_ms)
+        context = store.vms.judge_context(vms, window_start)
+        restarts, last_replies, keyed, suspended = (context.restarts, context.last_replies, context.keyed,
+                                                    context.suspended)
+        hosts = store.hosts.host_context((r.host for r in records if r.host), now_ms, self.settings.host_fresh_ms,
+                                         round_id)
         in_flight = store.vms.restarting_by_host()
         seen = store.replies.last_seen_many(vms)
         judged: list[Judged] = []
@@ -99,7 +104,8 @@ class Judge:
             if not rec.exists:
                 continue  # listed in last_round but no record: removed VM
             host = hosts.get(rec.host)
-            relay_alive = not rec.relayed or bool(host and host.relay_fresh(now_ms, self.settings.relay_fresh_ms))
+            relay_alive = (round_id is None or not rec.relayed or (
+                host is not None and host.relay_finished and context.unasked_rounds[i] < round_id))
             view = view_of(
                 rec, has_key=rec.vm in keyed or rec.probe_path is ProbePath.AGENT, host_alive=bool(host and host.alive),
                 relay_alive=relay_alive,

@@ -80,6 +80,17 @@ class Keys:
         """Last relay-stream id ingested."""
         return self._k("relayed", "cursor")
 
+    @property
+    def relay_rounds(self) -> str:
+        """Sorted set of "<host>|<round>" -> round: the rounds each host's relay reported finished, in batches the
+        monitor read (recent rounds only)."""
+        return self._k("relayed", "rounds")
+
+    @property
+    def relay_unasked(self) -> str:
+        """Sorted set VM -> the latest round its host's relay could not ask it (its silence then is no evidence)."""
+        return self._k("relayed", "unasked")
+
     # -- per-VM liveness (hot path: one multi-member ZADD GT per batch)
     @property
     def last_round(self) -> str:

@@ -257,6 +257,7 @@ class HostContext:
     maintenance_until_ms: int  # 0: none; -1: until lifted
     vm_count: int
     relay_seen_ms: int = 0  # when its relay last handled a probe round (Redis ms; 0: never)
+    relay_finished: bool = False  # its relay reported the round being judged finished (read by the monitor)
 
     def in_maintenance(self, now_ms: int) -> bool:
         """True while the host's maintenance window lasts."""
@@ -265,6 +266,17 @@ class HostContext:
     def relay_fresh(self, now_ms: int, fresh_ms: int) -> bool:
         """True while the host's relay handled a probe round within ``fresh_ms``."""
         return self.relay_seen_ms > 0 and now_ms - self.relay_seen_ms <= fresh_ms
+
+
+@dataclass(frozen=True)
+class JudgeContext:
+    """What the judge reads about the VMs it judges, index-aligned with them."""
+
+    restarts: list[int]  # restarts in the budget window
+    last_replies: list[str | None]  # last saved reply (JSON text)
+    keyed: set[str]  # VMs with a responder key
+    suspended: bool  # the kill switch
+    unasked_rounds: list[int]  # the latest round each VM's host relay could not ask it (0: none)
 
 
 @dataclass(frozen=True)

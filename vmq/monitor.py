@@ -218,7 +218,7 @@ class Monitor:
         if not silent:
             end_guard_episodes(store, set(), now_ms)
             return
-        inputs = judge.inputs(store.vms.records(silent), now_ms)
+        inputs = judge.inputs(store.vms.records(silent), now_ms, round_id)
         judged, in_flight = inputs.judged, inputs.in_flight
         if gap is not None and gap.reconnected_since_ms:  # after a gap in probing: see probing_gap
             waiting = [j.view.vm for j in judged if j.view.last_valid_ms < gap.reconnected_since_ms]

@@ -16,7 +16,8 @@ def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
     vms = store.vms.all_vms()
     records = store.vms.records(vms)
     window_start = now_ms - int(settings.restart_window_s * 1000)
-    restarts, _, keyed, suspended = store.vms.judge_context(vms, window_start)
+    context = store.vms.judge_context(vms, window_start)
+    restarts, keyed, suspended = context.restarts, context.keyed, context.suspended
     seen = store.replies.last_seen_many(vms)
     hosts = store.hosts.hosts_overview()
     per_host: dict[str, int] = {}

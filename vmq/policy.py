@@ -88,7 +88,8 @@ def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
     if not view.has_key:
         return "no responder key registered: cannot judge silence"
     if not view.relay_alive:
-        return f"host {view.host or '?'} relays no probe rounds (its relay is late or gone): silence is no evidence"
+        return (f"host {view.host or '?'}'s relay did not report this round finished by its deadline, or could "
+                "not ask this VM: silence is no evidence")
     if view.domain_status is DomainStatus.ABSENT:
         return "domain not found on any live host"
     if view.domain_status is DomainStatus.SHUTOFF:

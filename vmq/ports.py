@@ -11,8 +11,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vmq.model import (RESPONDER_CHANNEL, AuditEvent, DomainInfo, DomainStatus, HostContext, Placement, Transition,
-                       TransitionResult, VmRecord)
+from vmq.model import (RESPONDER_CHANNEL, AuditEvent, DomainInfo, DomainStatus, HostContext, JudgeContext, Placement,
+                       Transition, TransitionResult, VmRecord)
 from vmq.telemetry import MetricsSnapshot
 
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
@@ -77,7 +77,8 @@ class Replies(Protocol):
 
     def record_replies(self, rounds: Mapping[str, int], arrivals: Mapping[str, int], payloads: Mapping[str, bytes],
                        rejects: Mapping[str, int], valid_count: int, cursor: str, read: int = 0,
-                       lock_token: bytes = b"") -> bool: ...
+                       lock_token: bytes = b"", finished: Mapping[str, int] | None = None,
+                       unasked: Mapping[str, int] | None = None) -> bool: ...
 
     def evidence_lost_until(self) -> int: ...
 
@@ -101,8 +102,7 @@ class VmRecords(Protocol):
 
     def restarting_by_host(self) -> dict[str, int]: ...
 
-    def judge_context(self, vms: Sequence[str], window_start_ms: int) -> tuple[
-        list[int], list[str | None], set[str], bool]: ...
+    def judge_context(self, vms: Sequence[str], window_start_ms: int) -> JudgeContext: ...
 
     def transition(self, spec: Transition) -> TransitionResult: ...
 
@@ -133,7 +133,8 @@ class VmRecords(Protocol):
 class Hosts(Protocol):
     """Registered hosts: heartbeats, info, domain listings, guard episodes, kill switch."""
 
-    def host_context(self, hosts: Iterable[str], now_ms: int, fresh_ms: int) -> dict[str, HostContext]: ...
+    def host_context(self, hosts: Iterable[str], now_ms: int, fresh_ms: int,
+                     round_id: int | None = None) -> dict[str, HostContext]: ...
 
     def set_kill_switch(self, seconds: float | None, on: bool = True) -> None: ...
 
@@ -212,7 +213,8 @@ class Relays(Protocol):
 
     def subscribe_probes(self) -> ProbeFeed: ...
 
-    def append(self, host: str, answers: Sequence[Mapping[str, Any]]) -> list[str]: ...
+    def append(self, host: str, answers: Sequence[Mapping[str, Any]], finished_round: int | None = None,
+               unasked: Sequence[str] = ()) -> list[str]: ...
 
 
 class Store(Protocol):

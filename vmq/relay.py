@@ -22,22 +22,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 
 from vmq.config import Settings
-from vmq.errors import (
-    AgentAnswerInvalid,
-    AgentBusy,
-    AgentTimeout,
-    AgentUnavailable,
-    DomainNotRunning,
-    HypervisorError,
-    StoreError,
-)
+from vmq.errors import HypervisorError, StoreError
 from vmq.hypervisor.channel import ChannelRelay, Polled
 from vmq.model import DomainStatus, ProbePath
 from vmq.ports import Hypervisor, ProbeFeed, Store
-from vmq.relay_answers import Answer, OncePer, Outbox, RelayStats, agent_answer, channel_answer, channel_reply_check
+from vmq.relay_agent import FAST_LANE_TIMEOUT_S, Called, call_agent
+from vmq.relay_answers import OncePer, Outbox, RelayStats, channel_answer, channel_reply_check
 from vmq.responder import parse_probe
 
 __all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay"]
@@ -46,9 +38,7 @@ log = logging.getLogger(__name__)
 
 AGENT_WORKERS = 8  # fast-lane threads: 200 VMs x 1.3 ms / 8 = 33 ms per round
 SLOW_LANE_WORKERS = 2  # below the libvirt adapter's own 4 agent threads
-FAST_LANE_TIMEOUT_S = 0.25  # qemu-ga answers in 1.3 ms (p50), 2.6 ms (p99)
 AGENT_TIMEOUT_SHARE = 0.8  # an agent call never outlives 0.8 T1: the next round finds the VM free
-MIN_CALL_S = 0.01  # a call that would get less time than this is not started (agent_late)
 INFO_EVERY_ROUNDS = 10  # guest_info rides along with the ping every this many rounds
 FLUSH_INTERVAL_S = 0.05
 TICK_S = 0.01  # the loop's wait while answers are pending
@@ -57,30 +47,6 @@ CHANNEL_WAIT_S = 0.02  # channel polls alternate with probe reads this often
 BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.2, 5.0
 SUMMARY_INTERVAL_S = 60.0
 RECENT_ROUNDS = 8
-
-
-@dataclass(frozen=True)
-class _Called:
-    """What one agent call gave, handed from a pool thread to the loop."""
-
-    vm: str
-    round_id: int
-    answer: Answer | None
-    reason: str  # "" with an answer
-    detail: str
-    latency_ms: float | None
-    done_s: float
-    info_failed: bool = False
-
-
-def _reason(exc: HypervisorError) -> str:
-    """The drop reason of a failed agent call (AgentBusy before AgentTimeout: it is a subclass)."""
-    for kind, reason in ((AgentBusy, "agent_busy"), (AgentTimeout, "agent_timeout"),
-                         (AgentUnavailable, "agent_unavailable"), (AgentAnswerInvalid, "agent_invalid"),
-                         (DomainNotRunning, "not_running")):
-        if isinstance(exc, kind):
-            return reason
-    return "hypervisor_error"
 
 
 class ProbeRelay:
@@ -105,7 +71,7 @@ class ProbeRelay:
         self._channel = (channel_relay or (lambda: ChannelRelay(settings.max_reply_bytes, clock=clock)))()
         self._pools = (concurrent.futures.ThreadPoolExecutor(agent_workers, thread_name_prefix="vmq-relay-agent"),
                        concurrent.futures.ThreadPoolExecutor(slow_workers, thread_name_prefix="vmq-relay-slow"))
-        self._results: queue.SimpleQueue[_Called] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[Called] = queue.SimpleQueue()
         self._once_per_round = OncePer(settings.probe_interval_s)
         self._once_per_10s = OncePer(10.0)
         self.agent_vms: list[str] = []
@@ -114,6 +80,12 @@ class ProbeRelay:
         self._slow: set[str] = set()  # agent VMs called in the slow lane
         self._expected: set[str] = set()  # VMs whose answer to the current round is still awaited
         self._round = 0
+        self._round_ends_s = 0.0  # when the current round's calls have all answered or timed out
+        self._unasked: set[str] = set()  # VMs of the current round whose call never started (agent_late)
+        self._asking: set[str] = set()  # agent VMs of the current round whose call was queued
+        self._started: set[tuple[int, str]] = set()  # (round, vm) of calls that started (pool threads add)
+        self._finished = 0  # the latest round reported finished (written with a batch)
+        self._finishing: tuple[int, list[str]] | None = None  # a round's end mark not yet written
         self._recent: deque[int] = deque(maxlen=RECENT_ROUNDS)
         self._feed: ProbeFeed | None = None
         self._feed_failures, self._feed_retry_at = 0, 0.0
@@ -185,7 +157,11 @@ class ProbeRelay:
             self._on_polled(self._channel.poll(min(wait_s, CHANNEL_WAIT_S)))
         self._collect()
         now = self._clock()
-        if now >= self._flush_retry_at and self.outbox.due(now, round_complete=not self._expected):
+        if self._round > self._finished and self._finishing is None and (not self._expected
+                                                                          or now >= self._round_ends_s):
+            self._finish_round()
+        if now >= self._flush_retry_at and (self._finishing is not None
+                                            or self.outbox.due(now, round_complete=not self._expected)):
             self.flush()
         if now >= self._next_summary:
             self._next_summary = now + self.summary_interval_s
@@ -239,8 +215,11 @@ class ProbeRelay:
             return
         self._recent.append(round_id)
         self.stats.counts["probes"] += 1
-        self._round, self._expected = round_id, set()
+        if self._round > self._finished and self._finishing is None:
+            self._finish_round()  # the previous round ends here at the latest
+        self._round, self._expected, self._unasked, self._asking = round_id, set(), set(), set()
         deadline_s = self._clock() + self.timeout_s
+        self._round_ends_s = deadline_s
         with_info = self.info_every_rounds > 0 and round_id % self.info_every_rounds == 0
         for vm in self.agent_vms:
             if vm in self._in_flight:
@@ -249,6 +228,7 @@ class ProbeRelay:
             slow = vm in self._slow
             self._in_flight.add(vm)
             self._expected.add(vm)
+            self._asking.add(vm)
             self._pools[slow].submit(self._call_agent, vm, round_id, nonce, deadline_s, slow, with_info)
         if self.channel_vms:
             line = raw.strip()
@@ -261,31 +241,8 @@ class ProbeRelay:
     def _call_agent(self, vm: str, round_id: int, nonce: str, deadline_s: float, slow: bool,
                     with_info: bool) -> None:
         """In a pool thread: one ping (and guest_info when asked) within the round's deadline."""
-        remaining_s = deadline_s - self._clock()
-        if remaining_s < MIN_CALL_S:
-            self._results.put(_Called(vm, round_id, None, "agent_late", "queued past its round", None,
-                                      self._clock()))
-            return
-        timeout_s = remaining_s if slow else min(remaining_s, FAST_LANE_TIMEOUT_S)
-        try:
-            hypervisor = self._hypervisor()
-            pinged = hypervisor.agent_ping(vm, timeout_s)
-        except HypervisorError as exc:
-            self._results.put(_Called(vm, round_id, None, _reason(exc), str(exc), None, self._clock()))
-            return
-        except Exception as exc:  # a bug in an adapter must not kill the pool thread silently
-            log.exception("host=%s vm=%s agent call failed", self.host, vm)
-            self._results.put(_Called(vm, round_id, None, "hypervisor_error", repr(exc), None, self._clock()))
-            return
-        info: dict[str, object] | None = None
-        info_failed = False
-        if with_info and (left_s := deadline_s - self._clock()) >= MIN_CALL_S:
-            try:
-                info = hypervisor.guest_info(vm, left_s)
-            except HypervisorError:
-                info_failed = True
-        answer = agent_answer(vm, round_id, nonce, pinged.latency_ms, pinged.guest_time_ms, info)
-        self._results.put(_Called(vm, round_id, answer, "", "", pinged.latency_ms, self._clock(), info_failed))
+        self._results.put(call_agent(self._hypervisor, self._clock, vm, round_id, nonce, deadline_s, slow, with_info,
+                                     on_start=self._started.add))
 
     def _collect(self) -> None:
         """Take the finished agent calls into the outbox and the counters (loop thread)."""
@@ -298,6 +255,8 @@ class ProbeRelay:
             self._in_flight.discard(vm)
             if called.round_id == self._round:
                 self._expected.discard(vm)
+                if called.reason == "agent_late":
+                    self._unasked.add(vm)
             if called.reason != "agent_late":
                 self.stats.counts["agent_calls"] += 1
             if called.answer is None:
@@ -338,10 +297,15 @@ class ProbeRelay:
         """Write the outbox as one batch (``store.relays.append``); on failure keep it for the next flush
         (retried after 0.1 s), dropping answers older than T1. True if nothing is left unwritten."""
         items = self.outbox.take()
-        if not items:
+        finishing = self._finishing
+        if not items and finishing is None:
             return True
         try:
-            self._store().relays.append(self.host, [answer for _, answer in items])
+            if finishing is None:
+                self._store().relays.append(self.host, [answer for _, answer in items])
+            else:
+                self._store().relays.append(self.host, [answer for _, answer in items], finishing[0], finishing[1])
+                self._finished, self._finishing = finishing[0], None
         except StoreError as exc:
             now = self._clock()
             dropped = self.outbox.put_back(items, now)
@@ -354,6 +318,18 @@ class ProbeRelay:
         now = self._clock()
         self.stats.flushed(len(items), [(now - ready_s) * 1000.0 for ready_s, _ in items])
         return True
+
+    def _finish_round(self) -> None:
+        """Mark the current round finished: every VM asked has answered or timed out (or its time is up). The
+        mark goes with the next flush, naming the VMs never asked: only then is a relayed VM's silence in
+        that round evidence for the monitor."""
+        round_id = self._round
+        started = {vm for started_round, vm in list(self._started) if started_round == round_id}
+        unasked = self._unasked | (self._asking - started)  # late, or still queued when the round ended
+        self._started = {call for call in list(self._started) if call[0] > round_id}
+        self._finishing = (round_id, sorted(unasked))
+        if unasked:
+            self.stats.counts["unasked"] += len(unasked)
 
     def _heartbeat(self) -> None:
         """Tell the monitor this host's relay handled a round (Redis time, ms)."""

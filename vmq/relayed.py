@@ -10,6 +10,7 @@ batch did: its stream id, in Redis time.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -38,8 +39,35 @@ def _fields(raw: Any) -> dict[bytes, bytes]:
     return dict(zip(raw[::2], raw[1::2], strict=False))
 
 
-def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> tuple[str, int, list[dict[str, Any]]]:
-    """(host, arrival_ms, answers) of one stream entry; raises CodecError(malformed/oversized)."""
+@dataclass(frozen=True)
+class Batch:
+    """One host's batch as read: its answers, and the round it finished (0: none) with the VMs left unasked."""
+
+    host: str
+    arrival_ms: int
+    answers: list[dict[str, Any]]
+    finished_round: int = 0
+    unasked: tuple[str, ...] = ()
+
+
+@dataclass
+class Decoded:
+    """What a read of the relayed stream yields: answers that count, rejects, the (host, round) pairs the hosts'
+    relays finished, and per VM the latest round its host could not ask it."""
+
+    accepted: list[Verified] = field(default_factory=list)
+    rejected: list[CodecError] = field(default_factory=list)
+    finished: dict[str, int] = field(default_factory=dict)  # "<host>|<round>" -> round
+    unasked: dict[str, int] = field(default_factory=dict)
+
+
+def finished_member(host: str, round_id: int) -> str:
+    """The member of ``<ns>:relayed:rounds`` saying ``host``'s relay finished ``round_id``."""
+    return f"{host}|{round_id}"
+
+
+def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
+    """One stream entry as a Batch; raises CodecError(malformed/oversized)."""
     entry_id, raw = entry[0], entry[1]
     fields = _fields(raw)
     host, body = fields.get(b"h"), fields.get(b"a")
@@ -53,7 +81,18 @@ def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> tuple[str,
         raise CodecError(RejectReason.MALFORMED.value, f"relayed batch is not JSON: {exc}") from None
     if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
         raise CodecError(RejectReason.MALFORMED.value, "relayed batch is not a list of objects")
-    return _text(host), int(_text(entry_id).partition("-")[0]), answers
+    finished, unasked = fields.get(b"r"), fields.get(b"u")
+    round_id: int = 0
+    left: list[Any] = []
+    if finished is not None:
+        try:
+            round_id = int(finished)
+            left = orjson.loads(unasked) if unasked is not None else []
+        except (ValueError, orjson.JSONDecodeError):
+            raise CodecError(RejectReason.MALFORMED.value, "relayed batch with a bad round mark (r/u)") from None
+        if round_id <= 0 or not isinstance(left, list) or not all(isinstance(v, str) for v in left):
+            raise CodecError(RejectReason.MALFORMED.value, "relayed batch with a bad round mark (r/u)")
+    return Batch(_text(host), int(_text(entry_id).partition("-")[0]), answers, round_id, tuple(left))
 
 
 def _agent_answer(host: str, answer: Mapping[str, Any], arrival_ms: int, book: RoundBook) -> Verified:
@@ -80,61 +119,67 @@ def _agent_answer(host: str, answer: Mapping[str, Any], arrival_ms: int, book: R
 
 def decode_batches(entries: Sequence[RawEntry], records: Callable[[Sequence[str]], Mapping[str, VmRecord]],
                    verifier: ReplyVerifier, secrets: Mapping[str, bytes], book: RoundBook, max_reply_bytes: int,
-                   previous: Mapping[str, tuple[bytes, int]] | None = None,
-                   ) -> tuple[list[Verified], list[CodecError]]:
-    """The answers of ``entries`` that count, in stream order, and a CodecError per answer (or batch) that
-    does not. ``records`` gives the records of the VMs named (one call for the whole read)."""
-    parsed: list[tuple[RawEntry, str, int, list[dict[str, Any]]]] = []
-    rejected: list[CodecError] = []
+                   previous: Mapping[str, tuple[bytes, int]] | None = None) -> Decoded:
+    """The answers of ``entries`` that count (stream order), a CodecError per answer (or batch) that does not,
+    and the rounds the hosts finished. ``records`` gives the records of the VMs named (one call per read)."""
+    out = Decoded()
+    batches: list[tuple[RawEntry, Batch]] = []
     named: set[str] = set()
     for entry in entries:
         try:
-            host, arrival_ms, answers = parse_batch(entry)
+            batch = parse_batch(entry)
         except CodecError as exc:
-            rejected.append(exc)
+            out.rejected.append(exc)
             continue
-        parsed.append((entry, host, arrival_ms, answers))
-        named.update(a["vm"] for a in answers if isinstance(a.get("vm"), str))
+        batches.append((entry, batch))
+        named.update(a["vm"] for a in batch.answers if isinstance(a.get("vm"), str))
+        named.update(batch.unasked)
     by_vm = records(sorted(named)) if named else {}
-    accepted: list[Verified] = []
-    for entry, host, arrival_ms, answers in parsed:
+    for entry, batch in batches:
+        host = batch.host
         signed: list[RawEntry] = []  # channel answers: the guests' own replies, verified below
-        signed_vms: list[str] = []
-        for answer in answers:
+        vouched: set[str] = set()
+        for answer in batch.answers:
             vm, path = answer.get("vm"), answer.get("p")
             if not isinstance(vm, str) or not valid_name(vm) or path not in (ProbePath.CHANNEL.value,
                                                                             ProbePath.AGENT.value):
-                rejected.append(CodecError(RejectReason.MALFORMED.value, f"relayed by {host}: answer without vm/path"))
+                out.rejected.append(CodecError(RejectReason.MALFORMED.value,
+                                               f"relayed by {host}: answer without vm/path"))
                 continue
             rec = by_vm.get(vm)
             if rec is None or not rec.exists:
-                rejected.append(CodecError(RejectReason.UNKNOWN_VM.value, f"{vm!r} relayed by {host}"))
+                out.rejected.append(CodecError(RejectReason.UNKNOWN_VM.value, f"{vm!r} relayed by {host}"))
             elif rec.host != host:
-                rejected.append(CodecError(RejectReason.WRONG_HOST.value,
-                                           f"relayed by {host}, but its record places it on {rec.host or 'no host'}", vm))
+                out.rejected.append(CodecError(RejectReason.WRONG_HOST.value, f"relayed by {host}, but its record "
+                                               f"places it on {rec.host or 'no host'}", vm))
             elif rec.probe_path.value != path:
-                rejected.append(CodecError(RejectReason.WRONG_PATH.value,
-                                           f"relayed on the {path} path, but it is on {rec.probe_path.value}", vm))
+                out.rejected.append(CodecError(RejectReason.WRONG_PATH.value, f"relayed on the {path} path, but "
+                                               f"it is on {rec.probe_path.value}", vm))
             elif path == ProbePath.AGENT.value:
                 try:
-                    accepted.append(_agent_answer(host, answer, arrival_ms, book))
+                    out.accepted.append(_agent_answer(host, answer, batch.arrival_ms, book))
                 except CodecError as exc:
-                    rejected.append(exc)
+                    out.rejected.append(exc)
             else:
                 message, signature = answer.get("m"), answer.get("s")
                 if not isinstance(message, str) or not isinstance(signature, str):
-                    rejected.append(CodecError(RejectReason.MALFORMED.value, "channel answer without m/s", vm))
+                    out.rejected.append(CodecError(RejectReason.MALFORMED.value, "channel answer without m/s", vm))
                     continue
                 signed.append((entry[0], [b"m", message.encode(), b"s", signature.encode()]))
-                signed_vms.append(vm)
+                vouched.add(vm)
         if signed:
             ok, bad = verifier.verify(signed, secrets, book, max_reply_bytes, previous)
-            vouched = set(signed_vms)
             for reply in ok:
                 if reply.vm in vouched:
-                    accepted.append(reply)
+                    out.accepted.append(reply)
                 else:  # a guest's reply signed as another VM, relayed on this VM's socket
-                    rejected.append(CodecError(RejectReason.WRONG_HOST.value, f"signed as {reply.vm} on {host}",
-                                               reply.vm))
-            rejected += bad
-    return accepted, rejected
+                    out.rejected.append(CodecError(RejectReason.WRONG_HOST.value,
+                                                   f"signed as {reply.vm}, relayed by {host}", reply.vm))
+            out.rejected += bad
+        if batch.finished_round:
+            out.finished[finished_member(host, batch.finished_round)] = batch.finished_round
+            for vm in batch.unasked:  # only for its own VMs: a host cannot excuse another host's VM
+                rec = by_vm.get(vm)
+                if rec is not None and rec.exists and rec.host == host:
+                    out.unasked[vm] = max(out.unasked.get(vm, 0), batch.finished_round)
+    return out

@@ -261,3 +261,42 @@ def test_channel_vms_answers_are_relayed_and_a_reply_for_another_vm_is_rejected(
     assert set(answer) == {"vm", "p", "m", "s"} and (answer["vm"], answer["p"]) == ("vm-1", "channel")
     message = json.loads(answer["m"])
     assert (message["vm"], message["round"]) == ("vm-1", round_id) and len(answer["s"]) == 64
+
+
+def marks(world: RelayWorld) -> list[tuple[int, list[str]]]:
+    """(round, unasked VMs) of every batch that ends a round, in stream order."""
+    return [(int(fields[b"r"]), json.loads(fields[b"u"]))
+            for _, fields in world.client.xrange(world.keys.relay_stream) if b"r" in fields]
+
+
+def test_each_round_ends_with_a_mark_after_its_answers_so_silence_in_it_becomes_evidence(
+        make_world: Callable[..., RelayWorld]) -> None:
+    world = make_world({"a-1": (RUNNING, "agent"), "a-2": (RUNNING, "agent")})
+    world.hypervisor.set_agent("a-2", "hang")
+    world.start()
+    first = world.probe()
+    world.run_until(lambda: bool(marks(world)))
+    assert marks(world) == [(first, [])], "a-2 was asked (and hung): its silence is evidence"
+    entries = world.client.xrange(world.keys.relay_stream)
+    answered_at = next(i for i, (_, f) in enumerate(entries) if b'"a-1"' in f[b"a"])
+    marked_at = next(i for i, (_, f) in enumerate(entries) if b"r" in f)
+    assert answered_at <= marked_at, "the mark never comes before the round's answers"
+    second = world.probe()
+    world.run_until(lambda: len(marks(world)) == 2)
+    assert marks(world)[-1][0] == second
+
+
+def test_a_vm_whose_call_never_started_in_its_round_is_named_unasked_in_the_mark(
+        make_world: Callable[..., RelayWorld]) -> None:
+    vms = [f"a-{i}" for i in range(8)]
+    world = make_world({vm: (RUNNING, "agent") for vm in vms})
+    relay = world.start(agent_workers=1, slow_workers=1)
+    for vm in vms:  # one thread, 0.2 s a call, a round of 0.8 s: the last ones never start in time
+        world.hypervisor.set_agent(vm, latency_s=0.2)
+    world.probe()
+    world.run_until(lambda: bool(marks(world)), timeout_s=10)
+    [(_, unasked)] = marks(world)
+    answered = {a["vm"] for a in world.answers()}
+    assert unasked, "calls queued past their round are reported, so their silence is not judged"
+    assert set(unasked) & answered == set() and set(unasked) | answered <= set(vms)
+    assert relay.stats.counts["unasked"] == len(unasked)

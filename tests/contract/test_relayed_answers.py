@@ -1,6 +1,7 @@
 """Answers relayed by a VM's own host (`channel` and `agent` paths), judged by the monitor: the batch's arrival
-(Redis' stream id) is every answer's arrival, a host vouches only for its own VMs on their own path, and a host
-whose relay stops leaves its relayed VMs unjudged, never faulty. On fakeredis and a real redis-server."""
+(Redis' stream id) is every answer's arrival, a host vouches only for its own VMs on their own path, and a
+relayed VM's silence in a round is evidence only when its host's relay reported that very round finished, by the
+deadline, having asked it. On fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
@@ -21,14 +22,9 @@ from vmq.model import ProbePath, VmState
 
 
 def relayed(world: World, vm: str, path: ProbePath, host: str = HOST_A) -> None:
-    """``vm`` registered on ``host`` with its answers on ``path``, and ``host``'s relay working."""
+    """``vm`` registered on ``host`` with its answers on ``path``."""
     world.register(vm, host)
     world.store.vms.set_fields(vm, {"probe_path_set": path.value})
-    relay_alive(world, host)
-
-
-def relay_alive(world: World, host: str = HOST_A) -> None:
-    world.store.hosts.set_host_fields(host, {"relay_seen_ms": world.store.clock.time_ms()})
 
 
 def agent_answer(world: World, vm: str, round_id: int, nonce: str | None = None) -> dict[str, object]:
@@ -42,10 +38,21 @@ def channel_answer(world: World, vm: str, round_id: int, key_of: str | None = No
     return {"vm": vm, "p": "channel", "m": message.decode(), "s": signature}
 
 
-def batch(world: World, host: str, answers: list[dict[str, object]]) -> int:
-    """XADD one batch as ``host``'s relay does; returns its arrival (Redis ms)."""
-    [entry_id] = world.store.relays.append(host, answers)
+def batch(world: World, host: str, answers: list[dict[str, object]], finished: int | None = None,
+          unasked: tuple[str, ...] = ()) -> int:
+    """XADD one batch as ``host``'s relay does (ending round ``finished``); returns its arrival (Redis ms)."""
+    [entry_id] = world.store.relays.append(host, answers, finished, unasked)
     return int(entry_id.split("-")[0])
+
+
+def silent_round(world: World, vm: str) -> int:
+    """``vm`` answered one judged round through its host; returns the next round, sent and not yet due."""
+    first = world.probe()
+    batch(world, HOST_A, [agent_answer(world, vm, first)], finished=first)
+    world.make_due(first)
+    world.monitor.tick()
+    assert world.state(vm) == VmState.HEALTHY.value
+    return world.probe()
 
 
 def test_an_agent_vm_answered_through_its_hosts_batch_turns_healthy_with_the_batch_arrival(world: World) -> None:
@@ -60,18 +67,43 @@ def test_an_agent_vm_answered_through_its_hosts_batch_turns_healthy_with_the_bat
     assert (saved["via"], saved["host"], saved["params"]["latency_ms"]) == ("agent", HOST_A, 1.3)
 
 
-def test_an_agent_vm_whose_host_relays_no_answer_by_the_deadline_is_faulty_and_restarted(world: World) -> None:
+def test_an_agent_vm_whose_host_finished_the_round_without_its_answer_is_faulty_and_restarted(
+        world: World) -> None:
     relayed(world, "web-1", ProbePath.AGENT)
-    first = world.probe()
-    batch(world, HOST_A, [agent_answer(world, "web-1", first)])
-    world.make_due(first)
-    world.monitor.tick()
-    second = world.probe()
-    relay_alive(world)  # the relay handled the round; the agent did not answer
+    second = silent_round(world, "web-1")
+    batch(world, HOST_A, [], finished=second)  # the relay asked; the agent did not answer in time
     world.make_due(second)
     report = world.monitor.tick()
     assert report.flagged == ["web-1"] and report.dispatched == ["web-1"]
     assert world.dispatched[-1].host == HOST_A
+
+
+def test_a_vm_its_host_could_not_ask_is_not_judged_for_that_round(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    second = silent_round(world, "web-1")
+    batch(world, HOST_A, [], finished=second, unasked=("web-1",))
+    world.make_due(second)
+    report = world.monitor.tick()
+    assert report.flagged == [] and world.state("web-1") == VmState.HEALTHY.value
+    assert "could not ask this VM" in world.record("web-1")["decision"]
+
+
+def test_a_round_finished_mark_that_arrives_after_the_deadline_makes_no_silence_evidence(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    second = silent_round(world, "web-1")
+    world.make_due(second)
+    batch(world, HOST_A, [], finished=second)  # too late: the round was due before it arrived
+    assert world.monitor.tick().flagged == []
+
+
+def test_a_later_rounds_mark_does_not_make_an_earlier_rounds_silence_evidence(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    second = silent_round(world, "web-1")
+    third = world.probe()  # the relay never heard the second round (pub/sub dropped it) but finished the third
+    batch(world, HOST_A, [agent_answer(world, "web-1", third)], finished=third)
+    world.make_due(second)
+    report = world.monitor.tick()
+    assert report.flagged == [], "the second round was never asked: its silence is no evidence"
 
 
 def test_a_channel_vm_answered_with_its_own_signed_reply_through_its_host_is_healthy(world: World) -> None:
@@ -92,7 +124,6 @@ def test_a_channel_answer_signed_with_another_vms_key_is_refused(world: World) -
 
 def test_a_host_cannot_vouch_for_a_vm_its_record_places_on_another_host(world: World) -> None:
     relayed(world, "web-1", ProbePath.AGENT, host=HOST_A)
-    relay_alive(world, HOST_B)
     round_id = world.probe()
     batch(world, HOST_B, [agent_answer(world, "web-1", round_id)])
     report = world.tick_after_arrivals()
@@ -102,7 +133,6 @@ def test_a_host_cannot_vouch_for_a_vm_its_record_places_on_another_host(world: W
 
 def test_an_answer_on_a_path_the_vm_is_not_on_is_refused(world: World) -> None:
     world.register("web-1")  # the redis path: its own responder must answer
-    relay_alive(world)
     round_id = world.probe()
     batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
     report = world.tick_after_arrivals()
@@ -142,17 +172,16 @@ def test_relayed_vms_of_a_host_whose_relay_stopped_are_not_judged_and_not_restar
     relayed(world, "web-1", ProbePath.AGENT)
     world.register("web-2")  # on the redis path, same host: still judged
     first = world.probe()
-    batch(world, HOST_A, [agent_answer(world, "web-1", first)])
+    batch(world, HOST_A, [agent_answer(world, "web-1", first)], finished=first)
     world.reply("web-2", first)
     world.make_due(first)
     world.monitor.tick()
-    world.client.hset(world.keys.host(HOST_A), "relay_seen_ms", 1)  # the relay stopped long ago
-    second = world.probe()
+    second = world.probe()  # the relay stopped: no answer, no mark
     world.make_due(second)
     report = world.monitor.tick()
     assert report.flagged == ["web-2"], "the redis-path VM is judged as before"
     assert world.state("web-1") == VmState.HEALTHY.value
-    assert "relays no probe rounds" in world.record("web-1")["decision"]
+    assert "did not report this round finished" in world.record("web-1")["decision"]
 
 
 def test_an_agent_vm_needs_no_responder_key_to_be_judged(world: World) -> None:
@@ -165,12 +194,8 @@ def test_an_agent_vm_needs_no_responder_key_to_be_judged(world: World) -> None:
 
 def test_the_relayed_stream_is_read_to_the_deadline_like_the_reply_stream(world: World) -> None:
     relayed(world, "web-1", ProbePath.AGENT)
-    first = world.probe()
-    batch(world, HOST_A, [agent_answer(world, "web-1", first)])
-    world.make_due(first)
-    world.monitor.tick()
-    second = world.probe()
-    relay_alive(world)
+    second = silent_round(world, "web-1")
+    batch(world, HOST_A, [], finished=second)  # the relay finished the round in time, without its answer
     deadline = world.make_due(second)
     batch(world, HOST_A, [agent_answer(world, "web-1", second)])  # after the deadline: too late
     report = world.monitor.tick()

@@ -16,7 +16,8 @@ class RedisHosts(StorePart):
     """Every registered host: its info hash, heartbeat key, last domain listing and guard episodes."""
 
     # ------------------------------------------------------------------ guards
-    def host_context(self, hosts: Iterable[str], now_ms: int, fresh_ms: int) -> dict[str, HostContext]:
+    def host_context(self, hosts: Iterable[str], now_ms: int, fresh_ms: int,
+                     round_id: int | None = None) -> dict[str, HostContext]:
         """Liveness, libvirt health, maintenance and size of each host, in one round trip.
 
         A host counts as alive for restarts only if its heartbeat was renewed within ``fresh_ms``: the
@@ -29,13 +30,18 @@ class RedisHosts(StorePart):
                 pipe.exists(self.keys.host_heartbeat(host))
                 pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms", "seen_ms", "relay_seen_ms"])
                 pipe.hlen(self.keys.host_domains(host))
+            if names and round_id is not None:
+                pipe.zmscore(self.keys.relay_rounds, [f"{host}|{round_id}" for host in names])
+            else:
+                pipe.ping()
             out = pipe.execute()
+        finished = out[-1] if names and round_id is not None else [None] * len(names)
         result = {}
         for i, host in enumerate(names):
             alive, (libvirt_ok, until, seen, relay), size = out[3 * i], out[3 * i + 1], out[3 * i + 2]
             fresh = bool(alive) and now_ms - int(_text(seen or b"0")) <= fresh_ms
             result[host] = HostContext(fresh, _text(libvirt_ok or b"1") == "0", int(_text(until or b"0")),
-                                       int(size), int(_text(relay or b"0")))
+                                       int(size), int(_text(relay or b"0")), finished[i] is not None)
         return result
 
     def set_kill_switch(self, seconds: float | None, on: bool = True) -> None:

@@ -3,7 +3,9 @@
 A batch is one stream entry: ``h`` the host, ``a`` a JSON array of answers, each an object with ``vm`` and
 ``p`` (the probe path) and, for ``channel``, the guest-signed ``m`` (message) and ``s`` (signature); for
 ``agent``, ``round``, ``nonce``, ``latency_ms``, ``guest_ms`` and optionally ``info`` (docs/protocol.md). The
-entry's stream id is the arrival, in Redis time, of every answer in it.
+entry's stream id is the arrival, in Redis time, of every answer in it. The batch that ends a round carries
+``r``, the round the relay finished (every VM asked, answered or timed out), and ``u``, a JSON array of the VMs
+it could not ask in that round: only then does the monitor take a relayed VM's silence as evidence.
 """
 
 from __future__ import annotations
@@ -59,18 +61,24 @@ class RedisRelays(StorePart):
         """A subscription to the probe channel (one per relay loop). Raises StoreUnavailable."""
         return ProbeSubscription(self.r, self.keys.probe_channel)
 
-    def append(self, host: str, answers: Sequence[Mapping[str, Any]]) -> list[str]:
-        """XADD ``answers`` as batches of ``host`` (split above MAX_ANSWERS_PER_ENTRY); returns the entry ids.
-        Raises StoreUnavailable/StoreError: the caller keeps the answers for its next flush or drops them."""
-        if not answers:
+    def append(self, host: str, answers: Sequence[Mapping[str, Any]], finished_round: int | None = None,
+               unasked: Sequence[str] = ()) -> list[str]:
+        """XADD ``answers`` as batches of ``host`` (split above MAX_ANSWERS_PER_ENTRY), the last one marking
+        ``finished_round`` (with the VMs it could not ask) when given; returns the entry ids. Raises
+        StoreUnavailable/StoreError: the caller keeps the answers for its next flush or drops them."""
+        if not answers and finished_round is None:
             return []
+        chunks = [list(answers[start:start + MAX_ANSWERS_PER_ENTRY])
+                  for start in range(0, len(answers), MAX_ANSWERS_PER_ENTRY)] or [[]]
         ids: list[str] = []
         with translate_errors("XADD relayed"):
             pipe = self.r.pipeline(transaction=False)
-            for start in range(0, len(answers), MAX_ANSWERS_PER_ENTRY):
-                chunk = list(answers[start:start + MAX_ANSWERS_PER_ENTRY])
-                pipe.xadd(self.keys.relay_stream, {"h": host, "a": json.dumps(chunk, separators=(",", ":"))},
-                          maxlen=self.maxlen, approximate=True)
+            for i, chunk in enumerate(chunks):
+                fields = {"h": host, "a": json.dumps(chunk, separators=(",", ":"))}
+                if finished_round is not None and i == len(chunks) - 1:
+                    fields["r"] = str(finished_round)
+                    fields["u"] = json.dumps(list(unasked), separators=(",", ":"))
+                pipe.xadd(self.keys.relay_stream, fields, maxlen=self.maxlen, approximate=True)
             for entry_id in pipe.execute():
                 ids.append(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
         return ids

@@ -23,6 +23,10 @@ from vmq.store.client import StorePart, raw_client, translate_errors
 from vmq.store.client import text as _text
 
 
+#: Rounds of relay marks kept behind the newest ones written (each a member per host).
+RELAY_ROUNDS_KEPT = 256
+
+
 def _id(value: Any) -> tuple[int, int]:
     ms, _, seq = _text(value).partition("-")
     return int(ms), int(seq or 0)
@@ -127,6 +131,8 @@ class RedisReplies(StorePart):
         cursor: str,
         read: int = 0,
         lock_token: bytes = b"",
+        finished: Mapping[str, int] | None = None,
+        unasked: Mapping[str, int] | None = None,
     ) -> bool:
         """Store one ingested batch: liveness (ZADD GT), the latest replies due to be saved (``payloads``,
         see vmq.ingest.LatestReplies) and counters in one pipeline, then the cursor and the count of entries
@@ -145,6 +151,11 @@ class RedisReplies(StorePart):
                 pipe.hincrby(k.rejects, reason, count)
             if valid_count:
                 pipe.hincrby(k.stats, self.source.valid_field, valid_count)
+            if finished:  # relayed batches: the rounds each host's relay finished, the VMs it could not ask
+                pipe.zadd(k.relay_rounds, dict(finished))
+                pipe.zremrangebyscore(k.relay_rounds, "-inf", f"({min(finished.values()) - RELAY_ROUNDS_KEPT}")
+            if unasked:
+                pipe.zadd(k.relay_unasked, dict(unasked), gt=True)
             if len(pipe):
                 pipe.execute()
             advanced = self._advance_cursor(keys=[k.judge_lock, self.source.cursor, k.stats],

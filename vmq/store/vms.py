@@ -11,7 +11,8 @@ from typing import Any
 import redis
 
 from vmq.keys import Keys
-from vmq.model import DomainInfo, DomainStatus, Placement, Transition, TransitionResult, VmRecord, VmState
+from vmq.model import (DomainInfo, DomainStatus, JudgeContext, Placement, Transition, TransitionResult, VmRecord,
+                       VmState)
 from vmq.policy import can_transition
 from vmq.store.client import StorePart, translate_errors
 from vmq.store.client import text as _text
@@ -68,11 +69,9 @@ class RedisVms(StorePart):
                 counts[rec.host] = counts.get(rec.host, 0) + 1
         return counts
 
-    def judge_context(self, vms: Sequence[str], window_start_ms: int) -> tuple[
-        list[int], list[str | None], set[str], bool
-    ]:
-        """For VMs being judged: restarts since ``window_start_ms``, last saved replies, VMs with a key, and
-        the kill switch, in one round trip."""
+    def judge_context(self, vms: Sequence[str], window_start_ms: int) -> JudgeContext:
+        """For VMs being judged: restarts since ``window_start_ms``, last saved replies, VMs with a key, the
+        kill switch, and the latest round each VM's host relay could not ask it, in one round trip."""
         k = self.keys
         with translate_errors("judge context"):
             pipe = self.r.pipeline(transaction=False)
@@ -81,11 +80,13 @@ class RedisVms(StorePart):
             pipe.hmget(k.last_reply, list(vms)) if vms else pipe.ping()
             pipe.hmget(k.secrets, list(vms)) if vms else pipe.ping()
             pipe.exists(k.restarts_suspended)
+            pipe.zmscore(k.relay_unasked, list(vms)) if vms else pipe.ping()
             out = pipe.execute()
         restarts = [int(x) for x in out[: len(vms)]]
         last_replies = [(_text(x) if x else None) for x in out[len(vms)]] if vms else []
         keyed = {vm for vm, x in zip(vms, out[len(vms) + 1]) if x} if vms else set()
-        return restarts, last_replies, keyed, bool(out[-1])
+        unasked = [int(x or 0) for x in out[-1]] if vms else []
+        return JudgeContext(restarts, last_replies, keyed, bool(out[-2]), unasked)
 
     # ------------------------------------------------------------------ state machine
     def transition(self, spec: Transition) -> TransitionResult:
