@@ -76,12 +76,13 @@ class ProbeRelay:
         self._once_per_10s = OncePer(10.0)
         self.agent_vms: list[str] = []
         self.channel_vms: list[str] = []
+        self.unlinked_vms: list[str] = []  # channel VMs whose domain shows no channel socket (never asked)
         self._in_flight: set[str] = set()  # agent VMs with a call queued or running (loop thread only)
         self._slow: set[str] = set()  # agent VMs called in the slow lane
         self._expected: set[str] = set()  # VMs whose answer to the current round is still awaited
         self._round = 0
         self._round_ends_s = 0.0  # when the current round's calls have all answered or timed out
-        self._unasked: set[str] = set()  # VMs of the current round whose call never started (agent_late)
+        self._unasked: set[str] = set()  # VMs the round could not ask: agent_late, channel unreachable
         self._asking: set[str] = set()  # agent VMs of the current round whose call was queued
         self._started: set[tuple[int, str]] = set()  # (round, vm) of calls that started (pool threads add)
         self._finished = 0  # the latest round reported finished (written with a batch)
@@ -186,19 +187,20 @@ class ProbeRelay:
         channel = [r.vm for r in wanted if r.probe_path is ProbePath.CHANNEL]
         for vm in set(self._channel.vms) - set(channel):
             self._channel.close(vm)
-        linked = []
+        linked, unlinked = [], []
         for vm in channel:
             try:
                 path = self._hypervisor().channel_socket(vm)
             except HypervisorError as exc:  # no such channel (any more): not relayed until it has one
                 self.stats.counts["no_socket"] += 1
                 self._channel.close(vm)
+                unlinked.append(vm)
                 self._log_limited(("socket", vm), logging.WARNING, "host=%s vm=%s no channel socket: %s",
                                   self.host, vm, exc)
                 continue
             self._channel.open(vm, path)  # a socket not there yet is "not connected", retried with back-off
             linked.append(vm)
-        self.channel_vms = linked
+        self.channel_vms, self.unlinked_vms = linked, unlinked
 
     # ------------------------------------------------------------------ probes
     def on_probe(self, raw: bytes) -> None:
@@ -230,6 +232,11 @@ class ProbeRelay:
             self._expected.add(vm)
             self._asking.add(vm)
             self._pools[slow].submit(self._call_agent, vm, round_id, nonce, deadline_s, slow, with_info)
+        # A channel the relay cannot reach (no socket, not connected) is the host's trouble: those VMs are not
+        # asked, and the round's mark says so (their silence is no evidence). A connected VM that does not read
+        # its port is asked: its silence is.
+        self._unasked.update(self.unlinked_vms)
+        self._unasked.update(vm for vm in self.channel_vms if not self._channel.is_connected(vm))
         if self.channel_vms:
             line = raw.strip()
             if b"\n" in line:  # valid JSON spread over lines: the channel's framing needs one line

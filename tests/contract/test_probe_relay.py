@@ -300,3 +300,21 @@ def test_a_vm_whose_call_never_started_in_its_round_is_named_unasked_in_the_mark
     assert unasked, "calls queued past their round are reported, so their silence is not judged"
     assert set(unasked) & answered == set() and set(unasked) | answered <= set(vms)
     assert relay.stats.counts["unasked"] == len(unasked)
+
+
+def test_channel_vms_the_relay_cannot_reach_are_named_unasked_and_a_silent_connected_one_is_not(
+        make_world: Callable[..., RelayWorld], guests: Callable[..., FakeGuest]) -> None:
+    mute = guests("vm-1", lambda guest, conn, probe: None)  # connected, reads the probe, never answers
+    world = make_world({"vm-1": (RUNNING, "channel"), "vm-2": (RUNNING, "channel"),
+                        "vm-3": (RUNNING, "channel")})
+    world.hypervisor.set_channels("vm-1", {RESPONDER_CHANNEL: str(mute.path)})
+    world.hypervisor.set_channels("vm-2", {RESPONDER_CHANNEL: str(Path(mute.path).parent / "none.sock")})
+    # vm-3's domain has no responder channel at all
+    relay = world.start()
+    assert relay.channel_vms == ["vm-1", "vm-2"] and relay.unlinked_vms == ["vm-3"]
+    world.run_until(lambda: mute.connections == 1)
+    round_id = world.probe()
+    world.run_until(lambda: bool(marks(world)), timeout_s=5)
+    assert marks(world) == [(round_id, ["vm-2", "vm-3"])] and mute.probes == 1, (
+        "a host that cannot reach a channel asked nobody: only vm-1's silence is evidence")
+    assert world.answers() == []
