@@ -28,7 +28,7 @@ from vmq.errors import HypervisorError, StoreError
 from vmq.hypervisor.channel import ChannelRelay, Polled
 from vmq.model import DomainStatus, ProbePath
 from vmq.ports import Hypervisor, ProbeFeed, Store
-from vmq.relay_agent import FAST_LANE_TIMEOUT_S, Called, call_agent
+from vmq.relay_agent import FAST_LANE_TIMEOUT_S, HOST_SIDE_REASONS, Called, call_agent
 from vmq.relay_answers import OncePer, Outbox, RelayStats, channel_answer, channel_reply_check
 from vmq.responder import parse_probe
 
@@ -82,7 +82,7 @@ class ProbeRelay:
         self._expected: set[str] = set()  # VMs whose answer to the current round is still awaited
         self._round = 0
         self._round_ends_s = 0.0  # when the current round's calls have all answered or timed out
-        self._unasked: set[str] = set()  # VMs the round could not ask: agent_late, channel unreachable
+        self._unasked: set[str] = set()  # VMs the round could not ask (HOST_SIDE_REASONS, channel unreachable)
         self._asking: set[str] = set()  # agent VMs of the current round whose call was queued
         self._started: set[tuple[int, str]] = set()  # (round, vm) of calls that started (pool threads add)
         self._finished = 0  # the latest round reported finished (written with a batch)
@@ -262,7 +262,7 @@ class ProbeRelay:
             self._in_flight.discard(vm)
             if called.round_id == self._round:
                 self._expected.discard(vm)
-                if called.reason == "agent_late":
+                if called.reason in HOST_SIDE_REASONS:
                     self._unasked.add(vm)
             if called.reason != "agent_late":
                 self.stats.counts["agent_calls"] += 1

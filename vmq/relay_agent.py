@@ -18,12 +18,16 @@ from vmq.errors import (
 from vmq.ports import Hypervisor
 from vmq.relay_answers import Answer, agent_answer
 
-__all__ = ["FAST_LANE_TIMEOUT_S", "MIN_CALL_S", "Called", "call_agent", "drop_reason"]
+__all__ = ["FAST_LANE_TIMEOUT_S", "HOST_SIDE_REASONS", "MIN_CALL_S", "Called", "call_agent", "drop_reason"]
 
 log = logging.getLogger(__name__)
 
 FAST_LANE_TIMEOUT_S = 0.25  # qemu-ga answers in 1.3 ms (p50), 2.6 ms (p99)
 MIN_CALL_S = 0.01  # a call that would get less time than this is not started (agent_late)
+#: Drop reasons that say the host could not ask (libvirt failed, the domain is not running, the call never
+#: started): the VM is named unasked in the round's mark, so its silence is no evidence. The others (timeout, no
+#: agent, nonsense, busy) are the guest's own.
+HOST_SIDE_REASONS = frozenset({"agent_late", "hypervisor_error", "not_running"})
 
 
 @dataclass(frozen=True)

@@ -173,14 +173,17 @@ def test_unavailable_or_garbage_agents_give_no_answer_and_are_counted(make_world
     world.run_until(lambda: relay.stats.drops["agent_unavailable"] == 1 and relay.stats.drops["agent_invalid"] == 1
                     and len(world.answers()) == 1)
     assert [a["vm"] for a in world.answers()] == ["a-1"]
+    world.run_until(lambda: bool(marks(world)))
+    assert marks(world)[0][1] == [], "no agent, or nonsense from it, is the guest's own silence: evidence"
 
 
 def test_a_domain_paused_since_the_last_inventory_gives_no_answer(make_world: Callable[..., RelayWorld]) -> None:
     world = make_world({"a-1": (RUNNING, "agent")})
     relay = world.start()
     world.hypervisor.suspend("a-1")
-    world.probe()
-    world.run_until(lambda: relay.stats.drops["not_running"] == 1)
+    round_id = world.probe()
+    world.run_until(lambda: relay.stats.drops["not_running"] == 1 and bool(marks(world)))
+    assert marks(world)[0] == (round_id, ["a-1"]), "not asked: the lifecycle events and inventory judge it"
     world.place()  # the next inventory pass sees it paused
     relay.refresh()
     assert relay.agent_vms == [] and world.answers() == []
@@ -318,3 +321,13 @@ def test_channel_vms_the_relay_cannot_reach_are_named_unasked_and_a_silent_conne
     assert marks(world) == [(round_id, ["vm-2", "vm-3"])] and mute.probes == 1, (
         "a host that cannot reach a channel asked nobody: only vm-1's silence is evidence")
     assert world.answers() == []
+
+
+def test_agent_vms_of_a_host_whose_libvirt_fails_are_named_unasked(make_world: Callable[..., RelayWorld]) -> None:
+    world = make_world({"a-1": (RUNNING, "agent"), "a-2": (RUNNING, "agent")})
+    relay = world.start()
+    world.hypervisor.set_unavailable()
+    round_id = world.probe()
+    world.run_until(lambda: bool(marks(world)))
+    assert marks(world) == [(round_id, ["a-1", "a-2"])], "libvirt failing on the host is no evidence against a VM"
+    assert relay.stats.drops["hypervisor_error"] == 2 and world.answers() == []
