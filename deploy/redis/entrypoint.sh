@@ -2,6 +2,7 @@
 # Redis entrypoint of the vmq stack: render the ACL file from the environment, then start Redis.
 #
 #   REDIS_VMQ_PASSWORD    password of the `vmq` user (services)                 required
+#   REDIS_HOST_PASSWORD   password of the `host` user (host workers)            required
 #   REDIS_GUEST_PASSWORD  password of the `guest` user (in-guest responders)    required
 #   VMQ_NAMESPACE         key namespace (default vmq)
 #   REDIS_ACL_TEMPLATE    template to render (default /etc/vmq/redis/users.acl.template)
@@ -12,6 +13,7 @@
 # command runs as is (the same script starts the local test's redis-server).
 set -eu
 : "${REDIS_VMQ_PASSWORD:?set REDIS_VMQ_PASSWORD (see .env.example)}"
+: "${REDIS_HOST_PASSWORD:?set REDIS_HOST_PASSWORD (see .env.example)}"
 : "${REDIS_GUEST_PASSWORD:?set REDIS_GUEST_PASSWORD (see .env.example)}"
 namespace=${VMQ_NAMESPACE:-vmq}
 template=${REDIS_ACL_TEMPLATE:-/etc/vmq/redis/users.acl.template}
@@ -20,8 +22,9 @@ acl_file=${REDIS_ACL_FILE:-/data/users.acl}
 case $namespace in
   *[!A-Za-z0-9_.-]* | "" | [!A-Za-z0-9]*) echo "entrypoint: VMQ_NAMESPACE=$namespace is not a valid name" >&2; exit 2 ;;
 esac
-if [ "$REDIS_VMQ_PASSWORD" = "$REDIS_GUEST_PASSWORD" ]; then
-  echo "entrypoint: REDIS_VMQ_PASSWORD and REDIS_GUEST_PASSWORD must differ" >&2
+if [ "$REDIS_VMQ_PASSWORD" = "$REDIS_GUEST_PASSWORD" ] || [ "$REDIS_VMQ_PASSWORD" = "$REDIS_HOST_PASSWORD" ] \
+   || [ "$REDIS_HOST_PASSWORD" = "$REDIS_GUEST_PASSWORD" ]; then
+  echo "entrypoint: REDIS_VMQ_PASSWORD, REDIS_HOST_PASSWORD and REDIS_GUEST_PASSWORD must all differ" >&2
   exit 2
 fi
 
@@ -32,6 +35,7 @@ umask 077
 sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' \
     -e "s/@NS@/$namespace/g" \
     -e "s/@VMQ_PASSWORD_SHA256@/$(sha256 "$REDIS_VMQ_PASSWORD")/" \
+    -e "s/@HOST_PASSWORD_SHA256@/$(sha256 "$REDIS_HOST_PASSWORD")/" \
     -e "s/@GUEST_PASSWORD_SHA256@/$(sha256 "$REDIS_GUEST_PASSWORD")/" \
     "$template" > "$acl_file.tmp"
 mv "$acl_file.tmp" "$acl_file"

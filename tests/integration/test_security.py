@@ -34,7 +34,14 @@ from redis.retry import Retry
 from tests.integration.conftest import FAST, events_of
 from tests.integration.test_responder_redis import RedisServer, make_tls_files
 from tests.integration.test_stack import LocalService, build_services, env_example_names, wait_healthy
+from tests.contract.test_monitor_store import Broker, make_settings
+from vmq.codec import encode_reply
 from vmq.config import load_settings
+from vmq.host_restart import restart_vm
+from vmq.hypervisor.fake import FakeHypervisor
+from vmq.inventory import sync_inventory
+from vmq.model import DomainInfo, DomainStatus
+from vmq.monitor import Monitor
 from vmq.keys import Keys
 from vmq.sim.guests import GuestFleet, responder_argv
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
@@ -56,7 +63,8 @@ class StackRedis:
     service: LocalService
     vmq_url: str  # the services' VMQ_REDIS_URL (user `vmq`)
     guest_url: str  # the demo guests' VMQ_GUEST_REDIS_URL (user `guest`)
-    passwords: tuple[str, str]
+    host_url: str  # the host workers' VMQ_REDIS_URL (user `host`)
+    passwords: tuple[str, str, str]
 
     @property
     def port(self) -> int:
@@ -78,8 +86,9 @@ def start_stack_redis(directory: Path, namespace: str = NS) -> StackRedis:
         services["redis"].stop()
         raise
     return StackRedis(services["redis"], services["monitor"].env["VMQ_REDIS_URL"],
-                      services["guests"].env["VMQ_GUEST_REDIS_URL"],
-                      (variables["REDIS_VMQ_PASSWORD"], variables["REDIS_GUEST_PASSWORD"]))
+                      services["guests"].env["VMQ_GUEST_REDIS_URL"], services["host-node1"].env["VMQ_REDIS_URL"],
+                      (variables["REDIS_VMQ_PASSWORD"], variables["REDIS_GUEST_PASSWORD"],
+                       variables["REDIS_HOST_PASSWORD"]))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +202,7 @@ def test_a_connection_without_auth_is_refused(acl_redis: StackRedis, command: tu
     assert isinstance(error, redis.AuthenticationError), error
 
 
-@pytest.mark.parametrize("user", ["default", "guest", "vmq"])
+@pytest.mark.parametrize("user", ["default", "guest", "host", "vmq"])
 def test_a_wrong_password_is_refused(acl_redis: StackRedis, user: str) -> None:
     client = redis.Redis(port=acl_redis.port, username=user, password="not-the-password",
                          retry=Retry(NoBackoff(), 0))  # redis-py would retry a refused AUTH 3 times
@@ -220,6 +229,74 @@ VMQ_REFUSED = {
 @pytest.mark.parametrize("command", list(VMQ_REFUSED.values()), ids=list(VMQ_REFUSED))
 def test_the_vmq_user_is_refused_dangerous_commands(acl_redis: StackRedis, command: tuple[str, ...]) -> None:
     assert_refused(refusal(acl_redis.vmq_url, *command), command)
+
+
+HOST_REFUSED = {
+    # the VMs' keys: a compromised hypervisor must not be able to sign any VM's replies
+    "HGETALL-secrets": ("HGETALL", KEYS.secrets),
+    "HGET-secrets": ("HGET", KEYS.secrets, "web-1"),
+    "HSET-secrets": ("HSET", KEYS.secrets, "web-1", "00" * 32),
+    "HGETALL-secrets-previous": ("HGETALL", KEYS.secrets_previous),
+    # the guests' replies and the monitor's own bookkeeping
+    "XADD-replies": ("XADD", KEYS.reply_stream, "*", "m", "x"),
+    "XRANGE-replies": ("XRANGE", KEYS.reply_stream, "-", "+"),
+    "XRANGE-relayed": ("XRANGE", KEYS.relay_stream, "-", "+"),  # write only: hosts cannot read each other's
+    "SET-round-seq": ("SET", KEYS.round_seq, "1"),
+    "HGETALL-rounds": ("HGETALL", KEYS.rounds),
+    "SET-judge-lock": ("SET", KEYS.judge_lock, "me"),
+    "SET-replies-cursor": ("SET", KEYS.reply_cursor, "0-0"),
+    "SET-relayed-cursor": ("SET", KEYS.relay_cursor, "0-0"),
+    "ZADD-relayed-rounds": ("ZADD", KEYS.relay_rounds, "1", "node2|1"),
+    "SET-kill-switch": ("SET", KEYS.restarts_suspended, "1"),
+    "GET-outside-its-keys": ("GET", "other-app:secret"),
+    "FLUSHALL": ("FLUSHALL",),
+    "KEYS": ("KEYS", "*"),
+    "CONFIG-GET": ("CONFIG", "GET", "*"),
+    "ACL-LIST": ("ACL", "LIST"),
+}
+
+
+@pytest.mark.parametrize("command", list(HOST_REFUSED.values()), ids=list(HOST_REFUSED))
+def test_the_host_user_is_refused_the_vms_keys_and_the_monitors_bookkeeping(
+        acl_redis: StackRedis, command: tuple[str, ...]) -> None:
+    assert_refused(refusal(acl_redis.host_url, *command), command)
+
+
+def test_the_host_user_does_what_a_host_worker_does(acl_redis: StackRedis) -> None:
+    """Inventory, heartbeat, a restart claimed and carried out, the relay's batches and probe subscription, all
+    as the `host` user, beside a monitor as `vmq`: no denial on the way."""
+    keys = Keys(NS)  # a namespace of its own would not match the ACL: use the stack's, on fresh VM names
+    monitor_store = RedisStore.from_url(acl_redis.vmq_url, keys)
+    host_store = RedisStore.from_url(acl_redis.host_url, keys)
+    settings = make_settings(namespace=NS)
+    broker = Broker()
+    monitor = Monitor(monitor_store, settings, broker.dispatch)
+    vm, host = "acl-vm-1", "acl-host"
+    hypervisor = FakeHypervisor(f"fake://{host}", [DomainInfo(vm, "u-acl-1", DomainStatus.RUNNING, "booted")])
+    monitor_store.keyring.set_secret(vm, "cd" * 32)
+    sync_inventory(host_store, hypervisor, host, 15)  # registers and places the VM, writes the heartbeat
+    assert monitor_store.vms.record(vm).host == host and host_store.hosts.domain_names(host) == {vm}
+    feed = host_store.relays.subscribe_probes()
+    first, _ = monitor.probe()
+    heard = [feed.get(0.5) for _ in range(3)]  # the first read takes the subscription's confirmation
+    assert any(heard), "the host hears the probes"
+    feed.close()
+    nonce = monitor_store.client.hget(keys.rounds, first).decode().partition(":")[0]
+    message, signature = encode_reply(vm, first, nonce, "boot-1", 1, {"uptime_s": 1.0}, bytes.fromhex("cd" * 32))
+    monitor_store.client.xadd(keys.reply_stream, {"m": message, "s": signature})
+    second, _ = monitor.probe()  # answered the first round, silent in the second
+    monitor_store.client.zadd(keys.rounds_pending, {str(second): monitor_store.clock.time_ms() + 1})
+    time.sleep(0.01)
+    assert monitor.tick().dispatched == [vm], "silent past its deadline: faulty, restart dispatched"
+    [request] = broker.sent
+    outcome = restart_vm(host_store, hypervisor, host, vm, request.generation, request.incident, "acl-worker")
+    assert outcome.acted and hypervisor.calls[-1] == ("reset", vm)
+    host_store.relays.append(host, [{"vm": vm, "p": "agent", "round": first, "nonce": "n"}], first, [])
+    host_store.hosts.set_host_fields(host, {"relay_seen_ms": host_store.clock.time_ms()})
+    restarted = [f for _, f in monitor_store.audit.read(count=10_000) if f.get("vm") == vm]
+    assert any(f.get("type") == "restarted" for f in restarted), restarted
+    monitor_store.client.close()
+    host_store.client.close()
 
 
 # --------------------------------------------------------------------------------- Celery: JSON only

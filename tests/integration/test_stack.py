@@ -336,6 +336,8 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
     vmq_url = services["monitor"].env["VMQ_REDIS_URL"]
     guest_url = services["guests"].env["VMQ_GUEST_REDIS_URL"]
     assert vmq_url.startswith("redis://vmq:") and guest_url.startswith("redis://guest:")
+    host_urls = [services[f"host-{host}"].env["VMQ_REDIS_URL"] for host in EXAMPLE_HOSTS]
+    assert all(url.startswith("redis://host:") for url in host_urls), "host workers run as the `host` user"
     store = RedisStore.from_url(vmq_url, Keys(namespace))
 
     # beat -> monitor: probe rounds advance
@@ -423,6 +425,10 @@ def test_every_compose_service_runs_from_its_own_command_line_and_they_work_toge
         with pytest.raises(redis.exceptions.NoPermissionError):
             forbidden()
     guest.close()
+    host_client = redis.Redis.from_url(host_urls[0])
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        host_client.hgetall(f"{namespace}:secrets")  # the VMs' keys stay out of the hypervisors' reach
+    host_client.close()
     logs = [s.log for s in services.values()] + sorted(Path(services["guests"].cwd).rglob("*.log"))
     denials = [f"{log.name}: {line}" for log in logs for line in log.read_text(errors="replace").splitlines()
                if "NOPERM" in line or "no permissions" in line]

@@ -11,6 +11,7 @@ hypervisor in compose). The responder unit runs what vmq's simulated guests run
 from __future__ import annotations
 
 import configparser
+import fnmatch
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from vmq.config import Settings
+from vmq.keys import Keys
 from vmq.sim.guests import RESPONDER_FILE, responder_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,25 +228,40 @@ def render(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_entrypoint_renders_the_acl_with_password_hashes_only(tmp_path: Path) -> None:
     proc = render(tmp_path, REDIS_VMQ_PASSWORD="s3rvices-pw", REDIS_GUEST_PASSWORD="gu3st-pw",
-                  VMQ_NAMESPACE="prod")
+                  REDIS_HOST_PASSWORD="h0st-pw", VMQ_NAMESPACE="prod")
     assert proc.returncode == 0, proc.stderr
     acl = tmp_path / "users.acl"
     text = acl.read_text()
     assert acl.stat().st_mode & 0o077 == 0
-    assert "s3rvices-pw" not in text and "gu3st-pw" not in text and not re.search(r"@[A-Z_]+@", text)
+    assert not re.search(r"@[A-Z_]+@", text)
+    assert "s3rvices-pw" not in text and "gu3st-pw" not in text and "h0st-pw" not in text
     users = {line.split()[1]: line.split()[2:] for line in text.splitlines()}
-    assert list(users) == ["default", "vmq", "guest"]  # nothing but `user` lines: Redis allows no comments
+    assert list(users) == ["default", "vmq", "host", "guest"]  # nothing but `user` lines: Redis allows no comments
     assert "off" in users["default"] and "nopass" not in text
     assert users["guest"] == ["on", users["guest"][1], "resetkeys", "%W~prod:replies", "resetchannels",
                               "&prod:probes", "nocommands", "+subscribe", "+xadd", "+ping"]
     assert "~prod:*" in users["vmq"] and "-@dangerous" in users["vmq"]
+    # the host user: no pattern that reaches the VMs' keys, the guests' replies or the monitor's own keys
+    host_keys = [rule.lstrip("%RW") for rule in users["host"] if "~" in rule]
+    assert host_keys and "~prod:*" not in host_keys and "-@dangerous" in users["host"]
+    keys = Keys("prod")
+    for key in (keys.secrets, keys.secrets_previous, keys.secrets_version, keys.reply_stream, keys.reply_cursor,
+                keys.rounds, keys.rounds_pending, keys.judge_lock, keys.relay_cursor, keys.relay_rounds,
+                keys.restarts_suspended, keys.storm):
+        assert not any(fnmatch.fnmatchcase(key, rule[1:]) for rule in host_keys), key
+    for key in (keys.vm("web-1"), keys.vms, keys.host("node1"), keys.host_domains("node1"), keys.events,
+                keys.relay_stream, keys.last_round, keys.round_seq, keys.attention, keys.restart_claim("web-1", 3), keys.vm_restarts("web-1")):
+        assert any(fnmatch.fnmatchcase(key, rule[1:]) for rule in host_keys), key
 
 
 @pytest.mark.parametrize("env", [
     {"REDIS_GUEST_PASSWORD": "g"},
     {"REDIS_VMQ_PASSWORD": "v"},
-    {"REDIS_VMQ_PASSWORD": "same", "REDIS_GUEST_PASSWORD": "same"},
-    {"REDIS_VMQ_PASSWORD": "v", "REDIS_GUEST_PASSWORD": "g", "VMQ_NAMESPACE": "a/b"},
+    {"REDIS_VMQ_PASSWORD": "v", "REDIS_GUEST_PASSWORD": "g"},
+    {"REDIS_VMQ_PASSWORD": "same", "REDIS_GUEST_PASSWORD": "same", "REDIS_HOST_PASSWORD": "h"},
+    {"REDIS_VMQ_PASSWORD": "v", "REDIS_GUEST_PASSWORD": "g", "REDIS_HOST_PASSWORD": "v"},
+    {"REDIS_VMQ_PASSWORD": "v", "REDIS_GUEST_PASSWORD": "g", "REDIS_HOST_PASSWORD": "g"},
+    {"REDIS_VMQ_PASSWORD": "v", "REDIS_GUEST_PASSWORD": "g", "REDIS_HOST_PASSWORD": "h", "VMQ_NAMESPACE": "a/b"},
 ])
 def test_entrypoint_refuses_a_missing_or_unsafe_setting(tmp_path: Path, env: dict[str, str]) -> None:
     proc = render(tmp_path, **env)
