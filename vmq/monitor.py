@@ -233,9 +233,11 @@ class Monitor:
         for j in judged:
             if decisions[j.view.vm].action is not Action.NONE and j.view.domain_status is not DomainStatus.CRASHED:
                 silent_by_host[j.view.host] = silent_by_host.get(j.view.host, 0) + 1
+        # The cluster's size: VMs with a key, or (more, when agent VMs answer without one) the VMs that answered
+        # this round plus those judged silent in it.
+        expected = max(store.keyring.monitored_count(), store.replies.answered_count(round_id) + len(judged))
         cluster, by_host = storm_guard(silent_by_host, {h: c.vm_count for h, c in inputs.hosts.items()},
-                                       store.keyring.monitored_count(), self.settings.storm_fraction,
-                                       self.settings.storm_min_vms)
+                                       expected, self.settings.storm_fraction, self.settings.storm_min_vms)
         record_guard_episodes(store, cluster, by_host, silent_by_host, round_id, now_ms)
         answered = dict(zip(silent, store.replies.last_rounds(silent)))
         held = 0  # restarts the storm/host guard holds this round (vmq.metrics)

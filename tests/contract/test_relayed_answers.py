@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.contract.test_monitor_store import (  # noqa: F401 - fixtures
     BOOT_ID,
     HOST_A,
@@ -200,3 +202,35 @@ def test_the_relayed_stream_is_read_to_the_deadline_like_the_reply_stream(world:
     batch(world, HOST_A, [agent_answer(world, "web-1", second)])  # after the deadline: too late
     report = world.monitor.tick()
     assert report.flagged == ["web-1"], f"an answer that arrived after the deadline {deadline} counts for nothing"
+
+
+def agent_fleet(world: World, count: int) -> list[str]:
+    """``count`` agent VMs on HOST_A with no responder key (as agent VMs are), each healthy after one round."""
+    vms = [f"agent-{i}" for i in range(count)]
+    for vm in vms:
+        assert world.store.vms.register_vm(vm, world.store.clock.time_ms())
+        world.store.vms.write_many({vm: {"host": HOST_A, "domain_status": "running", "probe_path_set": "agent"}})
+    world.heartbeat(HOST_A)
+    first = world.probe()
+    batch(world, HOST_A, [agent_answer(world, vm, first) for vm in vms], finished=first)
+    world.make_due(first)
+    world.monitor.tick()
+    assert all(world.state(vm) == VmState.HEALTHY.value for vm in vms)
+    return vms
+
+
+@pytest.mark.parametrize(("silent", "held"), [(4, True), (3, False)], ids=["4 of 10: storm", "3 of 10: no storm"])
+def test_the_storm_guard_counts_agent_vms_that_have_no_key(world: World, silent: int, held: bool) -> None:
+    vms = agent_fleet(world, 10)
+    assert world.store.keyring.monitored_count() == 0
+    second = world.probe()
+    batch(world, HOST_A, [agent_answer(world, vm, second) for vm in vms[silent:]], finished=second)
+    world.make_due(second)
+    report = world.monitor.tick()
+    assert sorted(report.flagged) == sorted(vms[:silent])
+    if held:  # more than 30 % of the ten silent at once: suspect the cluster, restart nothing
+        assert report.dispatched == []
+        assert all("storm guard: 4 of 10 VMs silent" in e["reasons"] for e in world.events("faulty"))
+    else:  # 30 % is not more than 30 %: each judged on its own (two at once: the per-host limit)
+        assert len(report.dispatched) == 2 and set(report.dispatched) <= set(vms[:silent])
+        assert not [e for e in world.events("faulty") if "storm guard" in e["reasons"]]

@@ -169,6 +169,11 @@ class RedisReplies(StorePart):
         with translate_errors("silent VMs"):
             return [_text(vm) for vm in self.r.zrangebyscore(self.keys.last_round, "-inf", f"({round_id}")]
 
+    def answered_count(self, round_id: int) -> int:
+        """How many VMs have a valid answer to ``round_id`` or later, on any path."""
+        with translate_errors("answered VMs"):
+            return int(self.r.zcount(self.keys.last_round, round_id, "+inf"))
+
     def last_seen_many(self, vms: Sequence[str]) -> list[float | None]:
         """Arrival ms of each VM's latest valid reply."""
         if not vms:
