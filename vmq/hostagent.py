@@ -177,6 +177,11 @@ class HostAgent:
         if report.new_vms or report.migrated:
             log.info("host=%s inventory: %d domains, new=%s migrated=%s", self.host, report.domains,
                      report.new_vms, report.migrated)
+        if report.path_changed:
+            log.info("host=%s probe path detected anew for %s", self.host, report.path_changed)
+        relay = self.relay
+        if relay is not None and (report.new_vms or report.migrated or report.started or report.path_changed):
+            relay.refresh_soon()  # the relay asks the VMs this pass placed from its next iteration on
 
     def step(self, sync_due: bool) -> bool:
         """One iteration of the loop: a full sync if due, else a heartbeat. True if a due sync succeeded

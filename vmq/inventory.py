@@ -36,6 +36,7 @@ class SyncReport:
     migrated: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     skipped_names: list[str] = field(default_factory=list)
+    path_changed: list[str] = field(default_factory=list)  # VMs whose detected probe path changed their path
 
 
 def heartbeat(store: Store, host: str, uri: str, ttl_s: float, domains: int) -> None:
@@ -59,6 +60,20 @@ def mark_degraded(store: Store, host: str, uri: str, ttl_s: float, error: str) -
         store.audit.append(AuditEvent.HOST_DEGRADED, "", host, store.clock.time_ms(), reason=error)
     store.hosts.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "libvirt_ok": 0,
                            "libvirt_error": error[:500], "seen_ms": store.clock.time_ms()}, int(ttl_s * 1000))
+
+
+def _note_path_changes(store: Store, host: str, paths: dict[str, dict[str, str]], now_ms: int,
+                       report: SyncReport) -> None:
+    """VMs whose probe path changes with this pass's detection (no operator's choice pins it): audited, and
+    owing answers on the new path only from the next round, after the boot grace (as `vmq path` does), so the
+    switch is never read as silence."""
+    for rec in store.vms.records(sorted(paths)):
+        detected = ProbePath(paths[rec.vm]["probe_path_detected"])
+        if rec.probe_path_set is None and rec.probe_path_detected is not detected:
+            store.audit.append(AuditEvent.PROBE_PATH, rec.vm, host, now_ms, path=detected.value,
+                               previous=rec.probe_path_detected.value, source="detected")
+            store.vms.start_monitoring(rec.vm, now_ms)
+            report.path_changed.append(rec.vm)
 
 
 def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float,
@@ -106,6 +121,7 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
             log.info("vm=%s migrated %s -> %s", placed.vm, placed.previous_host, host)
         if placed.started:
             report.started.append(placed.vm)
+    _note_path_changes(store, host, paths, now_ms, report)
     store.vms.write_many(paths)
     if report.skipped_names:
         log.warning("host=%s domains with unusable names skipped: %s", host, report.skipped_names)

@@ -168,6 +168,10 @@ class ProbeRelay:
             self._next_summary = now + self.summary_interval_s
             log.info("host=%s relay %s", self.host, self.stats.summary())
 
+    def refresh_soon(self) -> None:
+        """Re-read the relayed VMs at the loop's next iteration (any thread: one float store)."""
+        self._next_refresh = 0.0
+
     def refresh(self) -> None:
         """Re-read which of this host's VMs to relay: running domains whose record names this host and whose
         probe path is ``agent`` or ``channel``; open/close the channel links to match."""

@@ -202,3 +202,22 @@ def test_the_inventory_records_each_domains_channels_and_the_path_they_allow(
     world.store.vms.set_fields("web-1", {"probe_path_set": "redis"})  # the operator's choice wins
     sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=detect)
     assert world.store.vms.record("web-1").probe_path is ProbePath.REDIS
+
+
+def test_a_detected_path_change_is_audited_and_owes_answers_only_after_the_grace(world: World) -> None:
+    host = node(HOST_A, DomainStatus.RUNNING)
+    sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=True)  # no channels yet: redis
+    world.store.vms.write_many({"web-1": {"monitored_since_ms": "1"}})
+    before = world.store.clock.time_ms()
+    host.set_channels("web-1", {AGENT_CHANNEL: None})  # the operator added qemu-ga's channel
+    report = sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=True)
+    assert report.path_changed == ["web-1"]
+    record = world.store.vms.record("web-1")
+    assert record.probe_path is ProbePath.AGENT and record.monitored_since_ms >= before
+    [event] = world.events("probe_path")
+    assert (event["path"], event["previous"], event["source"]) == ("agent", "redis", "detected")
+    assert sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=True).path_changed == [], "once"
+    world.store.vms.set_fields("web-1", {"probe_path_set": "agent"})
+    host.set_channels("web-1", {})
+    assert sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=True).path_changed == [], (
+        "an operator's choice pins the path: detection does not move it")

@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import fakeredis
+
 from vmq.config import load_settings
+from vmq.keys import Keys
+from vmq.model import AGENT_CHANNEL, DomainInfo, DomainStatus, ProbePath
+from vmq.store.redis import RedisStore
 from vmq.hostagent import HostAgent
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.relay_answers import (
@@ -96,6 +101,10 @@ def test_stats_summary_is_one_line_with_drops_by_reason() -> None:
 class RecordingRelay:
     def __init__(self) -> None:
         self.started = self.stopped = False
+        self.refreshes = 0
+
+    def refresh_soon(self) -> None:
+        self.refreshes += 1
 
     def start(self) -> None:
         self.started = True
@@ -127,3 +136,19 @@ def test_the_host_agent_starts_its_relay_with_it_and_stops_it_on_stop() -> None:
     assert relay.started and made == [agent] and agent.relay is relay
     agent.stop()
     assert relay.stopped and agent.relay is None
+
+
+def test_an_inventory_pass_that_places_or_moves_vms_makes_the_relay_refresh_at_once() -> None:
+    store = RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()), Keys("t"))
+    hypervisor = FakeHypervisor(domains=[DomainInfo("vm-1", "u-1", DomainStatus.RUNNING)])
+    agent = HostAgent(load_settings({"host_name": "node1", "probe_path_detect": True}), lambda: store,
+                      lambda: hypervisor, lambda *args: None)
+    relay = RecordingRelay()
+    agent.relay = relay  # type: ignore[assignment]
+    agent.sync_once()
+    assert relay.refreshes == 1, "a new VM: the relay re-reads its VMs now, not an interval later"
+    agent.sync_once()
+    assert relay.refreshes == 1, "nothing changed: no extra refresh"
+    hypervisor.set_channels("vm-1", {AGENT_CHANNEL: None})
+    agent.sync_once()
+    assert relay.refreshes == 2 and store.vms.record("vm-1").probe_path is ProbePath.AGENT
