@@ -22,6 +22,9 @@ fails at once with DomainNotRunning.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +39,7 @@ from vmq.ports import Hypervisor
 T = TypeVar("T")
 
 MARKER_SUFFIX = ".hung"
+PID_SUFFIX = ".pid"
 
 
 def marker_path(directory: Path, vm: str) -> Path:
@@ -51,6 +55,27 @@ def set_agent_silent(directory: Path, vm: str, silent: bool) -> None:
         path.touch()
     else:
         path.unlink(missing_ok=True)
+
+
+def record_guest_pid(directory: Path, vm: str, pid: int) -> None:
+    """Note the pid of ``vm``'s simulated guest (its responder process), so that a reset can kill it at once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{vm}{PID_SUFFIX}").write_text(str(pid))
+
+
+def power_off_guest(directory: Path, vm: str) -> None:
+    """What a reset does to a real guest, at once: its agent falls silent and its responder process dies (the
+    fleet boots it again after its boot delay, when it sees the restart). A pid whose command line is not
+    ``vm``'s responder (reused, or gone) is left alone."""
+    set_agent_silent(directory, vm, True)
+    try:
+        pid = int((directory / f"{vm}{PID_SUFFIX}").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if f"responder-{vm}.toml".encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def agent_silent(directory: Path, vm: str) -> bool:
@@ -139,7 +164,9 @@ class SimulatedAgents:
         return self.inner.activity(name)
 
     def reset(self, name: str) -> None:
-        """``inner``'s reset."""
+        """``inner``'s reset, and the simulated guest powered off at that instant, as a reset does (the test
+        driver's reset changes nothing; the fleet boots the guest again after its boot delay)."""
+        power_off_guest(self.directory, name)
         self.inner.reset(name)
 
     def resume(self, name: str) -> None:

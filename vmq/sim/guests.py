@@ -37,7 +37,7 @@ from vmq.config import responder_url
 from vmq.keys import Keys
 from vmq.model import AuditEvent, ProbePath
 from vmq.operator_views import event_json
-from vmq.sim.agents import set_agent_silent
+from vmq.sim.agents import record_guest_pid, set_agent_silent
 from vmq.sim.bridge import ChannelBridge
 from vmq.store.redis import connect
 
@@ -144,6 +144,8 @@ class GuestFleet:
             responder_argv(self._config(guest)),
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
+        if self.agents_dir is not None:  # the simulated host's reset kills this process at once
+            record_guest_pid(self.agents_dir, vm, guest.process.pid)
         guest.hung = False
 
     def start(self) -> None:

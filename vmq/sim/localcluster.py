@@ -223,7 +223,7 @@ class LocalCluster:
     def start_host(self, host: str, extra_env: Mapping[str, str] | None = None) -> None:
         """Write the host's test:/// node and start its host worker (queue host.<name> only)."""
         uri = self.write_host_node(host)
-        agents = {SIM_AGENTS_DIR_VARIABLE: str(self.agents_dir)} if ProbePath.AGENT in self.paths.values() else {}
+        agents = {SIM_AGENTS_DIR_VARIABLE: str(self.agents_dir)}  # simulated agents, resets that kill the guest
         self._celery(f"host-{host}", ["worker", "-Q", host_queue(host), "-P", "threads", "-c", "2",
                                       "-n", f"{host}@%h", "--without-gossip", "--without-mingle",
                                       "--loglevel", "INFO"],
