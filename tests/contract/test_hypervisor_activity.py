@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
+from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, both_hypervisors, libvirt_only
 from vmq.errors import DomainNotFound, HypervisorUnavailable
 from vmq.hypervisor import ActivitySample, FakeHypervisor, busy, moving
-from vmq.sim.testnode import interface_target, node_xml, stable_uuid, write_node
 from vmq.hypervisor.types import COUNTERS, device_targets, total
 from vmq.model import DomainInfo
 from vmq.ports import Hypervisor
+from vmq.sim.testnode import interface_target, node_xml, stable_uuid, write_node
 
 
 def sample(
@@ -47,12 +46,7 @@ def make_libvirt(tmp_path: Path) -> Hypervisor:
     )
 
 
-@pytest.fixture(params=[make_fake, make_libvirt], ids=["fake", "libvirt"])
-def hypervisor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hypervisor]:
-    factory: Callable[[Path], Hypervisor] = request.param
-    hv = factory(tmp_path)
-    yield hv
-    hv.close()
+hypervisor = both_hypervisors(make_fake, make_libvirt)
 
 
 # -- moving and the pure helpers ------------------------------------------------------------------------

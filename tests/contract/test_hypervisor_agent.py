@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
+from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, both_hypervisors, libvirt_only
 from vmq.errors import (
     AgentAnswerInvalid,
     AgentBusy,
@@ -59,12 +59,7 @@ def make_libvirt(tmp_path: Path) -> Hypervisor:
     return LibvirtHypervisor(write_node(tmp_path / "node.xml", HOST, WORLD, channels=CHANNELS), call_timeout_s=10.0)
 
 
-@pytest.fixture(params=[make_fake, make_libvirt], ids=["fake", "libvirt"])
-def hypervisor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hypervisor]:
-    factory: Callable[[Path], Hypervisor] = request.param
-    hv = factory(tmp_path)
-    yield hv
-    hv.close()
+hypervisor = both_hypervisors(make_fake, make_libvirt)
 
 
 def _is_fake(hypervisor: Hypervisor) -> bool:

@@ -8,13 +8,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
+from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, both_hypervisors, libvirt_only
 from vmq.errors import (
     DomainNotFound,
     DomainOperationFailed,
@@ -22,9 +21,9 @@ from vmq.errors import (
     HypervisorUnavailable,
 )
 from vmq.hypervisor import FakeHypervisor, open_hypervisor
-from vmq.sim.testnode import node_xml, stable_uuid, write_node
 from vmq.model import DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
+from vmq.sim.testnode import node_xml, stable_uuid, write_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ["reset", "resume", "start", "suspend", "destroy"]
@@ -44,12 +43,7 @@ def make_libvirt(tmp_path: Path) -> Hypervisor:
     return LibvirtHypervisor(write_node(tmp_path / "node.xml", HOST, WORLD), call_timeout_s=10.0)
 
 
-@pytest.fixture(params=[make_fake, make_libvirt], ids=["fake", "libvirt"])
-def hypervisor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hypervisor]:
-    factory: Callable[[Path], Hypervisor] = request.param
-    hv = factory(tmp_path)
-    yield hv
-    hv.close()
+hypervisor = both_hypervisors(make_fake, make_libvirt)
 
 
 # -- the contract -------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import pytest
 
 from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
 from vmq.hypervisor.types import DomainEvent, classify
-from vmq.sim.testnode import stable_uuid, write_node
 from vmq.model import DomainStatus
+from vmq.sim.testnode import stable_uuid, write_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNREACHABLE = "qemu+tcp://127.0.0.1:1/system"

@@ -6,9 +6,9 @@ import pytest
 
 from tests.contract.test_monitor_store import HOST_A, SECRET, World, _BusyGuest
 from vmq.codec import encode_reply
-from vmq.operator_restart import manual_restart
-from vmq.model import DomainInfo, DomainStatus, Transition, VmState
 from vmq.host_restart import ActivityCheck, restart_vm
+from vmq.model import DomainInfo, DomainStatus, Transition, VmState
+from vmq.operator_restart import manual_restart
 
 NEW_KEY = "d4" * 32
 

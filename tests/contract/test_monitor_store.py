@@ -24,14 +24,13 @@ import redis
 from vmq.codec import encode_reply, reply_signature
 from vmq.config import Settings, load_settings
 from vmq.errors import HypervisorError
+from vmq.host_restart import ActivityCheck, restart_vm
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.ingest import Ingestor, LatestReplies, RejectLog
 from vmq.inventory import mark_degraded, sync_inventory
 from vmq.keys import Keys
-from vmq.model import DomainInfo, DomainStatus, RestartAction, VmState
-from vmq.model import RestartRequest
+from vmq.model import DomainInfo, DomainStatus, RestartAction, RestartRequest, VmState
 from vmq.monitor import Monitor, TickReport
-from vmq.host_restart import ActivityCheck, restart_vm
 from vmq.routing import host_queue
 from vmq.sim.localcluster import free_port
 from vmq.store.redis import RedisStore, connect

@@ -8,7 +8,6 @@ bytes between the two.
 
 from __future__ import annotations
 
-import glob
 import os
 import secrets
 import selectors
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.responders import find_old_python
 from vmq import responder as responder_module
 from vmq.codec import ReplyVerifier, RoundBook, encode_probe, new_nonce
 from vmq.hypervisor.channel import ChannelRelay, ChannelReply
@@ -100,24 +100,11 @@ def qemu() -> Iterator[FakeQemu]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def old_python() -> str | None:
-    """A Python 3.9 or 3.10 interpreter, as guests may have (pyenv's or on PATH), if this machine has one."""
-    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3")))
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")))
-    candidates += [path for name in ("python3.9", "python3.10") if (path := shutil.which(name))]
-    for candidate in candidates:
-        check = subprocess.run([candidate, "-c", "import sys; print(sys.version_info < (3, 11))"],
-                               capture_output=True, text=True, timeout=30, check=False)
-        if check.returncode == 0 and check.stdout.strip() == "True":
-            return candidate
-    return None
-
-
 @pytest.mark.parametrize("interpreter", ["this", "3.9 or 3.10"])
 def test_the_responder_file_answers_relayed_probes_over_the_channel_and_the_replies_verify(
     qemu: FakeQemu, interpreter: str
 ) -> None:
-    python = sys.executable if interpreter == "this" else old_python()
+    python = sys.executable if interpreter == "this" else find_old_python()
     if python is None:
         pytest.skip("no Python 3.9 or 3.10 interpreter here")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "VMQ_VM_ID": "guest-1", "VMQ_SECRET_KEY": SECRET_HEX,

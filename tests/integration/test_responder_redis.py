@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import hmac
 import json
@@ -12,18 +11,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from tests.responders import find_old_python, serving
 from vmq import responder as responder_module
-from vmq.responder import Responder, ResponderConfig, load_config, reply_signature
+from vmq.responder import ResponderConfig, load_config, reply_signature
 from vmq.sim.localcluster import free_port
 
 pytestmark = pytest.mark.integration
@@ -103,28 +101,6 @@ def make_config(url: str, tmp_path: Path, toml: str = "", **env: str) -> Respond
     environ = {"VMQ_VM_ID": "web-1", "VMQ_REDIS_URL": url, "VMQ_SECRET_KEY": SECRET_HEX,
                "VMQ_BOOT_ID": "boot-1", **env}
     return load_config(str(path), environ)
-
-
-@contextmanager
-def serving(config: ResponderConfig) -> Iterator[Responder]:
-    """Run a Responder in a thread; on exit stop it and check it stopped cleanly, without an exception."""
-    agent, stop, failures = Responder(config), threading.Event(), []
-
-    def target() -> None:
-        try:
-            agent.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            failures.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    try:
-        yield agent
-    finally:
-        stop.set()
-        thread.join(10)
-    assert not thread.is_alive(), "responder did not stop within 10 s of stop_event"
-    assert failures == []
 
 
 def wait_subscribed(client: redis.Redis, channel: str = PROBES, timeout_s: float = 15) -> None:
@@ -480,18 +456,6 @@ def test_a_copied_script_answers_once_in_an_isolated_interpreter(
     if boot_id_file.exists():
         assert body["boot_id"] == boot_id_file.read_text().strip()
     assert SECRET_HEX not in result.stderr + result.stdout
-
-
-def find_old_python() -> str | None:
-    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3")))
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")))
-    candidates += [path for name in ("python3.9", "python3.10") if (path := shutil.which(name))]
-    for candidate in candidates:
-        check = subprocess.run([candidate, "-c", "import sys; print(sys.version_info < (3, 11))"],
-                               capture_output=True, text=True, timeout=30, check=False)
-        if check.returncode == 0 and check.stdout.strip() == "True":
-            return candidate
-    return None
 
 
 def test_python_3_9_or_3_10_runs_it_with_the_fallback_toml_parser(

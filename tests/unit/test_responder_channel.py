@@ -8,21 +8,19 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 import tty
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.responders import serving
 from vmq.codec import ReplyVerifier, RoundBook, decode_reply
 from vmq.responder import (
     MAX_PROBE_BYTES,
     RESPONDER_CHANNEL,
     ConfigProblem,
-    Responder,
     ResponderConfig,
     channel_reply_line,
     encode_reply,
@@ -104,28 +102,6 @@ def test_a_reply_line_is_one_compact_json_line_carrying_the_exact_signed_message
 
 
 # ---------------------------------------------------------------- whole exchanges
-@contextmanager
-def serving(config: ResponderConfig) -> Iterator[Responder]:
-    """Run a Responder in a thread; on exit stop it and check it stopped cleanly, without an exception."""
-    agent, stop, failures = Responder(config), threading.Event(), []
-
-    def target() -> None:
-        try:
-            agent.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            failures.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    try:
-        yield agent
-    finally:
-        stop.set()
-        thread.join(10)
-    assert not thread.is_alive(), "responder did not stop within 10 s of stop_event"
-    assert failures == []
-
-
 def channel_config(path: Path) -> ResponderConfig:
     return load_config(None, {**CHANNEL_ENV, "VMQ_CHANNEL_PATH": str(path)})
 
