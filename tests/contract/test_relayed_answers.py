@@ -200,3 +200,16 @@ def test_the_relayed_stream_is_read_to_the_deadline_like_the_reply_stream(world:
     batch(world, HOST_A, [agent_answer(world, "web-1", second)])  # after the deadline: too late
     report = world.monitor.tick()
     assert report.flagged == ["web-1"], f"an answer that arrived after the deadline {deadline} counts for nothing"
+
+
+def test_the_placements_read_for_relayed_answers_agree_with_the_records(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    world.register("web-2", HOST_B)
+    world.register("web-3", HOST_A)
+    world.store.vms.set_fields("web-3", {"probe_path_detected": ProbePath.CHANNEL.value})
+    vms = ["web-1", "web-2", "web-3", "no-such-vm"]
+    placed = [tuple(p) for p in world.store.vms.placements(vms)]
+    assert placed == [(r.vm, r.exists, r.host, r.probe_path) for r in world.store.vms.records(vms)]
+    assert [p[3] for p in placed[:3]] == [ProbePath.AGENT, ProbePath.REDIS, ProbePath.CHANNEL]
+    assert placed[1][2] == HOST_B and not placed[3][1]
+    assert world.store.vms.placements([]) == []
