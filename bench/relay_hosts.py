@@ -57,6 +57,7 @@ class SimulatedHost:
     def __init__(self, name: str, path: str, vms: list[str], secrets: Mapping[str, str], first: int) -> None:
         self.name, self.path, self.vms = name, path, vms
         self.silent: set[str] = set()
+        self.active: set[str] = set()  # what its inventory relays: VMs whose record places them here on ``path``
         self.seqs = dict.fromkeys(vms, 0)
         self.makers: dict[str, ReplyMaker] = {}
         if path == "channel":
@@ -78,13 +79,13 @@ class SimulatedHost:
         if self.path == "agent":
             with_info = round_id % INFO_EVERY_ROUNDS == 0
             for i, vm in enumerate(self.vms):
-                if vm not in self.silent:
+                if vm in self.active and vm not in self.silent:
                     out.append(agent_answer(vm, round_id, nonce, 1.1 + (i % 9) * 0.05, guest_ms,
                                             guest_info(vm) if with_info else None))
             return out
         nonce_json = json.dumps(nonce).encode()
         for vm in self.vms:
-            if vm not in self.silent:
+            if vm in self.active and vm not in self.silent:
                 self.seqs[vm] += 1
                 message, signature = self.makers[vm].make(round_id, nonce_json, self.seqs[vm], guest_ms)
                 out.append(channel_answer(vm, message, signature))
@@ -102,6 +103,7 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
     owner = {vm: host for host in hosts.values() for vm in host.vms}
     feed = store.relays.subscribe_probes()
     ready.set()
+    every_s, next_refresh = settings.inventory_interval_s, 0.0
     marks: list[tuple[float, int, str]] = []  # (due monotonic s, round, host): finish marks after a timeout
     rounds = answers_n = batches = 0
     while not stop.is_set():
@@ -116,6 +118,11 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
                 store.client.hset(injected_key, vm, store.clock.time_ms())
             elif command == "revive":
                 host.revive(vm)
+        if time.monotonic() >= next_refresh:  # ProbeRelay.refresh: the VMs the store places here, on this path
+            next_refresh = time.monotonic() + every_s
+            for host in hosts.values():
+                host.active = {p.vm for p in store.vms.placements(host.vms)
+                               if p.exists and p.host == host.name and p.probe_path.value == path}
         while marks and marks[0][0] <= time.monotonic():
             _, round_id, name = heapq.heappop(marks)
             store.relays.append(name, [], round_id, [])

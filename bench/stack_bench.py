@@ -32,7 +32,8 @@ sys.path.insert(0, str(BENCH))
 
 import redis
 from measure import host_busy_s, pct, proc_cpu_s, redis_cpu_mem
-from stack_parts import PATHS, Processes, host_names, rss_mib, setup_fleet, start_fleet, tree_cpu_s, verdicts, vmq_env
+from stack_parts import (PATHS, Processes, fleet_names, host_names, register, rss_mib, start_fleet, tree_cpu_s,
+                         verdicts, vmq_env)
 
 from vmq.sim.localcluster import SOURCE_ROOT, LocalRedis
 from vmq.store.redis import RedisStore
@@ -50,10 +51,12 @@ def bench_vmq(n: int, via: str, args: argparse.Namespace, url: str, workdir: Pat
     client = redis.Redis.from_url(url)
     injected_key, started_key = f"{ns}:bench:injected", f"{ns}:bench:restart_started"
     hosts = host_names(args.hosts)
+    vms, secrets = fleet_names(n, via)
+    step = args.warmup_step if args.warmup_step > 0 and via != "redis" else n
     t0 = time.monotonic()
-    vms, secrets = setup_fleet(store, n, hosts, via)
+    register(store, vms[:step], secrets, hosts, via)
     setup_s = time.monotonic() - t0
-    print(f"[{time.strftime('%H:%M:%S')}]   registered in {setup_s:.0f} s", file=sys.stderr, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}]   registered {step} in {setup_s:.0f} s", file=sys.stderr, flush=True)
     fleet = start_fleet(via, url, settings, vms, secrets, hosts, injected_key, args)
 
     done = threading.Event()
@@ -87,6 +90,15 @@ def bench_vmq(n: int, via: str, args: argparse.Namespace, url: str, workdir: Pat
     try:
         min_rounds = math.ceil(args.reply_timeout / args.probe_interval) + 3
         deadline = time.monotonic() + 120 + n / 100
+        for first in range(step, n, step):  # the fleet grows as hosts would join: each step healthy first
+            while client.scard(k.attention) > 0:
+                run.check()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"warm-up: {client.scard(k.attention)} VMs not healthy (logs: {workdir})")
+                time.sleep(0.5)
+            register(store, vms[first:first + step], secrets, hosts, via, first)
+            print(f"[{time.strftime('%H:%M:%S')}]   registered {first + len(vms[first:first + step])}",
+                  file=sys.stderr, flush=True)
         while not (client.scard(k.attention) == 0 and int(client.get(k.round_seq) or 0) >= min_rounds):
             run.check()
             if time.monotonic() > deadline:
@@ -283,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="vmq: comma-separated probe paths, one row each per N: redis (guests reply through "
                              "Redis), agent, channel (simulated host relays, bench/relay_hosts.py)")
     parser.add_argument("--hosts", type=int, default=4, help="simulated hosts the VMs are placed on (default 4)")
+    parser.add_argument("--warmup-step", type=int, default=0,
+                        help="host paths: register the VMs this many at a time, each step healthy before the next "
+                             "(hosts joining one by one); 0 (default): all at once")
     parser.add_argument("--max-cpu-ratio", type=float, default=None,
                         help="fail a host-path row whose monitor CPU per 1000 VMs exceeds this share of the "
                              "redis row's at the same N (needs redis in --via)")

@@ -82,22 +82,26 @@ def vmq_env(url: str, ns: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def setup_fleet(store: RedisStore, n: int, hosts: list[str], path: str) -> tuple[list[str], dict[str, str]]:
-    """Register n VMs placed round-robin on ``hosts``, running, on probe path ``path`` (as `vmq path` sets
-    it); keys for the paths whose guests sign (``redis``, ``channel``: an ``agent`` VM has no responder).
-    Returns (vms, secrets)."""
+def fleet_names(n: int, path: str) -> tuple[list[str], dict[str, str]]:
+    """N VM names and their keys (for the paths whose guests sign: ``redis``, ``channel``; an ``agent`` VM has
+    no responder, hence no key)."""
     vms = [f"vm-{i:06d}" for i in range(n)]
-    secrets = {vm: new_secret() for vm in vms} if path != "agent" else {}
+    return vms, ({vm: new_secret() for vm in vms} if path != "agent" else {})
+
+
+def register(store: RedisStore, vms: list[str], secrets: dict[str, str], hosts: list[str], path: str,
+             first: int = 0) -> None:
+    """Register ``vms`` (the ``first``-th VM onwards) placed round-robin on ``hosts``, running, on probe path
+    ``path`` (as `vmq path` sets it), with their keys if any."""
     now_ms = store.clock.time_ms()
     for vm in vms:  # the real per-VM APIs (3-4 round trips each); bulk HSET for the inventory fields
         store.vms.register_vm(vm, now_ms)
-        if secrets:
+        if vm in secrets:
             store.keyring.set_secret(vm, secrets[vm])
     path_field = {} if path == "redis" else {"probe_path_set": path}
-    for start in range(0, n, 5000):
+    for start in range(0, len(vms), 5000):
         store.vms.write_many({vm: {"host": hosts[i % len(hosts)], "domain_status": "running", **path_field}
-                              for i, vm in enumerate(vms[start:start + 5000], start)})
-    return vms, secrets
+                              for i, vm in enumerate(vms[start:start + 5000], first + start)})
 
 
 def start_fleet(path: str, url: str, settings: Settings, vms: list[str], secrets: dict[str, str],
@@ -110,7 +114,7 @@ def start_fleet(path: str, url: str, settings: Settings, vms: list[str], secrets
             url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen, args.batch,
             guests.contiguous(vms, procs_n), secrets, injected_key)
     else:
-        placement = {host: vms[i::len(hosts)] for i, host in enumerate(hosts)}
+        placement = {host: vms[i::len(hosts)] for i, host in enumerate(hosts)}  # as register() places them
         timeout_s = min(settings.probe_interval_s * 0.8, settings.relay_agent_timeout_s)  # as ProbeRelay
         fleet = HostFleet(url, settings.namespace, path, placement, secrets, injected_key, timeout_s, procs_n)
     fleet.start()
