@@ -41,6 +41,7 @@ from vmq.relay_answers import Answer, agent_answer, channel_answer
 from vmq.responder import parse_probe
 from vmq.store.redis import RedisStore
 
+REFRESH_AT_ONCE = 5000  # VMs not relayed yet looked up per refresh while the fleet grows
 ANSWERS_PER_FLUSH = 300  # answers one relay gathers in one 50 ms flush (8 threads x 50 ms / 1.3 ms per ping)
 
 
@@ -119,10 +120,18 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
             elif command == "revive":
                 host.revive(vm)
         if time.monotonic() >= next_refresh:  # ProbeRelay.refresh: the VMs the store places here, on this path
-            next_refresh = time.monotonic() + every_s
-            for host in hosts.values():
-                host.active = {p.vm for p in store.vms.placements(host.vms)
-                               if p.exists and p.host == host.name and p.probe_path.value == path}
+            # While VMs are still being registered (--warmup-step, in index order), look again soon at the next
+            # ones not relayed yet, or they would be judged silent (boot grace 0); then every inventory interval.
+            waiting = [vm for host in hosts.values() for vm in host.vms if vm not in host.active]
+            waiting.sort()
+            look = waiting[:REFRESH_AT_ONCE] if waiting else list(owner)
+            for placed in store.vms.placements(look):
+                host = owner[placed.vm]
+                if placed.exists and placed.host == host.name and placed.probe_path.value == path:
+                    host.active.add(placed.vm)
+                else:
+                    host.active.discard(placed.vm)
+            next_refresh = time.monotonic() + (0.25 if waiting else every_s)
         while marks and marks[0][0] <= time.monotonic():
             _, round_id, name = heapq.heappop(marks)
             store.relays.append(name, [], round_id, [])

@@ -89,7 +89,8 @@ def bench_vmq(n: int, via: str, args: argparse.Namespace, url: str, workdir: Pat
                      "--loglevel", "WARNING")
     try:
         min_rounds = math.ceil(args.reply_timeout / args.probe_interval) + 3
-        deadline = time.monotonic() + 120 + n / 100
+        deadline = time.monotonic() + (args.warmup_s or 120 + n / 100)
+        registered = step
         for first in range(step, n, step):  # the fleet grows as hosts would join: each step healthy first
             while client.scard(k.attention) > 0:
                 run.check()
@@ -97,12 +98,14 @@ def bench_vmq(n: int, via: str, args: argparse.Namespace, url: str, workdir: Pat
                     raise RuntimeError(f"warm-up: {client.scard(k.attention)} VMs not healthy (logs: {workdir})")
                 time.sleep(0.5)
             register(store, vms[first:first + step], secrets, hosts, via, first)
+            registered = first + len(vms[first:first + step])
             print(f"[{time.strftime('%H:%M:%S')}]   registered {first + len(vms[first:first + step])}",
                   file=sys.stderr, flush=True)
         while not (client.scard(k.attention) == 0 and int(client.get(k.round_seq) or 0) >= min_rounds):
             run.check()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"warm-up: {client.scard(k.attention)} VMs not healthy (logs: {workdir})")
+                raise RuntimeError(f"warm-up: {client.scard(k.attention)} of {registered} VMs registered not "
+                                   f"healthy (logs: {workdir})")
             time.sleep(0.5)
         last = client.xrevrange(k.events, count=1)
         mark = last[0][0].decode() if last else "0-0"
@@ -298,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-step", type=int, default=0,
                         help="host paths: register the VMs this many at a time, each step healthy before the next "
                              "(hosts joining one by one); 0 (default): all at once")
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="give up (no row, exit 1) if the fleet is not healthy within this many s (default "
+                             "120 + N/100)")
     parser.add_argument("--max-cpu-ratio", type=float, default=None,
                         help="fail a host-path row whose monitor CPU per 1000 VMs exceeds this share of the "
                              "redis row's at the same N (needs redis in --via)")
