@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,69 +30,18 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import guests
 import redis
-from loop_bench import HOSTS, setup_vms, sid
 from measure import host_busy_s, pct, proc_cpu_s, redis_cpu_mem
+from stack_parts import (PATHS, Processes, fleet_names, host_names, register, rss_mib, start_fleet, tree_cpu_s,
+                         verdicts, vmq_env)
 
-from vmq.sim.localcluster import SOURCE_ROOT, LocalRedis, _stop_process
+from vmq.sim.localcluster import SOURCE_ROOT, LocalRedis
 from vmq.store.redis import RedisStore
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return math.nan
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its live children (a prefork worker's pool)."""
-    total = proc_cpu_s(pid)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        try:
-            total += proc_cpu_s(int(child))
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
-
-
-class Processes:
-    """Celery processes of one run, logs in ``workdir``; stopped (SIGTERM, then SIGKILL) at the end."""
-
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env, self.procs = workdir, env, {}  # type: ignore[var-annotated]
-
-    def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
-        with open(self.workdir / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "celery", *argv], env=self.env, cwd=BENCH,
-                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def check(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited ({proc.returncode}): see {self.workdir}/{name}.log")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            _stop_process(proc)
-
-
-def vmq_env(url: str, ns: str, args: argparse.Namespace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
-    env.update(VMQ_REDIS_URL=url, VMQ_NAMESPACE=ns, VMQ_PROBE_INTERVAL_S=str(args.probe_interval),
-               VMQ_REPLY_TIMEOUT_S=str(args.reply_timeout), VMQ_BOOT_GRACE_S="0",
-               VMQ_MAX_RESTARTS="1000000", VMQ_RECOVERY_TIMEOUT_S="86400", VMQ_RESTART_TIMEOUT_S="86400",
-               VMQ_BACKOFF_BASE_S="0", VMQ_MAX_CONCURRENT_RESTARTS_PER_HOST="1000000",
-               VMQ_HOST_HEARTBEAT_INTERVAL_S="1", VMQ_METRICS_PORT="0", VMQ_LOG_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join([str(SOURCE_ROOT), str(BENCH)]))
-    return env
-
-
-def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict[str, Any]:
-    ns = f"stack{n}"
+def bench_vmq(n: int, via: str, args: argparse.Namespace, url: str, workdir: Path) -> dict[str, Any]:
+    """One vmq row: N VMs on probe path ``via`` through the real Celery stack (module docstring)."""
+    ns = f"stack{n}{via}"
     env = vmq_env(url, ns, args)
     from vmq.config import load_settings
 
@@ -102,24 +50,27 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     store = RedisStore.from_url(url, k, settings.events_maxlen)
     client = redis.Redis.from_url(url)
     injected_key, started_key = f"{ns}:bench:injected", f"{ns}:bench:restart_started"
+    hosts = host_names(args.hosts)
+    vms, secrets = fleet_names(n, via)
+    step = args.warmup_step if args.warmup_step > 0 and via != "redis" else n
     t0 = time.monotonic()
-    vms, secrets = setup_vms(store, n)
+    register(store, vms[:step], secrets, hosts, via)
     setup_s = time.monotonic() - t0
-
-    procs_n = max(1, min(3, args.responders))
-    fleet = guests.Fleet(url, k.probe_channel, k.reply_stream, settings.reply_stream_maxlen, args.batch,
-                         guests.contiguous(vms, procs_n), secrets, injected_key)
-    fleet.start()
+    print(f"[{time.strftime('%H:%M:%S')}]   registered {step} in {setup_s:.0f} s", file=sys.stderr, flush=True)
+    fleet = start_fleet(via, url, settings, vms, secrets, hosts, injected_key, args)
 
     done = threading.Event()
     revived: set[str] = set()
 
     def background() -> None:
         """Host heartbeats (the stub host workers have no inventory agent) and guest reboots."""
+        next_beat = 0.0
         while not done.is_set():
-            now_ms = store.clock.time_ms()
-            for host in HOSTS:
-                store.hosts.heartbeat(host, {"queue": f"host.{host}", "seen_ms": now_ms}, 15_000)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + 0.5
+                now_ms = store.clock.time_ms()
+                for host in hosts:
+                    store.hosts.heartbeat(host, {"queue": f"host.{host}", "seen_ms": now_ms}, 15_000)
             for vm in {v.decode() for v in client.hkeys(started_key)} - revived:
                 revived.add(vm)
                 fleet.revive(vm)
@@ -131,18 +82,30 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     monitors = [run.start(f"monitor-{i}", "-A", "workers.app", "worker", "-Q", "vmq.monitor,vmq.timeouts",
                           "-P", "threads", "-c", "4", "-n", f"monitor{i}@%h", "--without-gossip",
                           "--without-mingle", "--loglevel", "WARNING") for i in range(args.monitors)]
-    run.start("stub-hosts", "-A", "stub_host", "worker", "-Q", ",".join(f"host.{h}" for h in HOSTS),
+    run.start("stub-hosts", "-A", "stub_host", "worker", "-Q", ",".join(f"host.{h}" for h in hosts),
               "-P", "threads", "-c", "4", "-n", "stubhosts@%h", "--without-gossip", "--without-mingle",
               "--loglevel", "WARNING")
-    beat = run.start("beat", "-A", "workers.app", "beat", "-s", str(workdir / "beat-schedule"),
+    beat = run.start("beat", "-A", "workers.app", "beat", "-s", str(workdir / f"beat-schedule-{via}"),
                      "--loglevel", "WARNING")
     try:
         min_rounds = math.ceil(args.reply_timeout / args.probe_interval) + 3
-        deadline = time.monotonic() + 120 + n / 100
+        deadline = time.monotonic() + (args.warmup_s or 120 + n / 100)
+        registered = step
+        for first in range(step, n, step):  # the fleet grows as hosts would join: each step healthy first
+            while client.scard(k.attention) > 0:
+                run.check()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"warm-up: {client.scard(k.attention)} VMs not healthy (logs: {workdir})")
+                time.sleep(0.5)
+            register(store, vms[first:first + step], secrets, hosts, via, first)
+            registered = first + len(vms[first:first + step])
+            print(f"[{time.strftime('%H:%M:%S')}]   registered {first + len(vms[first:first + step])}",
+                  file=sys.stderr, flush=True)
         while not (client.scard(k.attention) == 0 and int(client.get(k.round_seq) or 0) >= min_rounds):
             run.check()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"warm-up: {client.scard(k.attention)} VMs not healthy (logs: {workdir})")
+                raise RuntimeError(f"warm-up: {client.scard(k.attention)} of {registered} VMs registered not "
+                                   f"healthy (logs: {workdir})")
             time.sleep(0.5)
         last = client.xrevrange(k.events, count=1)
         mark = last[0][0].decode() if last else "0-0"
@@ -175,40 +138,23 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
         run.stop()
         fleet.stop()
 
-    faulty: dict[str, list[int]] = {}
-    dispatched: dict[str, int] = {}
-    after = mark
-    while batch := store.audit.read(after=after, count=5000):
-        for event_id, event in batch:
-            if sid(event_id) <= sid(mark):
-                continue
-            if event.get("type") == "faulty":
-                faulty.setdefault(event["vm"], []).append(sid(event_id)[0])  # written at (Redis ms)
-            elif event.get("type") == "restart_dispatched":
-                dispatched.setdefault(event["vm"], sid(event_id)[0])
-        after = batch[-1][0]
     inj_ms = {vm.decode(): int(ms) for vm, ms in client.hgetall(injected_key).items()}
     started = {vm.decode(): int(ms) for vm, ms in client.hgetall(started_key).items()}
-    detect = [(faulty[vm][0] - inj_ms[vm]) / 1000 for vm in injected if vm in faulty and vm in inj_ms]
-    # flag (the faulty verdict written) -> the host worker running the restart task, both in Redis time
-    to_task = [(started[vm] - faulty[vm][0]) / 1000 for vm in dispatched if vm in started and vm in faulty]
-    false = sum(len(t) for vm, t in faulty.items() if vm not in inj_ms)
-    false += sum(1 for vm in inj_ms for t in faulty.get(vm, []) if t < inj_ms[vm])
-    false += sum(len(faulty[vm]) - 1 for vm in inj_ms if len(faulty.get(vm, [])) > 1)
-    missed = sum(1 for vm in injected if vm not in faulty)
+    seen = verdicts(store, mark, injected, inj_ms, started)
+    detect, to_task, false, missed = seen["detect"], seen["to_task"], seen["false"], seen["missed"]
     monitor_cpu = sum(cpu1[:-1]) - sum(cpu0[:-1])
     bound = args.probe_interval + args.reply_timeout + 0.5
     row = {
-        "design": "vmq", "n": n, "t1_s": args.probe_interval, "t2_s": args.reply_timeout,
-        "monitors": args.monitors, "setup_s": round(setup_s, 1), "measured_s": round(measured_s, 1),
-        "rounds": rounds, "injected": len(injected), "detected": len(detect),
-        "detect_s_p50": round(pct(detect, 50), 3), "detect_s_p99": round(pct(detect, 99), 3),
+        "design": "vmq", "via": via, "n": n, "hosts": len(hosts), "t1_s": args.probe_interval,
+        "t2_s": args.reply_timeout, "monitors": args.monitors, "setup_s": round(setup_s, 1),
+        "measured_s": round(measured_s, 1), "rounds": rounds, "injected": len(injected), "detected": len(detect),
+        "detect_s_p50": seen["detect_s_p50"], "detect_s_p99": seen["detect_s_p99"],
         "overhead_s_p99": round(pct(detect, 99) - args.probe_interval - args.reply_timeout, 3),
-        "flag_to_task_s_p50": round(pct(to_task, 50), 4), "flag_to_task_s_p99": round(pct(to_task, 99), 4),
+        "flag_to_task_s_p50": seen["flag_to_task_s_p50"], "flag_to_task_s_p99": seen["flag_to_task_s_p99"],
         "false_faults": false, "missed_faults": missed,
         "monitor_cpu_ms_round": round(1000 * monitor_cpu / max(1, rounds), 1),
         "monitor_cpu_pct": round(100 * monitor_cpu / measured_s, 1),
-        "monitor_cpu_pct_per_1000": round(100 * monitor_cpu / measured_s / (n / 1000), 2),
+        "monitor_cpu_pct_per_1000": round(100 * monitor_cpu / measured_s / (n / 1000), 3),
         "beat_cpu_pct": round(100 * (cpu1[-1] - cpu0[-1]) / measured_s, 1),
         "monitor_rss_mib": round(sum(rss), 1),
         "redis_cpu_pct": round(100 * (redis_cpu1 - redis_cpu0) / measured_s, 1),
@@ -218,6 +164,8 @@ def bench_vmq(n: int, args: argparse.Namespace, url: str, workdir: Path) -> dict
     }
     row["pass"] = (false == 0 and missed == 0 and len(detect) > 0 and row["detect_s_p99"] <= bound
                    and len(to_task) >= len(detect))
+    if args.max_flag_to_task_ms is not None:
+        row["pass"] = row["pass"] and row["flag_to_task_s_p99"] * 1000 <= args.max_flag_to_task_ms
     client.close()
     store.client.close()
     return row
@@ -295,7 +243,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     if vmq_rows:
         first = vmq_rows[0]
         print(f"vmq (real beat, monitor worker, host queues; T1 = {first['t1_s']:g} s, T2 = {first['t2_s']:g} s)")
-        cols = [("N", "n"), ("rounds", "rounds"), ("hangs", "injected"), ("detect p50", "detect_s_p50"),
+        cols = [("via", "via"), ("N", "n"), ("hosts", "hosts"), ("rounds", "rounds"), ("hangs", "injected"), ("detect p50", "detect_s_p50"),
                 ("p99", "detect_s_p99"), ("over T1+T2 p99", "overhead_s_p99"),
                 ("flag->task p50", "flag_to_task_s_p50"), ("p99", "flag_to_task_s_p99"),
                 ("false", "false_faults"), ("missed", "missed_faults"), ("mon ms/rnd", "monitor_cpu_ms_round"),
@@ -303,6 +251,11 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
                 ("mon RSS MiB", "monitor_rss_mib"), ("redis %", "redis_cpu_pct"),
                 ("redis MiB", "redis_used_memory_mib"), ("box busy %", "machine_busy_pct"), ("pass", "pass")]
         _table(cols, vmq_rows)
+        for row in vmq_rows:
+            if "cpu_ratio_to_redis" in row:
+                print(f"N={row['n']}: monitor CPU per 1000 VMs, {row['via']} / redis = "
+                      f"{row['monitor_cpu_pct_per_1000']} / {row['redis_row_cpu_pct_per_1000']} = "
+                      f"{row['cpu_ratio_to_redis']}")
     if naive_rows:
         print("\nnaive baseline (one Celery task per VM per probe + one per VM per timeout, prefork 2)")
         cols = [("N", "n"), ("tasks/s needed", "tasks_per_s_needed"), ("sent", "tasks_sent"),
@@ -341,21 +294,48 @@ def main(argv: list[str] | None = None) -> int:
                         help="niceness of the simulated guests (they stand for other machines; on a quiet box "
                              "10 keeps them from starving the system under test; on a busy one they then fall "
                              "behind and every VM looks silent)")
+    parser.add_argument("--via", default="redis",
+                        help="vmq: comma-separated probe paths, one row each per N: redis (guests reply through "
+                             "Redis), agent, channel (simulated host relays, bench/relay_hosts.py)")
+    parser.add_argument("--hosts", type=int, default=4, help="simulated hosts the VMs are placed on (default 4)")
+    parser.add_argument("--warmup-step", type=int, default=0,
+                        help="host paths: register the VMs this many at a time, each step healthy before the next "
+                             "(hosts joining one by one); 0 (default): all at once")
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="give up (no row, exit 1) if the fleet is not healthy within this many s (default "
+                             "120 + N/100)")
+    parser.add_argument("--max-cpu-ratio", type=float, default=None,
+                        help="fail a host-path row whose monitor CPU per 1000 VMs exceeds this share of the "
+                             "redis row's at the same N (needs redis in --via)")
+    parser.add_argument("--max-flag-to-task-ms", type=float, default=None,
+                        help="fail a vmq row whose flag -> restart task p99 exceeds this (ms)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row, no table")
     args = parser.parse_args(argv)
     os.environ["VMQ_BENCH_GUEST_NICE"] = str(args.guest_nice)  # read by bench/guests.py in each guest process
     rows: list[dict[str, Any]] = []
-    plans = [("vmq", int(x)) for x in args.vms.split(",") if x.strip()]
-    plans += [("naive", int(x)) for x in args.naive_vms.split(",") if x.strip()]
-    for design, n in plans:
+    paths = [p.strip() for p in args.via.split(",") if p.strip()]
+    if not set(paths) <= set(PATHS):
+        parser.error(f"--via: choose among {','.join(PATHS)}")
+    plans = [("vmq", via, int(x)) for x in args.vms.split(",") if x.strip() for via in paths]
+    plans += [("naive", "", int(x)) for x in args.naive_vms.split(",") if x.strip()]
+    for design, via, n in plans:
         with tempfile.TemporaryDirectory(prefix=f"vmq-stack-{design}-") as tmp:
             server = LocalRedis(Path(tmp) / "redis", binary=args.redis_server or None).start()
             try:
-                print(f"[{time.strftime('%H:%M:%S')}] {design} N={n} ...", file=sys.stderr, flush=True)
-                bench = bench_vmq if design == "vmq" else bench_naive
-                row = bench(n, args, server.url, Path(tmp))
+                print(f"[{time.strftime('%H:%M:%S')}] {design} {via} N={n} ...", file=sys.stderr, flush=True)
+                if design == "vmq":
+                    row = bench_vmq(n, via, args, server.url, Path(tmp))
+                else:
+                    row = bench_naive(n, args, server.url, Path(tmp))
             finally:
                 server.stop()
+        baseline = next((r for r in rows if r["design"] == "vmq" and r["via"] == "redis" and r["n"] == n), None)
+        if design == "vmq" and via != "redis" and baseline is not None:
+            row["redis_row_cpu_pct_per_1000"] = baseline["monitor_cpu_pct_per_1000"]
+            row["cpu_ratio_to_redis"] = round(row["monitor_cpu_pct_per_1000"]
+                                              / max(1e-9, baseline["monitor_cpu_pct_per_1000"]), 3)
+            if args.max_cpu_ratio is not None:
+                row["pass"] = row["pass"] and row["cpu_ratio_to_redis"] <= args.max_cpu_ratio
         rows.append(row)
         if args.json:
             print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}),

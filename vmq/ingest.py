@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from vmq import lifecycle
 from vmq.codec import RawEntry, ReplyVerifier, Verified
 from vmq.errors import CodecError
-from vmq.model import Transition, VmRecord
+from vmq.model import Transition, VmPlacement
 from vmq.ports import Lease, Replies, Store
 from vmq.relayed import Decoded, decode_batches
 
@@ -173,8 +173,8 @@ class Ingestor:
     def _verify_relayed(self, entries: list[RawEntry]) -> Decoded:
         store = self.store
 
-        def records(vms: Sequence[str]) -> dict[str, VmRecord]:
-            return {rec.vm: rec for rec in store.vms.records(vms)}
+        def records(vms: Sequence[str]) -> dict[str, VmPlacement]:  # host and path only: the hot path
+            return {placed.vm: placed for placed in store.vms.placements(vms)}
 
         return decode_batches(entries, records, self.relay_verifier, store.keyring.secrets(),
                               store.rounds.round_book(), self.max_reply_bytes, store.keyring.previous_secrets())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class VmState(str, Enum):
@@ -391,6 +391,16 @@ class VmRecord:
     def grace_anchor_ms(self) -> int:
         """Where the boot grace counts from: the later of the last boot and the start of monitoring."""
         return max(self.booted_at_ms, self.monitored_since_ms)
+
+
+class VmPlacement(NamedTuple):
+    """Where a VM's record places it and on which probe path (``exists`` False: no record): all that vouching
+    for a relayed answer needs (vmq.relayed), read for every relayed answer, hence a tuple, not a VmRecord."""
+
+    vm: str
+    exists: bool
+    host: str
+    probe_path: ProbePath
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vmq.model import (RESPONDER_CHANNEL, AuditEvent, DomainInfo, DomainStatus, HostContext, JudgeContext, Placement,
-                       Transition, TransitionResult, VmRecord)
+                       Transition, TransitionResult, VmPlacement, VmRecord)
 from vmq.telemetry import MetricsSnapshot
 
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
@@ -95,6 +95,8 @@ class VmRecords(Protocol):
     def records(self, vms: Sequence[str]) -> list[VmRecord]: ...
 
     def record(self, vm: str) -> VmRecord: ...
+
+    def placements(self, vms: Sequence[str]) -> list[VmPlacement]: ...
 
     def all_vms(self) -> list[str]: ...
 

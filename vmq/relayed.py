@@ -18,7 +18,7 @@ import orjson
 from vmq.codec import RawEntry, ReplyVerifier, RoundBook, Verified
 from vmq.errors import CodecError
 from vmq.keys import valid_name
-from vmq.model import ProbePath, RejectReason, VmRecord, WIRE_VERSION_RELAYED
+from vmq.model import ProbePath, RejectReason, VmPlacement, VmRecord, WIRE_VERSION_RELAYED
 
 #: A batch larger than this is refused whole (a host splits its batches well below it: vmq.store.relays).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
@@ -117,7 +117,8 @@ def _agent_answer(host: str, answer: Mapping[str, Any], arrival_ms: int, book: R
     return _new_verified(Verified, (vm, round_id, arrival_ms, "", message, False))
 
 
-def decode_batches(entries: Sequence[RawEntry], records: Callable[[Sequence[str]], Mapping[str, VmRecord]],
+def decode_batches(entries: Sequence[RawEntry],
+                   records: Callable[[Sequence[str]], Mapping[str, VmRecord | VmPlacement]],
                    verifier: ReplyVerifier, secrets: Mapping[str, bytes], book: RoundBook, max_reply_bytes: int,
                    previous: Mapping[str, tuple[bytes, int]] | None = None) -> Decoded:
     """The answers of ``entries`` that count (stream order), a CodecError per answer (or batch) that does not,

@@ -234,3 +234,16 @@ def test_the_storm_guard_counts_agent_vms_that_have_no_key(world: World, silent:
     else:  # 30 % is not more than 30 %: each judged on its own (two at once: the per-host limit)
         assert len(report.dispatched) == 2 and set(report.dispatched) <= set(vms[:silent])
         assert not [e for e in world.events("faulty") if "storm guard" in e["reasons"]]
+
+
+def test_the_placements_read_for_relayed_answers_agree_with_the_records(world: World) -> None:
+    relayed(world, "web-1", ProbePath.AGENT)
+    world.register("web-2", HOST_B)
+    world.register("web-3", HOST_A)
+    world.store.vms.set_fields("web-3", {"probe_path_detected": ProbePath.CHANNEL.value})
+    vms = ["web-1", "web-2", "web-3", "no-such-vm"]
+    placed = [tuple(p) for p in world.store.vms.placements(vms)]
+    assert placed == [(r.vm, r.exists, r.host, r.probe_path) for r in world.store.vms.records(vms)]
+    assert [p[3] for p in placed[:3]] == [ProbePath.AGENT, ProbePath.REDIS, ProbePath.CHANNEL]
+    assert placed[1][2] == HOST_B and not placed[3][1]
+    assert world.store.vms.placements([]) == []
