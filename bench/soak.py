@@ -35,8 +35,8 @@ import guests
 import redis
 from measure import pct
 
-from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.operator_views import event_json
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
 
 def _settings_env(args: argparse.Namespace) -> dict[str, str]:

@@ -32,8 +32,18 @@ sys.path.insert(0, str(BENCH))
 
 import redis
 from measure import host_busy_s, pct, proc_cpu_s, redis_cpu_mem
-from stack_parts import (PATHS, Processes, fleet_names, host_names, register, rss_mib, start_fleet, tree_cpu_s,
-                         verdicts, vmq_env)
+from stack_parts import (
+    PATHS,
+    Processes,
+    fleet_names,
+    host_names,
+    register,
+    rss_mib,
+    start_fleet,
+    tree_cpu_s,
+    verdicts,
+    vmq_env,
+)
 
 from vmq.sim.localcluster import SOURCE_ROOT, LocalRedis
 from vmq.store.redis import RedisStore

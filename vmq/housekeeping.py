@@ -6,6 +6,7 @@ Both are idempotent and cheap when nothing changed (one pipelined read of the ho
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from vmq import lifecycle
 from vmq.model import AuditEvent, VmState
@@ -38,10 +39,27 @@ def sweep_hosts(store: Store, now_ms: int) -> None:
 
 
 def expire_maintenance(store: Store, now_ms: int) -> None:
-    """VMs whose maintenance window has passed go back to `unknown` and are judged after their grace."""
-    for rec in store.vms.records(sorted(store.vms.attention())):
-        if rec.state is VmState.MAINTENANCE and 0 < rec.maintenance_until_ms <= now_ms:
+    """VMs whose maintenance window has passed go back to `unknown` and are judged after their grace. Reads
+    only the windows noted as ended (cheap whatever the number of VMs needing attention)."""
+    due = store.vms.maintenance_ends_due(now_ms)
+    for rec, (vm, until_ms) in zip(store.vms.records([vm for vm, _ in due]), due):
+        if rec.state is VmState.MAINTENANCE and rec.maintenance_until_ms == until_ms:
             lifecycle.maintenance_off(store.vms, rec, now_ms, "maintenance window expired")
+        store.vms.drop_maintenance_end(vm, until_ms)  # handled, lifted, or replaced by a later window
+
+
+def note_maintenance_windows(store: Store, renew: Callable[[], bool], chunk: int = 1000) -> bool:
+    """Note the end of every timed maintenance window in the records (windows set before they were noted
+    as they are set), reading the VMs needing attention ``chunk`` at a time and calling ``renew`` (the
+    judge lock's lease) between chunks; False if the lease was lost."""
+    attention = sorted(store.vms.attention())
+    for start in range(0, len(attention), chunk):
+        if not renew():
+            return False
+        for rec in store.vms.records(attention[start:start + chunk]):
+            if rec.state is VmState.MAINTENANCE and rec.maintenance_until_ms > 0:
+                store.vms.schedule_maintenance_end(rec.vm, rec.maintenance_until_ms)
+    return True
 
 
 def record_guard_episodes(store: Store, cluster: str, by_host: dict[str, str],

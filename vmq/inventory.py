@@ -14,9 +14,9 @@ import socket
 from dataclasses import dataclass, field
 
 from vmq.keys import valid_name
-from vmq.routing import host_queue
 from vmq.model import AuditEvent, DomainInfo, DomainStatus, ProbePath, detect_probe_path
 from vmq.ports import Hypervisor, Store
+from vmq.routing import host_queue
 
 log = logging.getLogger(__name__)
 

@@ -197,6 +197,11 @@ class Keys:
         return self._k("stats", "hist", name)
 
     @property
+    def maintenance_ends(self) -> str:
+        """Sorted set "<vm>|<until ms>" -> until ms: the maintenance windows that end by themselves."""
+        return self._k("maintenance", "ends")
+
+    @property
     def storm(self) -> str:
         """Hash of guard episodes in progress ("cluster" or "host:<name>" -> since ms)."""
         return self._k("storm")

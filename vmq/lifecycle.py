@@ -152,9 +152,12 @@ def clear(vms: VmRecords, rec: VmRecord, now_ms: int) -> TransitionResult:
 def maintenance_on(vms: VmRecords, rec: VmRecord, now_ms: int, until_ms: int) -> TransitionResult:
     """-> `maintenance` until ``until_ms`` (-1: until lifted); not while a restart is under way."""
     sources = [s for s in VmState if s not in (VmState.MAINTENANCE, VmState.RESTARTING)]
-    return _move(vms, rec, sources, VmState.MAINTENANCE, now_ms, AuditEvent.MAINTENANCE,
-                 {"host": rec.host, "reason": "operator", "until_ms": until_ms},
-                 {"maintenance_until_ms": max(until_ms, 0), "incident": ""})
+    result = _move(vms, rec, sources, VmState.MAINTENANCE, now_ms, AuditEvent.MAINTENANCE,
+                   {"host": rec.host, "reason": "operator", "until_ms": until_ms},
+                   {"maintenance_until_ms": max(until_ms, 0), "incident": ""})
+    if result.applied and until_ms > 0:
+        vms.schedule_maintenance_end(rec.vm, until_ms)  # housekeeping.expire_maintenance ends it then
+    return result
 
 
 def maintenance_off(vms: VmRecords, rec: VmRecord, now_ms: int, reason: str = "operator") -> TransitionResult:

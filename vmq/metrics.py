@@ -20,8 +20,8 @@ from prometheus_client.registry import Collector
 from vmq.config import Settings
 from vmq.errors import VmqError
 from vmq.model import RejectReason
-from vmq.telemetry import DETECTION, RECOVERY, MetricsSnapshot
 from vmq.ports import Store
+from vmq.telemetry import DETECTION, RECOVERY, MetricsSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,18 @@ from dataclasses import dataclass, field, replace
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
 from vmq.evidence import ProbingGap, crash_evidence, probing_gap, silence_evidence
-from vmq.ingest import IngestResult, Ingestor, LatestReplies, RejectLog
+from vmq.housekeeping import (
+    end_guard_episodes,
+    expire_maintenance,
+    note_maintenance_windows,
+    record_guard_episodes,
+    sweep_hosts,
+)
+from vmq.ingest import Ingestor, IngestResult, LatestReplies, RejectLog
 from vmq.judge import Judge
 from vmq.model import Action, AuditEvent, DomainEventKind, DomainStatus
 from vmq.policy import decide, storm_guard
 from vmq.ports import Store
-from vmq.housekeeping import end_guard_episodes, expire_maintenance, record_guard_episodes, sweep_hosts
 from vmq.verdict import Dispatch, Notify, VerdictResult, Verdicts
 
 __all__ = ["DUPLICATE_GAP", "EVENT_STATUS", "Monitor", "TickReport"]
@@ -87,6 +93,7 @@ class Monitor:
         self._ingestor = Ingestor(store, settings.max_reply_bytes,
                                   RejectLog(settings.probe_interval_s),  # one line per VM and reason per T1
                                   LatestReplies(int(settings.reply_save_interval_s * 1000)))
+        self._windows_noted = False  # note_maintenance_windows ran in this process
 
     # ---------------------------------------------------------------- probe
     def probe(self) -> tuple[int, int]:
@@ -130,6 +137,11 @@ class Monitor:
                 return report
             now_ms = store.clock.time_ms()
             sweep_hosts(store, now_ms)
+            if not self._windows_noted:  # once per process: windows from before they were noted
+                if not note_maintenance_windows(store, lease.renew):
+                    report.locked_out = True
+                    return report
+                self._windows_noted = True
             expire_maintenance(store, now_ms)
             sent_ms: dict[int, int] | None = None
             for round_id, deadline_ms in store.rounds.due_rounds(now_ms):

@@ -11,8 +11,19 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vmq.model import (RESPONDER_CHANNEL, AuditEvent, DomainInfo, DomainStatus, HostContext, JudgeContext, Placement,
-                       Transition, TransitionResult, VmPlacement, VmRecord)
+from vmq.model import (
+    RESPONDER_CHANNEL,
+    AuditEvent,
+    DomainInfo,
+    DomainStatus,
+    HostContext,
+    JudgeContext,
+    Placement,
+    Transition,
+    TransitionResult,
+    VmPlacement,
+    VmRecord,
+)
 from vmq.telemetry import MetricsSnapshot
 
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
@@ -101,6 +112,12 @@ class VmRecords(Protocol):
     def all_vms(self) -> list[str]: ...
 
     def attention(self) -> set[str]: ...
+
+    def schedule_maintenance_end(self, vm: str, until_ms: int) -> None: ...
+
+    def maintenance_ends_due(self, now_ms: int, count: int = 500) -> list[tuple[str, int]]: ...
+
+    def drop_maintenance_end(self, vm: str, until_ms: int) -> None: ...
 
     def hosts_of(self, vms: Sequence[str]) -> list[str]: ...
 

@@ -18,7 +18,7 @@ import orjson
 from vmq.codec import RawEntry, ReplyVerifier, RoundBook, Verified
 from vmq.errors import CodecError
 from vmq.keys import valid_name
-from vmq.model import ProbePath, RejectReason, VmPlacement, VmRecord, WIRE_VERSION_RELAYED
+from vmq.model import WIRE_VERSION_RELAYED, ProbePath, RejectReason, VmPlacement, VmRecord
 
 #: A batch larger than this is refused whole (a host splits its batches well below it: vmq.store.relays).
 MAX_BATCH_BYTES = 8 * 1024 * 1024

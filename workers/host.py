@@ -16,11 +16,18 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from vmq.errors import HypervisorError, StoreError
-from vmq.hostagent import HostAgent
 from vmq.host_restart import ActivityCheck, operate_domain
 from vmq.host_restart import restart_vm as restart_use_case
+from vmq.hostagent import HostAgent
 from vmq.routing import DOMAIN_EVENT_TASK, DOMAIN_OP_TASK, MONITOR_QUEUE, RESTART_TASK, host_queue
-from workers.context import host_agent_of, hypervisor_of, set_host_agent, set_hypervisor, settings_of, store_of
+from workers.context import (
+    host_agent_of,
+    hypervisor_of,
+    set_host_agent,
+    set_hypervisor,
+    settings_of,
+    store_of,
+)
 
 log = logging.getLogger(__name__)
 

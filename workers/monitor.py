@@ -9,8 +9,14 @@ from typing import Any
 from celery import Task, shared_task
 
 from vmq.notify import NotifyError, post_json
-from vmq.routing import (DOMAIN_EVENT_TASK, DRAIN_TASK, JUDGE_TASK, MANUAL_RESTART_TASK, NOTIFY_TASK,
-                         PROBE_TASK)
+from vmq.routing import (
+    DOMAIN_EVENT_TASK,
+    DRAIN_TASK,
+    JUDGE_TASK,
+    MANUAL_RESTART_TASK,
+    NOTIFY_TASK,
+    PROBE_TASK,
+)
 from workers.context import monitor_of, settings_of, store_of
 
 log = logging.getLogger(__name__)

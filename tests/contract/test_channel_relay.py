@@ -229,6 +229,7 @@ def test_an_endless_line_is_dropped_and_never_delays_another_guest(
     assert verify(polled.replies, {2: (nonce, sent_ms)}) == [f"vm-{index}" for index in range(1, 6)]
     noisy = relay.link("vm-0")
     assert noisy is not None
+    collect(relay, lambda _: noisy.skipping)  # on a loaded machine the guest may not have sent a line's worth yet
     assert noisy.connected and noisy.skipping
     assert len(noisy.inbox) <= relay.max_line_bytes  # the buffer stays capped
     assert relay.counts["oversized"] == 2  # the endless line counts once, however long it grows

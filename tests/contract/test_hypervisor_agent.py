@@ -316,8 +316,8 @@ def test_every_agent_error_is_a_hypervisor_error() -> None:
     [
         ("VIR_ERR_AGENT_UNRESPONSIVE", "Guest agent is not responding: QEMU guest agent is not connected",
          AgentUnavailable),
-        ("VIR_ERR_AGENT_UNRESPONSIVE", "Guest agent is not responding: QEMU guest agent is not available due to "
-         "an error", AgentUnavailable),
+        ("VIR_ERR_AGENT_UNRESPONSIVE", ("Guest agent is not responding: QEMU guest agent is not available due to "
+         "an error"), AgentUnavailable),
         ("VIR_ERR_AGENT_UNRESPONSIVE", "Guest agent is not responding: Guest agent not available for now",
          AgentTimeout),
         ("VIR_ERR_ARGUMENT_UNSUPPORTED", "argument unsupported: QEMU guest agent is not configured",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.contract.test_channel_relay import FakeGuest, guests, short_dir, signed_line  # noqa: F401
+from tests.contract.test_channel_relay import FakeGuest, signed_line
 from tests.contract.test_monitor_store import Backend, make_settings
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
@@ -236,6 +236,7 @@ def test_the_relay_survives_redis_gone_and_answers_again_when_it_is_back(
 
 def test_answers_that_cannot_be_written_wait_for_the_next_flush(make_world: Callable[..., RelayWorld]) -> None:
     world = make_world({"a-1": (RUNNING, "agent")})
+    world.hypervisor.set_agent("a-1", latency_s=0.2)  # its answer comes after the store is gone
     relay = world.start()
     gone = RedisStore(connect(f"redis://127.0.0.1:{free_port()}/0"), world.keys)
     world.probe()

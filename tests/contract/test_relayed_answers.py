@@ -9,16 +9,7 @@ import json
 
 import pytest
 
-from tests.contract.test_monitor_store import (  # noqa: F401 - fixtures
-    BOOT_ID,
-    HOST_A,
-    HOST_B,
-    SECRET,
-    World,
-    backend,
-    redis_server,
-    world,
-)
+from tests.contract.test_monitor_store import BOOT_ID, HOST_A, HOST_B, SECRET, World
 from vmq.codec import encode_reply
 from vmq.model import ProbePath, VmState
 

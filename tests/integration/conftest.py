@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.operator_views import event_json
+from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 
 
 @pytest.fixture

@@ -31,18 +31,18 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.contract.test_monitor_store import Broker, make_settings
 from tests.integration.conftest import FAST, events_of
 from tests.integration.test_responder_redis import RedisServer, make_tls_files
 from tests.integration.test_stack import LocalService, build_services, env_example_names, wait_healthy
-from tests.contract.test_monitor_store import Broker, make_settings
 from vmq.codec import encode_reply
 from vmq.config import load_settings
 from vmq.host_restart import restart_vm
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
+from vmq.keys import Keys
 from vmq.model import DomainInfo, DomainStatus
 from vmq.monitor import Monitor
-from vmq.keys import Keys
 from vmq.sim.guests import GuestFleet, responder_argv
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.store.redis import RedisStore

@@ -16,7 +16,8 @@ rule can fail.
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: Set[str]) -> list[str]:
+def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: AbstractSet[str]) -> list[str]:
     """Absolute names ``node`` imports; ``from pkg import sub`` names ``pkg.sub`` when that is a known module."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
@@ -76,7 +77,7 @@ def _resolve(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, k
     return names
 
 
-def parse_imports(source: str, module: str, is_package: bool = False, known: Set[str] = frozenset()) -> Imports:
+def parse_imports(source: str, module: str, is_package: bool = False, known: AbstractSet[str] = frozenset()) -> Imports:
     """The imports of one module's source; ``known`` are the module names ``from pkg import name`` may mean."""
     tree = ast.parse(source)
     module_level: set[str] = set()
@@ -175,14 +176,14 @@ def find_cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
 
 
 def cycle_violations(graph: Mapping[str, Iterable[str]],
-                     allowed: Set[frozenset[str]] = CYCLES_ALLOWED) -> list[str]:
+                     allowed: AbstractSet[frozenset[str]] = CYCLES_ALLOWED) -> list[str]:
     """Rule (a): one line per module-level import cycle that is not allowed."""
     return [f"import cycle among {', '.join(cycle)}: move the shared part down or import it inside a function"
             for cycle in find_cycles(graph) if frozenset(cycle) not in allowed]
 
 
 def core_violations(graph: Mapping[str, Iterable[str]], core: Iterable[str] = CORE,
-                    banned: Set[str] = ADAPTER_LIBRARIES) -> list[str]:
+                    banned: AbstractSet[str] = ADAPTER_LIBRARIES) -> list[str]:
     """Rule (b): one line per core module that reaches a banned library at module level, with the chain."""
     problems = []
     for start in core:
@@ -206,8 +207,8 @@ def core_violations(graph: Mapping[str, Iterable[str]], core: Iterable[str] = CO
     return problems
 
 
-def rim_violations(graph: Mapping[str, Iterable[str]], rim: Set[str] = RIM,
-                   allowed: Set[tuple[str, str]] = RIM_IMPORTS_ALLOWED) -> list[str]:
+def rim_violations(graph: Mapping[str, Iterable[str]], rim: AbstractSet[str] = RIM,
+                   allowed: AbstractSet[tuple[str, str]] = RIM_IMPORTS_ALLOWED) -> list[str]:
     """Rule (c): one line per import of the Celery rim from vmq, at any level, that is not allowed."""
     return [f"{module} imports {target}: vmq must not import the Celery rim (workers/, beat_schedule)"
             for module, targets in sorted(graph.items()) for target in sorted(targets)
@@ -215,7 +216,7 @@ def rim_violations(graph: Mapping[str, Iterable[str]], rim: Set[str] = RIM,
 
 
 def stale_allowances(graph: Mapping[str, Iterable[str]],
-                     allowed: Set[tuple[str, str]] = RIM_IMPORTS_ALLOWED) -> list[str]:
+                     allowed: AbstractSet[tuple[str, str]] = RIM_IMPORTS_ALLOWED) -> list[str]:
     """Allow-list entries of rule (c) that no longer match an import: delete them."""
     return [f"RIM_IMPORTS_ALLOWED has {module} -> {target}, which is no longer imported: delete the entry"
             for module, target in sorted(allowed) if target not in graph.get(module, ())]
@@ -232,7 +233,7 @@ def simulator_violations(graph: Mapping[str, Iterable[str]], simulator: str = SI
             for target in sorted(targets) if inside(target)]
 
 
-def simulator_loader_violations(graph: Mapping[str, Iterable[str]], loaders: Set[str] = SIMULATOR_LOADERS,
+def simulator_loader_violations(graph: Mapping[str, Iterable[str]], loaders: AbstractSet[str] = SIMULATOR_LOADERS,
                                 simulator: str = SIMULATOR) -> list[str]:
     """Rule (d), second half: one line per module outside the simulator and ``loaders`` that imports it at all."""
     def inside(name: str) -> bool:
@@ -351,8 +352,8 @@ def test_a_module_level_simulator_import_outside_the_simulator_is_reported() -> 
     graph = {"vmq.cli.guest": {"vmq.sim.guests"}, "vmq.sim.localcluster": {"vmq.sim.guests"},
              "vmq.simple": {"vmq.model"}, "vmq.sim": set()}
     assert simulator_violations(graph) == [
-        "vmq.cli.guest imports vmq.sim.guests at module level: production code must not load the simulator "
-        "(import it inside the command function)"]
+        ("vmq.cli.guest imports vmq.sim.guests at module level: production code must not load the simulator "
+        "(import it inside the command function)")]
     assert simulator_loader_violations({"vmq.cli.guest": {"vmq.sim.guests"}, "vmq.cli.sim": {"vmq.sim.demo"},
                                         "vmq.sim.demo": {"vmq.sim.guests"}}, loaders={"vmq.cli.sim"}) == [
         "vmq.cli.guest imports vmq.sim.guests: only vmq.cli.sim may load the simulator"]

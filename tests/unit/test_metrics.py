@@ -19,16 +19,15 @@ import redis
 from tests.contract.test_monitor_store import redis_server  # noqa: F401 - the real-server fixture
 from vmq.codec import encode_reply
 from vmq.config import Settings, load_settings
+from vmq.host_restart import restart_vm
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.keys import Keys
 from vmq.metrics import VmqCollector, metrics_registry, serve_metrics
-from vmq.model import DomainInfo, DomainStatus
-from vmq.model import RestartRequest
+from vmq.model import DomainInfo, DomainStatus, RestartRequest
 from vmq.monitor import Monitor
-from vmq.host_restart import restart_vm
 from vmq.routing import host_queue
-from vmq.telemetry import DETECTION_BUCKETS_S, bucket_field, read_histogram
 from vmq.store.redis import RedisStore, connect
+from vmq.telemetry import DETECTION_BUCKETS_S, bucket_field, read_histogram
 
 HOST = "node1"
 SECRET = {"web-1": "a1" * 32, "web-2": "b2" * 32}

@@ -9,11 +9,10 @@ from typing import Any
 import fakeredis
 
 from vmq.config import load_settings
-from vmq.keys import Keys
-from vmq.model import AGENT_CHANNEL, DomainInfo, DomainStatus, ProbePath
-from vmq.store.redis import RedisStore
 from vmq.hostagent import HostAgent
 from vmq.hypervisor.fake import FakeHypervisor
+from vmq.keys import Keys
+from vmq.model import AGENT_CHANNEL, DomainInfo, DomainStatus, ProbePath
 from vmq.relay_answers import (
     LatencyWindow,
     OncePer,
@@ -23,6 +22,7 @@ from vmq.relay_answers import (
     channel_answer,
     channel_reply_check,
 )
+from vmq.store.redis import RedisStore
 
 
 def test_an_agent_answer_carries_round_nonce_latency_and_guest_time_and_info_only_when_given() -> None:
@@ -116,7 +116,7 @@ class RecordingRelay:
 class GoneStore:
     """Enough of a store for HostAgent.stop (its inventory thread's failures are logged, not raised)."""
 
-    class hosts:  # noqa: N801
+    class hosts:
         @staticmethod
         def drop_heartbeat(host: str) -> None: ...
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from vmq.cli.common import duration_s, one_line_errors, open_store
 from vmq import lifecycle
+from vmq.cli.common import duration_s, one_line_errors, open_store
 from vmq.model import AuditEvent, ProbePath, VmState
 
 

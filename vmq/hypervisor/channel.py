@@ -21,11 +21,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import orjson
 
-__all__ = ["ChannelLink", "ChannelRelay", "ChannelReject", "ChannelReply", "Polled"]
+__all__ = ["ChannelLink", "ChannelReject", "ChannelRelay", "ChannelReply", "Polled"]
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class ChannelRelay:
             self.close(vm)
         self._selector.close()
 
-    def __enter__(self) -> ChannelRelay:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:

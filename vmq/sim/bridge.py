@@ -134,7 +134,7 @@ class ChannelBridge:
                             self._read(side)
                         if events & selectors.EVENT_WRITE and side.conn is not None:
                             self._flush(side)
-                except Exception:  # noqa: BLE001 - one bad event must not end the bridge; logged with traceback
+                except Exception:
                     log.exception("channel bridge %s: %s side failed", self.host.path, side.name)
                     self._disconnect(side)
 

@@ -22,7 +22,6 @@ from vmq.keys import Keys
 from vmq.store.client import StorePart, raw_client, translate_errors
 from vmq.store.client import text as _text
 
-
 #: Rounds of relay marks kept behind the newest ones written (each a member per host).
 RELAY_ROUNDS_KEPT = 256
 
@@ -83,7 +82,6 @@ class RedisReplies(StorePart):
 
         Unread is ``entries-added - replies read`` (None before Redis 7.0); the age is Redis' clock minus the
         arrival of the first entry after the cursor (docs/metrics.md: VmqMonitorBehind). Read at scrape time."""
-        k = self.keys
         with translate_errors("reply backlog"):
             pipe = self.r.pipeline(transaction=True)  # one view: the count read and the stream's counters
             pipe.time()

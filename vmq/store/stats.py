@@ -21,9 +21,9 @@ from typing import Any
 import redis
 
 from vmq.model import VmState
-from vmq.telemetry import DETECTION, HISTOGRAMS, RECOVERY, MetricsSnapshot, bucket_field, read_histogram
 from vmq.store.client import StorePart, translate_errors
 from vmq.store.client import text as _text
+from vmq.telemetry import DETECTION, HISTOGRAMS, RECOVERY, MetricsSnapshot, bucket_field, read_histogram
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,21 @@ from typing import Any
 import redis
 
 from vmq.keys import Keys
-from vmq.model import (DomainInfo, DomainStatus, JudgeContext, Placement, ProbePath, Transition, TransitionResult,
-                       VmPlacement, VmRecord, VmState)
+from vmq.model import (
+    DomainInfo,
+    DomainStatus,
+    JudgeContext,
+    Placement,
+    ProbePath,
+    Transition,
+    TransitionResult,
+    VmPlacement,
+    VmRecord,
+    VmState,
+)
 from vmq.policy import can_transition
 from vmq.store.client import StorePart, translate_errors
 from vmq.store.client import text as _text
-
 
 #: VMs per call of vmq/lua/placements.lua: Redis runs each call alone, ≈ 1 ms per 1,000 VMs.
 PLACEMENTS_PER_CALL = 1000
@@ -79,6 +88,26 @@ class RedisVms(StorePart):
         """VMs whose state is not healthy."""
         with translate_errors("SMEMBERS attention"):
             return {_text(vm) for vm in self.r.smembers(self.keys.attention)}
+
+    def schedule_maintenance_end(self, vm: str, until_ms: int) -> None:
+        """Note that ``vm``'s maintenance window ends at ``until_ms`` (one member per window)."""
+        with translate_errors("ZADD maintenance ends"):
+            self.r.zadd(self.keys.maintenance_ends, {f"{vm}|{until_ms}": until_ms})
+
+    def maintenance_ends_due(self, now_ms: int, count: int = 500) -> list[tuple[str, int]]:
+        """(vm, until ms) of noted windows that ended by ``now_ms``, oldest first, at most ``count``."""
+        with translate_errors("ZRANGEBYSCORE maintenance ends"):
+            members = self.r.zrangebyscore(self.keys.maintenance_ends, "-inf", now_ms, start=0, num=count)
+        out = []
+        for member in members:
+            vm, _, until = _text(member).rpartition("|")
+            out.append((vm, int(until)))
+        return out
+
+    def drop_maintenance_end(self, vm: str, until_ms: int) -> None:
+        """Forget one noted window (handled, or no longer the VM's)."""
+        with translate_errors("ZREM maintenance ends"):
+            self.r.zrem(self.keys.maintenance_ends, f"{vm}|{until_ms}")
 
     def hosts_of(self, vms: Sequence[str]) -> list[str]:
         """The host each VM's record names ("" for none)."""
