@@ -44,7 +44,7 @@ def run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = N
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600)
     if proc.returncode != 0:
         raise GuestBuildError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def run_bytes(argv: list[str]) -> bytes:

@@ -149,7 +149,9 @@ class Stack:
     def relayed_answers(self, vm: str, since_ms: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """(arrival ms, answer) of every answer the host's relay wrote for ``vm`` to ``<ns>:relayed``."""
         found = []
-        for entry_id, fields in self.store.client.xrange(self.store.keys.relay_stream, min=f"{since_ms}-0"):
+        entries: list[tuple[Any, dict[Any, Any]]] = self.store.client.xrange(  # type: ignore[assignment]
+            self.store.keys.relay_stream, min=f"{since_ms}-0")
+        for entry_id, fields in entries:
             arrival_ms = int(_text(entry_id).split("-")[0])
             batch = {_text(key): value for key, value in fields.items()}
             for answer in json.loads(batch.get("a", "[]")):
