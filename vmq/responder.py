@@ -3,7 +3,8 @@
 Standard library only and Python >= 3.9: it is copied into guests as ``vmq_responder.py`` and run as
 ``python3 vmq_responder.py --config /etc/vmq/responder.toml``. It speaks just enough RESP2 itself.
 With ``transport = "channel"`` it talks to the host over the virtio-serial port ``org.vmq.responder.0``
-instead of Redis: one probe per line in, one ``{"m": ..., "s": ...}`` line out (docs/protocol.md).
+instead of Redis: one probe per line in, one ``{"m": ..., "s": ...}`` line out for the newest of the probes
+read together (docs/protocol.md).
 The wire format is docs/protocol.md; ``vmq.codec`` imports the encoding functions from here.
 """
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from tests.e2e.debian import (
     GuestBuildError,
     GuestKit,
+    Kernel,
     cached_kit,
     check_in_chroot,
     install_modules,
-    kernel_modules,
     prune,
 )
 from tests.e2e.guest_init import init_script, wait_for_virtio_port
@@ -46,12 +46,12 @@ def build_agent_kit(cache_dir: Path) -> GuestKit:
                       _populate_root)
 
 
-def _populate_root(root: Path, kernel_tree: Path, kernel_version: str) -> None:
+def _populate_root(root: Path, kernel: Kernel) -> None:
     """Prune the unpacked packages, add /init and the modules, and check that qemu-ga starts on these libraries."""
     prune(root, PRUNE_ROOT)
     for directory in ("proc", "sys", "dev", "tmp", "run", "etc"):
         (root / directory).mkdir(parents=True, exist_ok=True)
-    insmods = install_modules(kernel_modules(kernel_tree, kernel_version, MODULES, root / "bin/busybox"), root)
+    insmods = install_modules(kernel.load_order(MODULES), root)
     init = root / "init"
     init.write_text(init_script("agent", AGENT_COMMAND, insmods, AGENT_SETUP))
     init.chmod(0o755)

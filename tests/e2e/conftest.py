@@ -1,4 +1,4 @@
-"""Fixtures of the real-VM test: QEMU that can run a guest, libvirtd on qemu:///system, the cached guest image.
+"""Fixtures of the real-VM test: QEMU that can run a guest, libvirtd on qemu:///system, the cached guest images.
 
 The test needs QEMU, libvirtd and virsh (``./dev install-vm`` installs them and writes the qemu.conf that lets
 libvirtd run QEMU without systemd, cgroups or a security driver). When QEMU cannot start a TCG guest at all,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -123,47 +124,92 @@ def prune(root: Path, patterns: Iterable[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ kernel
-def kernel_modules(kernel_tree: Path, version: str, wanted: Iterable[str], busybox: Path) -> list[Path]:
-    """The module files ``wanted`` (names such as "virtio_console") need, dependencies first.
+#: Every kernel module a test guest loads: the e1000 NIC; the virtio-serial port (virtio_pci brings the bus).
+KERNEL_MODULES = ("e1000", "virtio_pci", "virtio_console")
 
-    Debian's kernel package ships no ``modules.dep`` (its install script makes it) and this machine may have no
-    ``depmod``: the guest's own busybox makes it for the unpacked tree."""
-    base = kernel_tree / "lib" / "modules" / version
-    if not (base / "modules.dep").exists():
-        run([str(busybox), "depmod", "-b", str(kernel_tree), version])
-    depends: dict[str, list[str]] = {}
-    for line in (base / "modules.dep").read_text().splitlines():
-        module, _, deps = line.partition(":")
-        depends[module] = deps.split()
-    by_name = {re.sub(r"\.ko(\.\w+)?$", "", Path(module).name).replace("-", "_"): module for module in depends}
-    order: list[str] = []
 
-    def visit(module: str) -> None:
-        if module not in order:
-            for dep in depends.get(module, []):
-                visit(dep)
-            order.append(module)
+@dataclass(frozen=True)
+class Kernel:
+    """Debian's kernel reduced to what the test guests need, shared by every kind of guest: ``vmlinuz``, and in
+    ``modules/`` the KERNEL_MODULES with their dependencies (uncompressed), ``depends.json`` naming them."""
 
-    for name in wanted:
-        if name not in by_name:
-            raise GuestBuildError(f"kernel {version} has no module {name}")
-        visit(by_name[name])
-    return [base / module for module in order]
+    version: str
+    directory: Path
+
+    @property
+    def vmlinuz(self) -> Path:
+        """The kernel image."""
+        return self.directory / "vmlinuz"
+
+    def load_order(self, wanted: Iterable[str]) -> list[Path]:
+        """The module files ``wanted`` (names such as "virtio_console") need, dependencies first."""
+        depends: dict[str, list[str]] = json.loads((self.directory / "depends.json").read_text())
+        order: list[str] = []
+
+        def visit(name: str) -> None:
+            if name not in order:
+                for dependency in depends[name]:
+                    visit(dependency)
+                order.append(name)
+
+        for name in wanted:
+            visit(name)
+        return [self.directory / "modules" / f"{name}.ko" for name in order]
+
+
+def _module_name(path: Path) -> str:
+    return re.sub(r"\.ko(\.\w+)?$", "", path.name).replace("-", "_")
+
+
+def kernel_parts(cache_dir: Path, kernel_deb: Path, version: str) -> Kernel:
+    """The Kernel of ``kernel_deb``, from ``<cache_dir>/kernel/`` or unpacked now (once for every kind of guest).
+
+    Dependencies come from each module's own ``depends=`` (its .modinfo): Debian's kernel package ships no
+    ``modules.dep`` (its install script makes it) and this machine may have no ``depmod``."""
+    kernel_dir = cache_dir / "kernel"
+    target = kernel_dir / f"{kernel_deb.stem}-{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]}"
+    if (target / "depends.json").exists():
+        return Kernel(version, target)
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=kernel_dir, prefix="build-") as scratch_name:
+        scratch = Path(scratch_name)
+        tree, staging = scratch / "tree", scratch / "out"
+        (staging / "modules").mkdir(parents=True)
+        unpack([kernel_deb], tree)
+        vmlinuz = tree / "boot" / f"vmlinuz-{version}"
+        if not vmlinuz.exists():
+            raise GuestBuildError(f"{kernel_deb.name} lacks {vmlinuz.name}")
+        shutil.copy2(vmlinuz, staging / "vmlinuz")
+        files = {_module_name(path): path for path in (tree / "lib" / "modules" / version).rglob("*.ko*")}
+        depends: dict[str, list[str]] = {}
+        pending = list(KERNEL_MODULES)
+        while pending:
+            name = pending.pop()
+            if name in depends:
+                continue
+            if name not in files:
+                raise GuestBuildError(f"kernel {version} has no module {name}")
+            path = files[name]
+            data = run_bytes(["xz", "-dc", str(path)]) if path.suffix == ".xz" else path.read_bytes()
+            (staging / "modules" / f"{name}.ko").write_bytes(data)
+            found = re.search(rb"(?:^|\0)depends=([^\0]*)", data)
+            depends[name] = [dep for dep in (found.group(1).decode().split(",") if found else []) if dep]
+            pending.extend(depends[name])
+        (staging / "depends.json").write_text(json.dumps(depends, sort_keys=True))
+        staging.rename(target)
+    for old in kernel_dir.iterdir():  # keep only the current kernel
+        if old != target and not old.name.startswith("build-"):
+            shutil.rmtree(old, ignore_errors=True)
+    return Kernel(version, target)
 
 
 def install_modules(modules: list[Path], root: Path) -> str:
-    """Copy (decompressing) ``modules`` to ``root/lib/modules/``; the shell lines that insmod them in order."""
+    """Copy ``modules`` (from Kernel.load_order) to ``root/lib/modules/``; the shell lines that insmod them."""
     target = root / "lib" / "modules"
     target.mkdir(parents=True, exist_ok=True)
-    lines = []
     for module in modules:
-        name = re.sub(r"\.ko(\.\w+)?$", ".ko", module.name)
-        if module.suffix == ".xz":
-            (target / name).write_bytes(run_bytes(["xz", "-dc", str(module)]))
-        else:
-            shutil.copy2(module, target / name)
-        lines.append(f"insmod /lib/modules/{name}")
-    return "\n".join(lines)
+        shutil.copy2(module, target / module.name)
+    return "\n".join(f"insmod /lib/modules/{module.name}" for module in modules)
 
 
 # ------------------------------------------------------------------------------------------ cpio
@@ -208,14 +254,14 @@ def write_cpio(tree: Path | None, extra: dict[str, tuple[int, bytes]], target: P
 
 # ------------------------------------------------------------------------------------------ the cache
 def cached_kit(cache_dir: Path, kind: str, packages: list[str], sources: tuple[Path, ...],
-               populate: Callable[[Path, Path, str], None]) -> GuestKit:
+               populate: Callable[[Path, Kernel], None]) -> GuestKit:
     """The kit of one kind of guest: Debian's current kernel plus an initramfs of ``packages``, from
     ``<cache_dir>/<kind>/<key>/`` or built now.
 
-    ``populate(root, kernel_tree, kernel_version)`` turns the unpacked packages in ``root`` into the guest's
-    root (prune, add /init, modules from ``kernel_tree``, check it runs). The key hashes the exact package
-    files apt would download and ``sources``: a new Debian point release or a changed builder makes a new
-    image; anything else reuses it. Only the current image of each kind is kept."""
+    ``populate(root, kernel)`` turns the unpacked packages in ``root`` into the guest's root (prune, add /init,
+    modules from ``kernel``, check it runs). The key hashes the exact package files apt would download and
+    ``sources``: a new Debian point release or a changed builder makes a new image; anything else reuses it.
+    Only the current image of each kind is kept."""
     kernel_pkg = kernel_package()
     uris = package_uris([kernel_pkg, *packages])
     key = cache_key(uris, Path(__file__), *sources)
@@ -226,25 +272,26 @@ def cached_kit(cache_dir: Path, kind: str, packages: list[str], sources: tuple[P
     if kit.kernel.exists() and kit.initramfs.exists():
         return kit
     debs = fetch_debs(cache_dir, uris)
+    [kernel_deb] = [deb for deb in debs if deb.name.startswith(f"{kernel_pkg}_")]
+    kernel = kernel_parts(cache_dir, kernel_deb, kernel_version)
     kind_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kind_dir, prefix="build-") as scratch_name:
         scratch = Path(scratch_name)
-        root, kernel_tree, staging = scratch / "root", scratch / "kernel", scratch / "out"
-        for directory in (root, kernel_tree, staging):
+        root, staging = scratch / "root", scratch / "out"
+        for directory in (root, staging):
             directory.mkdir()
-        unpack([deb for deb in debs if deb.name.startswith("linux-image-")], kernel_tree)
-        unpack([deb for deb in debs if not deb.name.startswith("linux-image-")], root)
-        vmlinuz = kernel_tree / "boot" / f"vmlinuz-{kernel_version}"
-        if not vmlinuz.exists():
-            raise GuestBuildError(f"{kernel_pkg} lacks {vmlinuz.name}")
-        populate(root, kernel_tree, kernel_version)
-        shutil.copy2(vmlinuz, staging / "vmlinuz")
+        unpack([deb for deb in debs if deb != kernel_deb], root)
+        populate(root, kernel)
+        shutil.copy2(kernel.vmlinuz, staging / "vmlinuz")
         write_cpio(root, {}, staging / "initramfs.cpio.gz")
         if done.exists():
             shutil.rmtree(done)
         staging.rename(done)
-    for old in kind_dir.iterdir():  # keep only the current image of this kind (each ~10-80 MB)
+    for old in kind_dir.iterdir():  # keep only the current image of this kind
         if old.name != key and old.is_dir() and not old.name.startswith("build-"):
+            shutil.rmtree(old, ignore_errors=True)
+    for old in cache_dir.iterdir():  # images of the cache's older layout (<cache_dir>/<key>/)
+        if re.fullmatch(r"[0-9a-f]{16}", old.name) and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return GuestKit(kit.kernel, kit.initramfs, kernel_version, key, built=True)
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from tests.e2e.debian import (
     GuestBuildError,
     GuestKit,
+    Kernel,
     cached_kit,
     check_in_chroot,
     install_modules,
-    kernel_modules,
     prune,
     write_cpio,
 )
@@ -69,13 +69,13 @@ def build_guest_kit(cache_dir: Path) -> GuestKit:
                                                          Path(__file__).with_name("guest_init.py")), _populate_root)
 
 
-def _populate_root(root: Path, kernel_tree: Path, kernel_version: str) -> None:
+def _populate_root(root: Path, kernel: Kernel) -> None:
     """Prune the unpacked packages, add /init, the modules and the responder, and check Python imports it."""
     prune(root, PRUNE_ROOT)
     prune(root / "usr/lib/python3.11", PRUNE_STDLIB)
     for directory in ("proc", "sys", "dev", "tmp", "run", "etc/vmq", "usr/local/lib/vmq"):
         (root / directory).mkdir(parents=True, exist_ok=True)
-    insmods = install_modules(kernel_modules(kernel_tree, kernel_version, MODULES, root / "bin/busybox"), root)
+    insmods = install_modules(kernel.load_order(MODULES), root)
     (root / "usr/local/lib/vmq/vmq_responder.py").write_bytes(RESPONDER.read_bytes())
     init = root / "init"
     init.write_text(init_script("responder", RESPONDER_COMMAND, insmods, NETWORK_SETUP))

@@ -50,7 +50,7 @@ from tests.e2e.realvm import (
 from tests.integration.test_stack import build_services, env_example_names, wait_healthy
 from vmq.model import RESPONDER_CHANNEL, ProbePath
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]  # image builds, three TCG boots, four faults
 
 HOST = "node1"  # the compose file's first host worker; here its libvirt is the real qemu:///system
 VM_REDIS, VM_CHANNEL, VM_AGENT = "vmq-e2e-redis", "vmq-e2e-channel", "vmq-e2e-agent"
