@@ -3,7 +3,8 @@
 Standard library only and Python >= 3.9: it is copied into guests as ``vmq_responder.py`` and run as
 ``python3 vmq_responder.py --config /etc/vmq/responder.toml``. It speaks just enough RESP2 itself.
 With ``transport = "channel"`` it talks to the host over the virtio-serial port ``org.vmq.responder.0``
-instead of Redis: one probe per line in, one ``{"m": ..., "s": ...}`` line out (docs/protocol.md).
+instead of Redis: one probe per line in, one ``{"m": ..., "s": ...}`` line out for the newest of the probes
+read together (docs/protocol.md).
 The wire format is docs/protocol.md; ``vmq.codec`` imports the encoding functions from here.
 """
 
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 WIRE_VERSION = 1
 REPLY_MAC_PREFIX = b"vmq-reply-v1\n"
 MAX_PROBE_BYTES = 4096
+CHANNEL_DRAIN_BYTES = 128 * 1024  # read at most this much of a backlog of probes before answering
 CONNECT_TIMEOUT_S = 5.0
 POLL_S = 0.5  # subscriber read timeout: how quickly a stop request is noticed
 PING_AFTER_IDLE_S = 5.0  # an idle subscriber pings; no answer within PONG_TIMEOUT_S means a dead server
@@ -737,8 +739,18 @@ class Responder:
                         log.info("channel connected vm=%s path=%s", self.config.vm_id, path)
                     self.failures = 0
                 pending += chunk
-                start = 0
-                while not stop.is_set():
+                # Take in whatever else is waiting: after a pause (boot, a stall) the host's probes pile up in the
+                # port, and only the newest needs an answer (a reply to a round covers every earlier round).
+                while len(pending) < CHANNEL_DRAIN_BYTES and poller.poll(0):
+                    try:
+                        more = os.read(fd, 65536)
+                    except BlockingIOError:
+                        break
+                    if not more:
+                        break  # end of file: the next read says so again and ends the session
+                    pending += more
+                start, probes = 0, []
+                while True:
                     end = pending.find(b"\n", start)
                     if end < 0:
                         break
@@ -746,7 +758,16 @@ class Responder:
                     if skipping:  # the tail of an over-long line, already counted
                         skipping = False
                     elif line.strip():  # blank lines are ignored: the host may use them to keep alive
-                        self._answer_line(fd, line, stop)
+                        try:
+                            parse_probe(line)
+                        except ValueError as exc:
+                            self._skip(str(exc))
+                        else:
+                            probes.append(line)
+                if probes and not stop.is_set():
+                    if len(probes) > 1:  # superseded by a newer probe read at the same time: not answered
+                        self.probes_skipped["superseded"] = self.probes_skipped.get("superseded", 0) + len(probes) - 1
+                    self._answer_line(fd, probes[-1], stop)
                 del pending[:start]
                 if not skipping and len(pending) > MAX_PROBE_BYTES:
                     self._skip(f"oversized: probe line exceeds {MAX_PROBE_BYTES} bytes")

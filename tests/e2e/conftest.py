@@ -1,4 +1,4 @@
-"""Fixtures of the real-VM test: QEMU that can run a guest, libvirtd on qemu:///system, the cached guest image.
+"""Fixtures of the real-VM test: QEMU that can run a guest, libvirtd on qemu:///system, the cached guest images.
 
 The test needs QEMU, libvirtd and virsh (``./dev install-vm`` installs them and writes the qemu.conf that lets
 libvirtd run QEMU without systemd, cgroups or a security driver). When QEMU cannot start a TCG guest at all,
@@ -12,12 +12,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.guest_image import GuestKit, build_guest_kit
+from tests.e2e.agent_image import build_agent_kit
+from tests.e2e.debian import GuestKit
+from tests.e2e.guest_image import build_guest_kit
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 LIBVIRT_URI = "qemu:///system"
@@ -104,13 +106,24 @@ def libvirtd(qemu_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def guest_kit(qemu_ready: None) -> GuestKit:
-    """Kernel + base initramfs from Debian's packages (built on first use, then cached in CACHE_DIR)."""
+def _kit(what: str, build: Callable[[Path], GuestKit]) -> GuestKit:
     started = time.monotonic()
-    kit = build_guest_kit(CACHE_DIR)
+    kit = build(CACHE_DIR)
     took = time.monotonic() - started
-    print(f"\nguest image {kit.cache_key} (kernel {kit.kernel_version}, initramfs "
+    print(f"\n{what} image {kit.cache_key} (kernel {kit.kernel_version}, initramfs "
           f"{kit.initramfs.stat().st_size / 2**20:.1f} MiB): {'built' if kit.built else 'cached'} "
           f"in {took:.1f} s", flush=True)
     return kit
+
+
+@pytest.fixture(scope="session")
+def guest_kit(qemu_ready: None) -> GuestKit:
+    """Kernel + base initramfs of the responder guest (redis and channel paths), built on first use, then cached
+    in CACHE_DIR."""
+    return _kit("responder guest", build_guest_kit)
+
+
+@pytest.fixture(scope="session")
+def agent_kit(qemu_ready: None) -> GuestKit:
+    """Kernel + initramfs of the agent guest (only Debian's qemu-guest-agent inside), cached as guest_kit."""
+    return _kit("agent guest", build_agent_kit)

@@ -166,10 +166,10 @@ def test_probes_over_the_channel_get_replies_that_the_monitor_verifies(short_dir
     try:
         with serving(channel_config(host.path)) as agent:
             conn = host.accept()
-            rounds = {}
+            rounds, lines = {}, []
             for round_id in (1, 2, 3):
                 rounds[round_id] = host.probe(round_id)
-            lines = [host.reply_line() for _ in range(3)]
+                lines.append(host.reply_line())
             assert verify_centrally(lines, RoundBook(rounds)) == [1, 2, 3]
             # garbage, an over-long line, a line with no end for a while, blank lines: skipped, then a good one
             conn.sendall(b"not json\n\n" + b"{" * (MAX_PROBE_BYTES + 10) + b"\n")
@@ -183,6 +183,31 @@ def test_probes_over_the_channel_get_replies_that_the_monitor_verifies(short_dir
             while agent.replies_sent < 4 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert agent.replies_sent == 4
+    finally:
+        host.close()
+
+
+def test_probes_that_piled_up_in_the_port_get_one_reply_to_the_newest(short_dir: Path) -> None:
+    # As after a boot or a stall: QEMU holds the host's probes until the guest opens the port, and then they all
+    # arrive at once. A reply to the newest round covers the earlier ones (the monitor judges "no reply to this
+    # round or a later one"), so answering each in turn would only make the current round late.
+    host = HostEnd(short_dir / "port")
+    try:
+        with serving(channel_config(host.path)) as agent:
+            conn = host.accept()
+            rounds = {1: host.probe(1)}
+            assert verify_centrally([host.reply_line()], RoundBook(rounds)) == [1]
+            waiting = b""
+            for round_id in range(2, 42):
+                nonce, sent_ms = os.urandom(16).hex(), int(time.time() * 1000)
+                rounds[round_id] = (nonce, sent_ms)
+                waiting += json.dumps({"v": 1, "type": "probe", "round": round_id, "nonce": nonce,
+                                       "sent_ms": sent_ms}).encode() + b"\n"
+            conn.sendall(waiting)
+            assert verify_centrally([host.reply_line()], RoundBook(rounds)) == [41]
+            rounds[42] = host.probe(42)
+            assert verify_centrally([host.reply_line()], RoundBook(rounds)) == [42]
+            assert agent.probes_skipped == {"superseded": 39}
     finally:
         host.close()
 
