@@ -103,14 +103,15 @@ def guests(stack: Stack, guest_kit: GuestKit, agent_kit: GuestKit, tmp_path: Pat
     channels: tuple[str, ...]
     for vm, path in PATHS.items():
         remove_domain(vm)
-        # Every VM is enrolled by `vmq keys add` (its key, its record); only the responder guests get the file.
-        toml = stack.vmq("keys", "add", vm, "--guest-redis-url", url)
+        # Every VM is enrolled by `vmq keys add` (its key, its record); only the responder guests get the file,
+        # the channel guest's without a Redis URL (no network: no route, no password in the guest).
+        toml = stack.vmq("keys", "add", vm, *(["--channel"] if path is ProbePath.CHANNEL else
+                                              ["--guest-redis-url", url]))
         if path is ProbePath.AGENT:
             kernel, initrd, channels, memory_mib = agent_kit.kernel, agent_kit.initramfs, (AGENT_CHANNEL,), 128
         else:
-            if path is ProbePath.CHANNEL:  # no network: the Redis URL (and its password) stays out of the guest
-                toml = "".join(line for line in toml.splitlines(keepends=True) if not line.startswith("redis_url"))
-                toml += 'transport = "channel"\n'
+            if path is ProbePath.CHANNEL:
+                assert "redis_url" not in toml and 'transport = "channel"' in toml
             kernel, memory_mib = guest_kit.kernel, 192
             initrd = guest_initramfs(guest_kit, toml, workdir / f"{vm}.initrd")
             channels = (RESPONDER_CHANNEL,) if path is ProbePath.CHANNEL else ()

@@ -43,6 +43,7 @@ from vmq.inventory import sync_inventory
 from vmq.keys import Keys
 from vmq.model import DomainInfo, DomainStatus
 from vmq.monitor import Monitor
+from vmq.responder import load_config as load_responder_config
 from vmq.sim.guests import GuestFleet, responder_argv
 from vmq.sim.localcluster import ClusterSpec, LocalCluster, LocalRedis
 from vmq.store.redis import RedisStore
@@ -389,6 +390,22 @@ def vmq_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str
     """`vmq ARGS` with VMQ_REDIS_URL=url (no other VMQ_* of ours)."""
     return subprocess.run([sys.executable, "-m", "vmq.cli", *args], env={**clean_env(), "VMQ_REDIS_URL": url, **env},
                           capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_vmq_keys_add_channel_prints_a_config_with_no_redis_url_and_no_password(
+        acl_redis: StackRedis, tmp_path: Path) -> None:
+    added = vmq_cli(acl_redis.vmq_url, "keys", "add", "web-7", "--channel", VMQ_NAMESPACE=NS)
+    assert added.returncode == 0, added.stderr
+    assert "redis_url" not in added.stdout and not any(pw in added.stdout for pw in acl_redis.passwords)
+    config = tmp_path / "responder.toml"
+    config.write_text(added.stdout)
+    loaded = load_responder_config(str(config), {})
+    assert (loaded.vm_id, loaded.transport, loaded.namespace) == ("web-7", "channel", NS)
+    with redis.Redis.from_url(acl_redis.vmq_url) as vmq:
+        assert vmq.hget(KEYS.secrets, "web-7") == loaded.secret_key.hex().encode()
+    both = vmq_cli(acl_redis.vmq_url, "keys", "add", "web-8", "--channel", "--guest-redis-url", acl_redis.guest_url,
+                   VMQ_NAMESPACE=NS)
+    assert both.returncode == 2 and "exclude each other" in both.stderr
 
 
 def test_one_rediss_url_serves_the_store_the_cli_the_celery_broker_and_the_result_backend(

@@ -74,9 +74,17 @@ def duration_s(text: str | None) -> float | None:
     return value
 
 
-def responder_config(settings: Settings, vm: str, secret: str, guest_redis_url: str | None) -> str:
+def responder_config(settings: Settings, vm: str, secret: str, guest_redis_url: str | None,
+                     channel: bool = False) -> str:
     """The responder.toml lines for ``vm``. The guest connects as ``--guest-redis-url`` (the `guest` ACL user);
-    VMQ_REDIS_URL is only a default when it has no password, because its user is the services' own."""
+    VMQ_REDIS_URL is only a default when it has no password, because its user is the services' own. With
+    ``channel`` the guest answers over its virtio-serial port instead: no Redis URL, no credentials."""
+    if channel:
+        if guest_redis_url is not None:
+            raise click.UsageError("--channel and --guest-redis-url exclude each other: a channel guest has no "
+                                   "route to Redis")
+        return (f'vm_id = "{vm}"\nnamespace = "{settings.namespace}"\nsecret_key = "{secret}"\n'
+                'transport = "channel"\n')
     if guest_redis_url is None and urlsplit(settings.redis_url).password:
         raise click.UsageError("VMQ_REDIS_URL holds the services' password, which a guest must never get: "
                                "pass --guest-redis-url redis://guest:PASSWORD@HOST:PORT/DB (the `guest` ACL user)")

@@ -24,9 +24,12 @@ def keys() -> None:
 @click.option("--guest-redis-url", default=None,
               help="Redis URL as the guest must use it: the `guest` ACL user "
                    "(default: VMQ_REDIS_URL, if it has no password).")
+@click.option("--channel", is_flag=True,
+              help="The guest answers over its virtio-serial port org.vmq.responder.0 (probe path `channel`): "
+                   "the config has no Redis URL and no credentials.")
 @click.option("--force", is_flag=True, help="Replace an existing key (the old one stops working at once).")
 @one_line_errors
-def keys_add(vm: str, guest_redis_url: str | None, force: bool) -> None:
+def keys_add(vm: str, guest_redis_url: str | None, channel: bool, force: bool) -> None:
     """Create VM's key and print the responder config to install in that guest (/etc/vmq/responder.toml)."""
     if not valid_name(vm):
         raise click.BadParameter("VM names are 1-128 of A-Z a-z 0-9 _ . -", param_hint="VM")
@@ -34,7 +37,7 @@ def keys_add(vm: str, guest_redis_url: str | None, force: bool) -> None:
     if vm in store.keyring.secrets() and not force:
         raise click.UsageError(f"{vm} already has a key; use --force to replace it")
     secret = new_secret()
-    config = responder_config(settings, vm, secret, guest_redis_url)  # refused before any key is stored
+    config = responder_config(settings, vm, secret, guest_redis_url, channel)  # refused before any key is stored
     store.keyring.set_secret(vm, secret)
     store.vms.start_monitoring(vm, store.clock.time_ms())
     click.echo(f"# /etc/vmq/responder.toml for {vm} (mode 0600). Run in the guest:\n"
@@ -60,8 +63,11 @@ def keys_revoke(vm: str) -> None:
 @click.option("--guest-redis-url", default=None,
               help="Redis URL as the guest must use it: the `guest` ACL user "
                    "(default: VMQ_REDIS_URL, if it has no password).")
+@click.option("--channel", is_flag=True,
+              help="The guest answers over its virtio-serial port org.vmq.responder.0 (probe path `channel`): "
+                   "the config has no Redis URL and no credentials.")
 @one_line_errors
-def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None:
+def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None, channel: bool) -> None:
     """Give VM a new key; the old one keeps working for the grace period, so the guest can be updated
     without a gap. Prints the new responder config to install in the guest."""
     settings, store = open_store()
@@ -72,7 +78,7 @@ def keys_rotate(vm: str, grace: str | None, guest_redis_url: str | None) -> None
     else:
         grace_s = duration_s(grace) or 0.0
     secret = new_secret()
-    config = responder_config(settings, vm, secret, guest_redis_url)  # refused before the key is rotated
+    config = responder_config(settings, vm, secret, guest_redis_url, channel)  # refused before the key is rotated
     until_ms = store.keyring.rotate_secret(vm, secret, int(grace_s * 1000))
     store.audit.append(AuditEvent.KEY_ROTATED, vm, "", store.clock.time_ms(), grace_s=grace_s, old_key_until_ms=until_ms)
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until_ms / 1000))
