@@ -73,6 +73,8 @@ def heal(rec: VmRecord, round_id: int, arrival_ms: int, boot_id: str) -> Transit
     does not heal on an answer (pure: batched by the caller with ``transition_many``)."""
     if rec.state not in ANSWER_HEALS:
         return None
+    if rec.state is VmState.RECOVERING and arrival_ms < rec.booted_at_ms:
+        return None  # it reached Redis before libvirt's restart was recorded: the old boot's, not the new one's
     incident = rec.incident
     event: dict[str, object] = {"type": (AuditEvent.RECOVERED if incident else AuditEvent.HEALTHY).value,
                                 "host": rec.host, "round": round_id, "boot_id": boot_id,

@@ -470,6 +470,20 @@ def test_a_recovering_vm_that_answers_is_healthy_with_a_recovered_event(world: W
     assert float(event["recovered_after_s"]) > 0
 
 
+def test_a_reply_that_arrived_before_the_restart_does_not_make_the_vm_recovered(world: World) -> None:
+    request = world.restarting("web-1")
+    round_id = world.probe()
+    arrived = world.reply("web-1", round_id)  # sent by the old boot, still unread when libvirt resets the domain
+    world.wait_past(arrived)
+    hypervisor = FakeHypervisor(f"fake://{HOST_A}", [DomainInfo("web-1", "u-1", DomainStatus.RUNNING, "booted")])
+    assert restart_vm(world.store, hypervisor, HOST_A, "web-1", request.generation, request.incident, "w1").acted
+    assert world.tick_after_arrivals().healed == []
+    assert world.state("web-1") == VmState.RECOVERING.value and world.events("recovered") == []
+    later = world.probe()
+    world.reply("web-1", later)  # the new boot's answer
+    assert world.tick_after_arrivals().healed == ["web-1"]
+
+
 def test_a_second_incident_is_timed_from_its_own_opening(world: World) -> None:
     first = world.restarting("web-1")
     first_opened = int(world.record("web-1")["incident_opened_ms"])

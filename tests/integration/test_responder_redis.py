@@ -256,6 +256,10 @@ def test_an_unresponsive_server_is_noticed_by_ping_and_left_for_a_fresh_connecti
     assert server.process is not None
     with serving(make_config(server.url, tmp_path)) as agent:
         wait_subscribed(client)
+        deadline = time.monotonic() + 10
+        while agent.publisher is None:  # its second connection opens just after it subscribed
+            assert time.monotonic() < deadline, "the responder never opened its reply connection"
+            time.sleep(0.01)
         connections = client.info("stats")["total_connections_received"]
         time.sleep(1.5)  # idle for several PING rounds: a live server answers, so the session stays up
         assert client.info("stats")["total_connections_received"] == connections
