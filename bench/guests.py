@@ -158,32 +158,39 @@ def _send(connection: Any, packed: list[bytes]) -> int:
     return len(packed)
 
 
-class Fleet:
-    """The guest processes of one benchmark run: one per slice of VMs, started and stopped together.
+class ProcessFleet:
+    """Simulation processes started and stopped together, each owning some VMs (``owner``: VM -> process).
 
-    ``silence(vm)`` and ``revive(vm)`` go to the process that owns the VM; ``stop()`` returns the counters
-    each process reported (processes that never started are skipped).
+    Each process gets, after its own arguments, its control queue, its ready event, the shared stop event and
+    the shared results queue. ``silence(vm)`` and ``revive(vm)`` go to the process that owns the VM; ``stop()``
+    returns the counters each process reported (processes that never started are skipped).
     """
 
-    def __init__(self, url: str, channel: str, stream: str, maxlen: int, batch: int, slices: list[list[str]],
-                 secrets: Mapping[str, str], injected_key: str) -> None:
-        ctx = mp.get_context("spawn")
-        self.owner = {vm: p for p, part in enumerate(slices) for vm in part}
-        self.controls = [ctx.Queue() for _ in slices]
-        self._stop, self._results = ctx.Event(), ctx.Queue()
-        self._readies = [ctx.Event() for _ in slices]
-        self.procs = [ctx.Process(target=serve, daemon=True, name=f"guests-{p}",
-                                  args=(url, channel, stream, maxlen, batch, part, [secrets[vm] for vm in part],
-                                        injected_key, self.controls[p], self._readies[p], self._stop,
-                                        self._results)) for p, part in enumerate(slices)]
+    KIND = "simulation"  # names the processes in errors
+    START_TIMEOUT_S = 60.0
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, parts: int, owner: dict[str, int]) -> None:
+        self._ctx = mp.get_context("spawn")
+        self.owner = owner
+        self.controls = [self._ctx.Queue() for _ in range(parts)]
+        self._stop, self._results = self._ctx.Event(), self._ctx.Queue()
+        self._readies = [self._ctx.Event() for _ in range(parts)]
+        self.procs: list[Any] = []
+
+    def _add(self, target: Any, args: tuple[Any, ...]) -> None:
+        """Add process number len(procs), running ``target(*args, control, ready, stop, results)``."""
+        p = len(self.procs)
+        self.procs.append(self._ctx.Process(target=target, daemon=True, name=f"{self.KIND}s-{p}", args=(
+            *args, self.controls[p], self._readies[p], self._stop, self._results)))
+
+    def start(self, timeout_s: float | None = None) -> None:
         """Start every process and wait until each has subscribed to the probes."""
+        timeout_s = self.START_TIMEOUT_S if timeout_s is None else timeout_s
         for proc in self.procs:
             proc.start()
         for ready in self._readies:
             if not ready.wait(timeout_s):
-                raise RuntimeError(f"a guest process did not subscribe within {timeout_s:g} s")
+                raise RuntimeError(f"a {self.KIND} process did not subscribe within {timeout_s:g} s")
 
     def silence(self, vm: str) -> None:
         self.controls[self.owner[vm]].put(("silence", vm))
@@ -206,6 +213,18 @@ class Fleet:
             if proc.is_alive():
                 proc.terminate()
         return stats
+
+
+class Fleet(ProcessFleet):
+    """The guest processes of one benchmark run: one per slice of VMs."""
+
+    KIND = "guest"
+
+    def __init__(self, url: str, channel: str, stream: str, maxlen: int, batch: int, slices: list[list[str]],
+                 secrets: Mapping[str, str], injected_key: str) -> None:
+        super().__init__(len(slices), {vm: p for p, part in enumerate(slices) for vm in part})
+        for part in slices:
+            self._add(serve, (url, channel, stream, maxlen, batch, part, [secrets[vm] for vm in part], injected_key))
 
 
 def contiguous(vms: list[str], parts: int) -> list[list[str]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import multiprocessing as mp
 import os
 import queue
 import time
@@ -33,7 +32,7 @@ from collections.abc import Mapping
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from guests import ReplyMaker, state_params
+from guests import ProcessFleet, ReplyMaker, state_params
 
 from vmq.config import load_settings
 from vmq.relay import INFO_EVERY_ROUNDS
@@ -169,53 +168,20 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
     store.client.close()
 
 
-class HostFleet:
-    """The simulated hosts of one run, spread over ``procs`` processes; the interface of guests.Fleet."""
+class HostFleet(ProcessFleet):
+    """The simulated hosts of one run, spread over ``procs`` processes."""
+
+    KIND = "host"
+    START_TIMEOUT_S = 120.0
 
     def __init__(self, url: str, namespace: str, path: str, placement: dict[str, list[str]],
                  secrets: Mapping[str, str], injected_key: str, timeout_s: float, procs: int) -> None:
-        ctx = mp.get_context("spawn")
         names = sorted(placement)
         parts = [names[p::procs] for p in range(procs) if names[p::procs]]
         index = {vm: i for vms in placement.values() for i, vm in enumerate(vms)}
-        self.owner = {vm: p for p, part in enumerate(parts) for host in part for vm in placement[host]}
-        self.controls = [ctx.Queue() for _ in parts]
-        self._stop, self._results = ctx.Event(), ctx.Queue()
-        self._readies = [ctx.Event() for _ in parts]
-        self.procs = []
-        for p, part in enumerate(parts):
+        super().__init__(len(parts), {vm: p for p, part in enumerate(parts) for host in part for vm in placement[host]})
+        for part in parts:
             mine = {host: placement[host] for host in part}
             first = {host: index[vms[0]] if vms else 0 for host, vms in mine.items()}
             keys = {vm: secrets[vm] for vms in mine.values() for vm in vms if vm in secrets}
-            self.procs.append(ctx.Process(target=serve, daemon=True, name=f"hosts-{p}", args=(
-                url, namespace, path, mine, first, keys, injected_key, timeout_s, self.controls[p],
-                self._readies[p], self._stop, self._results)))
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        """Start every process and wait until each has subscribed to the probes."""
-        for proc in self.procs:
-            proc.start()
-        for ready in self._readies:
-            if not ready.wait(timeout_s):
-                raise RuntimeError(f"a host process did not subscribe within {timeout_s:g} s")
-
-    def silence(self, vm: str) -> None:
-        self.controls[self.owner[vm]].put(("silence", vm))
-
-    def revive(self, vm: str) -> None:
-        self.controls[self.owner[vm]].put(("revive", vm))
-
-    def stop(self) -> list[dict[str, Any]]:
-        """Stop every process; returns the counters of those that reported within 15 s."""
-        self._stop.set()
-        stats: list[dict[str, Any]] = []
-        for _ in self.procs:
-            try:
-                stats.append(self._results.get(timeout=15))
-            except queue.Empty:
-                break
-        for proc in self.procs:
-            proc.join(15)
-            if proc.is_alive():
-                proc.terminate()
-        return stats
+            self._add(serve, (url, namespace, path, mine, first, keys, injected_key, timeout_s))
