@@ -93,8 +93,6 @@ class Judge:
         vms = [rec.vm for rec in records]
         window_start = now_ms - int(self.settings.restart_window_s * 1000)
         context = store.vms.judge_context(vms, window_start)
-        restarts, last_replies, keyed, suspended = (context.restarts, context.last_replies, context.keyed,
-                                                    context.suspended)
         hosts = store.hosts.host_context((r.host for r in records if r.host), now_ms, self.settings.host_fresh_ms,
                                          round_id)
         in_flight = store.vms.restarting_by_host()
@@ -107,14 +105,14 @@ class Judge:
             relay_alive = (round_id is None or not rec.relayed or (
                 host is not None and host.relay_finished and context.unasked_rounds[i] < round_id))
             view = view_of(
-                rec, has_key=rec.vm in keyed or rec.probe_path is ProbePath.AGENT, host_alive=bool(host and host.alive),
+                rec, has_key=rec.vm in context.keyed or rec.probe_path is ProbePath.AGENT, host_alive=bool(host and host.alive),
                 relay_alive=relay_alive,
                 host_degraded=bool(host and host.degraded),
                 host_maintenance=bool(host and host.in_maintenance(now_ms)),
-                last_valid_ms=int(seen[i] or 0), restarts_in_window=restarts[i], restarts_suspended=suspended,
+                last_valid_ms=int(seen[i] or 0), restarts_in_window=context.restarts[i], restarts_suspended=context.suspended,
                 incident_attempts=rec.attempts, last_restart_ms=rec.last_restart_ms,
                 host_restarts_in_flight=in_flight.get(rec.host, 0))
-            judged.append(Judged(rec, view, last_replies[i]))
+            judged.append(Judged(rec, view, context.last_replies[i]))
         return JudgeInputs(judged, in_flight, hosts)
 
     def view(self, rec: VmRecord, now_ms: int) -> VmView:

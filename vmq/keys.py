@@ -86,6 +86,11 @@ class Keys:
         monitor read (recent rounds only)."""
         return self._k("relayed", "rounds")
 
+    @staticmethod
+    def relay_round_member(host: str, round_id: int) -> str:
+        """The member of ``relay_rounds`` saying ``host``'s relay finished ``round_id``."""
+        return f"{host}|{round_id}"
+
     @property
     def relay_unasked(self) -> str:
         """Sorted set VM -> the latest round its host's relay could not ask it (its silence then is no evidence)."""
@@ -200,6 +205,11 @@ class Keys:
     def maintenance_ends(self) -> str:
         """Sorted set "<vm>|<until ms>" -> until ms: the maintenance windows that end by themselves."""
         return self._k("maintenance", "ends")
+
+    @staticmethod
+    def maintenance_end_member(vm: str, until_ms: int) -> str:
+        """The member of ``maintenance_ends`` for one window of ``vm`` (each window its own member)."""
+        return f"{vm}|{until_ms}"
 
     @property
     def storm(self) -> str:

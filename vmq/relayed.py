@@ -17,7 +17,7 @@ import orjson
 
 from vmq.codec import RawEntry, ReplyVerifier, RoundBook, Verified
 from vmq.errors import CodecError
-from vmq.keys import valid_name
+from vmq.keys import Keys, valid_name
 from vmq.model import WIRE_VERSION_RELAYED, ProbePath, RejectReason, VmPlacement, VmRecord
 
 #: A batch larger than this is refused whole (a host splits its batches well below it: vmq.store.relays).
@@ -59,11 +59,6 @@ class Decoded:
     rejected: list[CodecError] = field(default_factory=list)
     finished: dict[str, int] = field(default_factory=dict)  # "<host>|<round>" -> round
     unasked: dict[str, int] = field(default_factory=dict)
-
-
-def finished_member(host: str, round_id: int) -> str:
-    """The member of ``<ns>:relayed:rounds`` saying ``host``'s relay finished ``round_id``."""
-    return f"{host}|{round_id}"
 
 
 def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
@@ -178,7 +173,7 @@ def decode_batches(entries: Sequence[RawEntry],
                                                    f"signed as {reply.vm}, relayed by {host}", reply.vm))
             out.rejected += bad
         if batch.finished_round:
-            out.finished[finished_member(host, batch.finished_round)] = batch.finished_round
+            out.finished[Keys.relay_round_member(host, batch.finished_round)] = batch.finished_round
             for vm in batch.unasked:  # only for its own VMs: a host cannot excuse another host's VM
                 rec = by_vm.get(vm)
                 if rec is not None and rec.exists and rec.host == host:

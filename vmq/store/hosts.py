@@ -31,9 +31,7 @@ class RedisHosts(StorePart):
                 pipe.hmget(self.keys.host(host), ["libvirt_ok", "maintenance_until_ms", "seen_ms", "relay_seen_ms"])
                 pipe.hlen(self.keys.host_domains(host))
             if names and round_id is not None:
-                pipe.zmscore(self.keys.relay_rounds, [f"{host}|{round_id}" for host in names])
-            else:
-                pipe.ping()
+                pipe.zmscore(self.keys.relay_rounds, [self.keys.relay_round_member(host, round_id) for host in names])
             out = pipe.execute()
         finished = out[-1] if names and round_id is not None else [None] * len(names)
         result = {}

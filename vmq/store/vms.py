@@ -92,7 +92,7 @@ class RedisVms(StorePart):
     def schedule_maintenance_end(self, vm: str, until_ms: int) -> None:
         """Note that ``vm``'s maintenance window ends at ``until_ms`` (one member per window)."""
         with translate_errors("ZADD maintenance ends"):
-            self.r.zadd(self.keys.maintenance_ends, {f"{vm}|{until_ms}": until_ms})
+            self.r.zadd(self.keys.maintenance_ends, {self.keys.maintenance_end_member(vm, until_ms): until_ms})
 
     def maintenance_ends_due(self, now_ms: int, count: int = 500) -> list[tuple[str, int]]:
         """(vm, until ms) of noted windows that ended by ``now_ms``, oldest first, at most ``count``."""
@@ -107,7 +107,7 @@ class RedisVms(StorePart):
     def drop_maintenance_end(self, vm: str, until_ms: int) -> None:
         """Forget one noted window (handled, or no longer the VM's)."""
         with translate_errors("ZREM maintenance ends"):
-            self.r.zrem(self.keys.maintenance_ends, f"{vm}|{until_ms}")
+            self.r.zrem(self.keys.maintenance_ends, self.keys.maintenance_end_member(vm, until_ms))
 
     def hosts_of(self, vms: Sequence[str]) -> list[str]:
         """The host each VM's record names ("" for none)."""
