@@ -312,10 +312,8 @@ class ProbeRelay:
         if not items and finishing is None:
             return True
         try:
-            if finishing is None:
-                self._store().relays.append(self.host, [answer for _, answer in items])
-            else:
-                self._store().relays.append(self.host, [answer for _, answer in items], finishing[0], finishing[1])
+            self._store().relays.append(self.host, [answer for _, answer in items], *(finishing or ()))
+            if finishing is not None:
                 self._finished, self._finishing = finishing[0], None
         except StoreError as exc:
             now = self._clock()
