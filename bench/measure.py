@@ -37,6 +37,19 @@ def redis_cpu_mem(client: redis.Redis) -> tuple[float, int]:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"]), int(info["used_memory"])
 
 
+def redis_command_usec(client: redis.Redis) -> dict[str, float]:
+    """Redis' own CPU per command name (INFO commandstats ``usec``, µs since start or the last reset)."""
+    return {name.removeprefix("cmdstat_"): float(stats["usec"]) for name, stats in client.info("commandstats").items()}
+
+
+def top_commands(before: dict[str, float], after: dict[str, float], per: float, count: int = 5) -> str:
+    """The ``count`` commands Redis spent most CPU on between two ``redis_command_usec`` snapshots, as
+    ``name=µs`` per ``per`` (e.g. per VM per round), most first."""
+    spent = {name: usec - before.get(name, 0.0) for name, usec in after.items()}
+    ranked = sorted(spent.items(), key=lambda item: -item[1])[:count]
+    return " ".join(f"{name}={usec / per:.2f}" for name, usec in ranked if usec > 0)
+
+
 def naive_judge(client: redis.Redis, key: str, vms: list[str],
                 deadline_ms: float) -> tuple[float, float, int]:
     """The judge a monitor written per VM would run each round: one unpipelined read of the VM's

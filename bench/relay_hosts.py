@@ -2,7 +2,8 @@
 
 What each simulated host does per probe round is what its ``vmq.relay.ProbeRelay`` would write to Redis: the
 answers of its VMs built by vmq's own ``agent_answer``/``channel_answer`` and appended with vmq's own
-``store.relays.append`` (one stream entry per host per flush), the round-finish mark (the round, no VM left
+``store.relays.append`` (per host per flush: one compact entry for the agent answers, one for the channel
+answers), the round-finish mark (the round, no VM left
 unasked) and the relay heartbeat ``relay_seen_ms`` in the host's hash. Per host and round:
 
 - the answers go out in flushes of ``ANSWERS_PER_FLUSH`` (8 agent threads x 50 ms / 1.3 ms per guest-ping,
@@ -12,8 +13,8 @@ unasked) and the relay heartbeat ``relay_seen_ms`` in the host's hash. Per host 
   ``timeout_s`` after the probe (``min(0.8 T1, VMQ_RELAY_AGENT_TIMEOUT_S)``, as ProbeRelay), and the hung
   VM is not "unasked": it was asked and timed out, which is evidence.
 
-Agent answers carry the round, nonce, a plausible latency and guest clock, and every 10th round the reduced
-guest info (ProbeRelay's ``INFO_EVERY_ROUNDS``). Channel answers carry a real guest-signed reply: the bytes
+Agent answers carry the round, nonce, a plausible latency and guest clock, and every 10th round per VM (spread
+over rounds by ``vmq.relay.info_due``, as ProbeRelay) the reduced guest info. Channel answers carry a real guest-signed reply: the bytes
 ``vmq.responder.encode_reply`` writes, with that round's nonce and the VM's key (bench/guests.ReplyMaker,
 checked byte for byte against ``encode_reply``). The control queue is bench/guests.py's: ``silence`` stops
 a VM's answers and records the instant (Redis time) in ``<injected_key>``; ``revive`` makes it answer again
@@ -35,7 +36,7 @@ from typing import Any
 from guests import ProcessFleet, ReplyMaker, state_params
 
 from vmq.config import load_settings
-from vmq.relay import INFO_EVERY_ROUNDS
+from vmq.relay import INFO_EVERY_ROUNDS, info_due
 from vmq.relay_answers import Answer, agent_answer, channel_answer
 from vmq.responder import parse_probe
 from vmq.store.redis import RedisStore
@@ -77,9 +78,9 @@ class SimulatedHost:
         """This round's answers of the VMs that are not hung."""
         out: list[Answer] = []
         if self.path == "agent":
-            with_info = round_id % INFO_EVERY_ROUNDS == 0
             for i, vm in enumerate(self.vms):
                 if vm in self.active and vm not in self.silent:
+                    with_info = info_due(vm, round_id, INFO_EVERY_ROUNDS)
                     out.append(agent_answer(vm, round_id, nonce, 1.1 + (i % 9) * 0.05, guest_ms,
                                             guest_info(vm) if with_info else None))
             return out

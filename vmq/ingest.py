@@ -20,7 +20,7 @@ from vmq.codec import RawEntry, ReplyVerifier, Verified
 from vmq.errors import CodecError
 from vmq.model import Transition, VmPlacement
 from vmq.ports import Lease, Replies, Store
-from vmq.relayed import Decoded, decode_batches
+from vmq.relayed import AgentBatchResult, Decoded, decode_batches
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,20 @@ class Ingestor:
                 continue
             rounds[vm] = reply.round
             arrivals[vm] = reply.arrival_ms
+        agent = source.apply_agent_batches(decoded.agent) if decoded.agent else AgentBatchResult()
+        for reason, (count, vm) in agent.rejects.items():
+            rejects[reason] += count
+            known = vm if reason in ("wrong_host", "wrong_path", "oversized") else ""  # an existing VM's slot only
+            self.reject_log.rejected(CodecError(reason, f"{count} compact agent answers refused, the first for "
+                                                        f"{vm[:64]!r}", known), time.monotonic())
+        if agent.stale:
+            rejects["replayed"] += agent.stale
         if not source.record_replies(
             rounds=rounds,
             arrivals=arrivals,
             payloads=self.latest.note(accepted),
             rejects=rejects,
-            valid_count=len(accepted),
+            valid_count=len(accepted) + agent.accepted,
             cursor=_text(entries[-1][0]),
             read=len(entries),
             lock_token=lock_token,
@@ -227,13 +235,17 @@ class Ingestor:
         ):
             return False
         result.ingested += len(entries)
-        result.valid += len(accepted)
+        result.valid += len(accepted) + agent.accepted
         result.rejected.update(rejects)
         if old_keys:
             store.stats.incr_stat("replies_previous_key", old_keys)
-        healing = sorted(store.vms.attention() & accepted.keys())
+        healing = sorted(store.vms.attention() & accepted.keys()) if accepted else []
+        for vm, round_id, arrival_ms in agent.healing:  # found in attention by the script itself
+            if vm not in accepted:
+                accepted[vm] = Verified(vm, round_id, arrival_ms, "", b"", False)
+                healing.append(vm)
         if healing:
-            result.healed += _heal(store, healing, accepted)
+            result.healed += _heal(store, sorted(healing), accepted)
         return True
 
 

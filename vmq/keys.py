@@ -128,6 +128,11 @@ class Keys:
         """Hash of one VM's state record."""
         return self._k("vm", vm)
 
+    @property
+    def vm_prefix(self) -> str:
+        """What ``vm`` puts before a VM's name (Lua scripts that build VM keys from names: relay_apply.lua)."""
+        return self.vm("")
+
     def vm_restarts(self, vm: str) -> str:
         """Sorted set of restart dispatch times (ms) of one VM, for the per-window budget."""
         return self._k("vm", vm, "restarts")

@@ -29,6 +29,7 @@ from vmq.telemetry import MetricsSnapshot
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
     from vmq.codec import RawEntry, RoundBook
     from vmq.hypervisor.types import ActivitySample, AgentAnswer
+    from vmq.relayed import AgentBatch, AgentBatchResult
 
 Info = dict[str, str]
 
@@ -92,6 +93,8 @@ class Replies(Protocol):
                        unasked: Mapping[str, int] | None = None) -> bool: ...
 
     def evidence_lost_until(self) -> int: ...
+
+    def apply_agent_batches(self, batches: Sequence[AgentBatch]) -> AgentBatchResult: ...
 
     def silent_since(self, round_id: int) -> list[str]: ...
 

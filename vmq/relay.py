@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Hashable
 
@@ -32,14 +33,14 @@ from vmq.relay_agent import FAST_LANE_TIMEOUT_S, HOST_SIDE_REASONS, Called, call
 from vmq.relay_answers import OncePer, Outbox, RelayStats, channel_answer, channel_reply_check
 from vmq.responder import parse_probe
 
-__all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay"]
+__all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay", "info_due"]
 
 log = logging.getLogger(__name__)
 
 AGENT_WORKERS = 8  # fast-lane threads: 200 VMs x 1.3 ms / 8 = 33 ms per round
 SLOW_LANE_WORKERS = 2  # below the libvirt adapter's own 4 agent threads
 AGENT_TIMEOUT_SHARE = 0.8  # an agent call never outlives 0.8 T1: the next round finds the VM free
-INFO_EVERY_ROUNDS = 10  # guest_info rides along with the ping every this many rounds
+INFO_EVERY_ROUNDS = 10  # guest_info (and the state parameters sent) ride along every this many rounds per VM
 FLUSH_INTERVAL_S = 0.05
 TICK_S = 0.01  # the loop's wait while answers are pending
 IDLE_WAIT_S = 0.05
@@ -47,6 +48,12 @@ CHANNEL_WAIT_S = 0.02  # channel polls alternate with probe reads this often
 BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.2, 5.0
 SUMMARY_INTERVAL_S = 60.0
 RECENT_ROUNDS = 8
+
+
+def info_due(vm: str, round_id: int, every: int) -> bool:
+    """True when ``vm``'s guest info (and its state parameters) ride along in ``round_id``: every ``every``
+    rounds (0: never), in a round that depends on the VM, so a host's VMs spread over the rounds."""
+    return every > 0 and (round_id + zlib.crc32(vm.encode())) % every == 0
 
 
 class ProbeRelay:
@@ -226,7 +233,7 @@ class ProbeRelay:
         self._round, self._expected, self._unasked, self._asking = round_id, set(), set(), set()
         deadline_s = self._clock() + self.timeout_s
         self._round_ends_s = deadline_s
-        with_info = self.info_every_rounds > 0 and round_id % self.info_every_rounds == 0
+        every = self.info_every_rounds
         for vm in self.agent_vms:
             if vm in self._in_flight:
                 self._dropped(vm, "agent_busy", "the previous call is still running")
@@ -235,6 +242,7 @@ class ProbeRelay:
             self._in_flight.add(vm)
             self._expected.add(vm)
             self._asking.add(vm)
+            with_info = info_due(vm, round_id, every)
             self._pools[slow].submit(self._call_agent, vm, round_id, nonce, deadline_s, slow, with_info)
         # A channel the relay cannot reach (no socket, not connected) is the host's trouble: those VMs are not
         # asked, and the round's mark says so (their silence is no evidence). A connected VM that does not read

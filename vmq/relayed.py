@@ -5,6 +5,11 @@ host vouches only for VMs whose record places them on it and whose probe path is
 ``channel`` answer is still the guest's own signed reply, verified exactly as on the ``redis`` path; an
 ``agent`` answer carries the round and nonce the host asked with. Every answer in a batch arrived when the
 batch did: its stream id, in Redis time.
+
+Agent answers come compact (``q`` round, ``n`` nonce, ``k`` the VMs that answered, ``s`` state parameters of
+some): the round and nonce are checked here once per batch, and the VMs are vouched for and recorded by Redis
+itself (vmq/lua/relay_apply.lua), so the monitor's cost is per batch, not per VM (docs/performance.md). The
+older form, one object per agent answer in ``a``, is still read (hosts not yet upgraded).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from vmq.model import WIRE_VERSION_RELAYED, ProbePath, RejectReason, VmPlacement
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: An agent answer's ``info`` larger than this (JSON bytes) is dropped from the answer, which still counts.
 MAX_INFO_BYTES = 4096
+#: A compact batch's saved answer document (state parameters included) larger than this is not saved.
+MAX_AGENT_DOC_BYTES = MAX_INFO_BYTES + 512
 
 _new_verified = tuple.__new__
 
@@ -40,14 +47,40 @@ def _fields(raw: Any) -> dict[bytes, bytes]:
 
 
 @dataclass(frozen=True)
+class AgentBatch:
+    """A compact batch's agent answers: ``names`` (space-separated, as written) answered ``round``, all arriving
+    at ``arrival_ms``; ``params`` the state parameters of some of them (a JSON object vm -> params, or b"")."""
+
+    host: str
+    round: int
+    arrival_ms: int
+    names: bytes
+    params: bytes = b""
+
+
+@dataclass
+class AgentBatchResult:
+    """What recording compact agent batches did: answers that counted, answers to a round not newer than the
+    VM's last, refusals per reason (count, first VM), and (vm, round, arrival) of VMs in attention that answered."""
+
+    accepted: int = 0
+    stale: int = 0
+    rejects: dict[str, tuple[int, str]] = field(default_factory=dict)
+    healing: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Batch:
-    """One host's batch as read: its answers, and the round it finished (0: none) with the VMs left unasked."""
+    """One host's batch as read: its answers, and the round it finished (0: none) with the VMs left unasked;
+    ``agent`` the compact agent answers it carries, with their nonce."""
 
     host: str
     arrival_ms: int
     answers: list[dict[str, Any]]
     finished_round: int = 0
     unasked: tuple[str, ...] = ()
+    agent: AgentBatch | None = None
+    agent_nonce: str = ""
 
 
 @dataclass
@@ -59,23 +92,39 @@ class Decoded:
     rejected: list[CodecError] = field(default_factory=list)
     finished: dict[str, int] = field(default_factory=dict)  # "<host>|<round>" -> round
     unasked: dict[str, int] = field(default_factory=dict)
+    agent: list[AgentBatch] = field(default_factory=list)  # compact agent answers, round and nonce checked
 
 
 def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     """One stream entry as a Batch; raises CodecError(malformed/oversized)."""
     entry_id, raw = entry[0], entry[1]
     fields = _fields(raw)
-    host, body = fields.get(b"h"), fields.get(b"a")
-    if not host or body is None or not valid_name(_text(host)):
-        raise CodecError(RejectReason.MALFORMED.value, "relayed batch without a valid host (h) and answers (a)")
-    if len(body) > max_bytes:
-        raise CodecError(RejectReason.OVERSIZED.value, f"relayed batch of {len(body)} bytes")
-    try:
-        answers = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise CodecError(RejectReason.MALFORMED.value, f"relayed batch is not JSON: {exc}") from None
-    if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
-        raise CodecError(RejectReason.MALFORMED.value, "relayed batch is not a list of objects")
+    host, body, names = fields.get(b"h"), fields.get(b"a"), fields.get(b"k")
+    if not host or (body is None and names is None) or not valid_name(_text(host)):
+        raise CodecError(RejectReason.MALFORMED.value, "relayed batch without a valid host (h) and answers (a/k)")
+    size = sum(len(value) for value in fields.values())
+    if size > max_bytes:
+        raise CodecError(RejectReason.OVERSIZED.value, f"relayed batch of {size} bytes")
+    answers: Any = []
+    if body is not None:
+        try:
+            answers = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise CodecError(RejectReason.MALFORMED.value, f"relayed batch is not JSON: {exc}") from None
+        if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
+            raise CodecError(RejectReason.MALFORMED.value, "relayed batch is not a list of objects")
+    arrival_ms = int(_text(entry_id).partition("-")[0])
+    agent, nonce = None, ""
+    if names is not None:
+        round_field, nonce_field = fields.get(b"q"), fields.get(b"n")
+        try:
+            agent_round = int(round_field) if round_field is not None else 0
+        except ValueError:
+            agent_round = 0
+        if agent_round <= 0 or not nonce_field:
+            raise CodecError(RejectReason.MALFORMED.value, "compact agent answers without a round (q) and nonce (n)")
+        agent = AgentBatch(_text(host), agent_round, arrival_ms, names, fields.get(b"s", b""))
+        nonce = _text(nonce_field)
     finished, unasked = fields.get(b"r"), fields.get(b"u")
     round_id: int = 0
     left: list[Any] = []
@@ -87,7 +136,22 @@ def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
             raise CodecError(RejectReason.MALFORMED.value, "relayed batch with a bad round mark (r/u)") from None
         if round_id <= 0 or not isinstance(left, list) or not all(isinstance(v, str) for v in left):
             raise CodecError(RejectReason.MALFORMED.value, "relayed batch with a bad round mark (r/u)")
-    return Batch(_text(host), int(_text(entry_id).partition("-")[0]), answers, round_id, tuple(left))
+    return Batch(_text(host), arrival_ms, answers, round_id, tuple(left), agent, nonce)
+
+
+def batch_answers(entry: RawEntry) -> list[dict[str, Any]]:
+    """Every answer of one stream entry as an object (compact agent answers expanded, with their state
+    parameters where the batch carries them): for tests, benchmarks and the operator's eye, not the hot path."""
+    batch = parse_batch(entry)
+    out = list(batch.answers)
+    if batch.agent is not None:
+        params = orjson.loads(batch.agent.params) if batch.agent.params else {}
+        for vm in batch.agent.names.decode().split():
+            answer: dict[str, Any] = {"vm": vm, "p": ProbePath.AGENT.value, "round": batch.agent.round,
+                                      "nonce": batch.agent_nonce}
+            answer.update(params.get(vm, {}) if isinstance(params, dict) else {})
+            out.append(answer)
+    return out
 
 
 def _agent_answer(host: str, answer: Mapping[str, Any], arrival_ms: int, book: RoundBook) -> Verified:
@@ -172,6 +236,14 @@ def decode_batches(entries: Sequence[RawEntry],
                     out.rejected.append(CodecError(RejectReason.WRONG_HOST.value,
                                                    f"signed as {reply.vm}, relayed by {host}", reply.vm))
             out.rejected += bad
+        if batch.agent is not None:
+            try:
+                book.check(batch.agent.round, batch.agent_nonce, batch.arrival_ms)
+                out.agent.append(batch.agent)
+            except CodecError as exc:  # every VM it names refused, one log line for the batch
+                count = len(batch.agent.names.split())
+                out.rejected += [CodecError(exc.reason, f"{count} agent answers relayed by {host}: {exc.detail}")]
+                out.rejected += [CodecError(exc.reason, exc.detail)] * (count - 1)
         if batch.finished_round:
             out.finished[Keys.relay_round_member(host, batch.finished_round)] = batch.finished_round
             for vm in batch.unasked:  # only for its own VMs: a host cannot excuse another host's VM

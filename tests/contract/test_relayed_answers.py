@@ -20,9 +20,18 @@ def relayed(world: World, vm: str, path: ProbePath, host: str = HOST_A) -> None:
     world.store.vms.set_fields(vm, {"probe_path_set": path.value})
 
 
-def agent_answer(world: World, vm: str, round_id: int, nonce: str | None = None) -> dict[str, object]:
-    return {"vm": vm, "p": "agent", "round": round_id, "nonce": nonce or world.nonce(round_id), "latency_ms": 1.3,
-            "guest_ms": 1_700_000_000_000}
+def agent_vm(world: World, vm: str, host: str = HOST_A) -> None:
+    """``vm`` on ``host``'s agent path, with no responder key (as agent VMs are), its host alive."""
+    assert world.store.vms.register_vm(vm, world.store.clock.time_ms())
+    world.store.vms.write_many({vm: {"host": host, "domain_status": "running", "probe_path_set": "agent"}})
+    world.heartbeat(host)
+
+
+def agent_answer(world: World, vm: str, round_id: int, nonce: str | None = None,
+                 info: dict[str, object] | None = None) -> dict[str, object]:
+    answer = {"vm": vm, "p": "agent", "round": round_id, "nonce": nonce or world.nonce(round_id), "latency_ms": 1.3,
+              "guest_ms": 1_700_000_000_000}
+    return answer if info is None else {**answer, "info": info}
 
 
 def channel_answer(world: World, vm: str, round_id: int, key_of: str | None = None) -> dict[str, object]:
@@ -33,9 +42,9 @@ def channel_answer(world: World, vm: str, round_id: int, key_of: str | None = No
 
 def batch(world: World, host: str, answers: list[dict[str, object]], finished: int | None = None,
           unasked: tuple[str, ...] = ()) -> int:
-    """XADD one batch as ``host``'s relay does (ending round ``finished``); returns its arrival (Redis ms)."""
-    [entry_id] = world.store.relays.append(host, answers, finished, unasked)
-    return int(entry_id.split("-")[0])
+    """XADD one flush as ``host``'s relay does (ending round ``finished``); returns the arrival (Redis ms) of its
+    last entry (a flush is one entry per kind and round of answers)."""
+    return int(world.store.relays.append(host, answers, finished, unasked)[-1].split("-")[0])
 
 
 def silent_round(world: World, vm: str) -> int:
@@ -51,13 +60,14 @@ def silent_round(world: World, vm: str) -> int:
 def test_an_agent_vm_answered_through_its_hosts_batch_turns_healthy_with_the_batch_arrival(world: World) -> None:
     relayed(world, "web-1", ProbePath.AGENT)
     round_id = world.probe()
-    arrival = batch(world, HOST_A, [agent_answer(world, "web-1", round_id)])
+    arrival = batch(world, HOST_A, [agent_answer(world, "web-1", round_id, info={"os_id": "debian"})])
     report = world.tick_after_arrivals()
     assert report.healed == ["web-1"] and world.state("web-1") == VmState.HEALTHY.value
     [event] = world.events("healthy")
     assert (event["round"], event["time"]) == (str(round_id), str(arrival))
     saved = json.loads(world.client.hget(world.keys.last_reply, "web-1"))
-    assert (saved["via"], saved["host"], saved["params"]["latency_ms"]) == ("agent", HOST_A, 1.3)
+    assert (saved["via"], saved["host"], saved["round"]) == ("agent", HOST_A, round_id)
+    assert saved["params"] == {"latency_ms": 1.3, "guest_ms": 1_700_000_000_000, "info": {"os_id": "debian"}}
 
 
 def test_an_agent_vm_whose_host_finished_the_round_without_its_answer_is_faulty_and_restarted(
@@ -199,9 +209,7 @@ def agent_fleet(world: World, count: int) -> list[str]:
     """``count`` agent VMs on HOST_A with no responder key (as agent VMs are), each healthy after one round."""
     vms = [f"agent-{i}" for i in range(count)]
     for vm in vms:
-        assert world.store.vms.register_vm(vm, world.store.clock.time_ms())
-        world.store.vms.write_many({vm: {"host": HOST_A, "domain_status": "running", "probe_path_set": "agent"}})
-    world.heartbeat(HOST_A)
+        agent_vm(world, vm)
     first = world.probe()
     batch(world, HOST_A, [agent_answer(world, vm, first) for vm in vms], finished=first)
     world.make_due(first)

@@ -19,6 +19,8 @@ import redis
 
 from vmq.codec import RawEntry, stream_id_ms
 from vmq.keys import Keys
+from vmq.model import WIRE_VERSION_RELAYED
+from vmq.relayed import MAX_AGENT_DOC_BYTES, AgentBatch, AgentBatchResult
 from vmq.store.client import StorePart, raw_client, translate_errors
 from vmq.store.client import text as _text
 
@@ -60,6 +62,7 @@ class RedisReplies(StorePart):
         self.source = source or guest_replies(keys)
         self._raw = raw_client(client)
         self._advance_cursor = self._script("advance_cursor.lua")
+        self._relay_apply = self._script("relay_apply.lua")
 
     def read_replies(self, after_id: str, up_to_ms: int, count: int) -> tuple[list[RawEntry], int]:
         """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``, as Redis sends
@@ -161,6 +164,26 @@ class RedisReplies(StorePart):
         return bool(advanced)
 
 
+
+    def apply_agent_batches(self, batches: Sequence[AgentBatch]) -> AgentBatchResult:
+        """Record hosts' compact agent batches (round and nonce already checked) in one script call
+        (vmq/lua/relay_apply.lua): each named VM vouched for by its record, its liveness recorded when the round
+        is newer than its last, its state parameters saved when the batch carries them. Idempotent."""
+        if not batches:
+            return AgentBatchResult()
+        k = self.keys
+        args: list[Any] = [k.vm_prefix, WIRE_VERSION_RELAYED, MAX_AGENT_DOC_BYTES]
+        for batch in batches:
+            args += [batch.host, batch.round, batch.arrival_ms, batch.names, batch.params]
+        with translate_errors("apply agent batches"):
+            out = self._relay_apply(keys=[k.last_round, k.last_seen, k.last_reply, k.attention], args=args)
+        accepted, stale, refused, healing = out
+        result = AgentBatchResult(accepted=int(accepted), stale=int(stale))
+        for i in range(0, len(refused), 3):
+            result.rejects[_text(refused[i])] = (int(refused[i + 1]), _text(refused[i + 2]))
+        for i in range(0, len(healing), 3):
+            result.healing.append((_text(healing[i]), int(healing[i + 1]), int(healing[i + 2])))
+        return result
 
     def silent_since(self, round_id: int) -> list[str]:
         """VMs with no valid reply to ``round_id`` or later."""
