@@ -39,36 +39,40 @@ end
 for b = 4, #ARGV, 5 do
   local host, round, arrival, names, params = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
   local r = tonumber(round)
-  local vouched, listed = {}, {}
+  local vouched, listed, count = {}, {}, 0
   for vm in string.gmatch(names, '%S+') do
     local key = prefix .. vm
     local row = redis.call('HMGET', key, 'host', 'probe_path_set', 'probe_path_detected')
-    local path = row[2]
+    local placed, path = row[1], row[2]
     if not path or path == '' then path = row[3] end
     if not path or path == '' then path = 'redis' end
-    if not row[1] and not row[2] and not row[3] and redis.call('EXISTS', key) == 0 then
+    if placed == host and path == 'agent' then
+      if not vouched[vm] then
+        vouched[vm] = true
+        count = count + 1
+        listed[count] = vm
+      end
+    elseif not placed and not row[2] and not row[3] and redis.call('EXISTS', key) == 0 then
       reject('unknown_vm', vm)
-    elseif row[1] ~= host then
+    elseif placed ~= host then
       reject('wrong_host', vm)
-    elseif path ~= 'agent' then
+    else
       reject('wrong_path', vm)
-    elseif not vouched[vm] then
-      vouched[vm] = true
-      listed[#listed + 1] = vm
     end
   end
   -- Only an answer to a round newer than the VM's last answered one counts (as on every path): a batch
   -- written twice, or an older round's, moves nothing.
-  for start = 1, #listed, CHUNK do
-    local part = {unpack(listed, start, math.min(start + CHUNK - 1, #listed))}
-    local stored = redis.call('ZMSCORE', KEYS[1], unpack(part))
-    local rounds, seen = {}, {}
-    for i, vm in ipairs(part) do
-      if not stored[i] or tonumber(stored[i]) < r then
-        rounds[#rounds + 1] = round
-        rounds[#rounds + 1] = vm
-        seen[#seen + 1] = arrival
-        seen[#seen + 1] = vm
+  for start = 1, count, CHUNK do
+    local stop = math.min(start + CHUNK - 1, count)
+    local stored = redis.call('ZMSCORE', KEYS[1], unpack(listed, start, stop))
+    local rounds, seen, n = {}, {}, 0
+    for i = start, stop do
+      local vm = listed[i]
+      local last = stored[i - start + 1]
+      if not last or tonumber(last) < r then
+        rounds[n + 1], rounds[n + 2] = round, vm
+        seen[n + 1], seen[n + 2] = arrival, vm
+        n = n + 2
         if needs_attention(vm) then
           heal[#heal + 1] = vm
           heal[#heal + 1] = r
@@ -78,12 +82,12 @@ for b = 4, #ARGV, 5 do
         vouched[vm] = nil
       end
     end
-    if #rounds > 0 then
-      redis.call('ZADD', KEYS[1], 'GT', unpack(rounds))
-      redis.call('ZADD', KEYS[2], 'GT', unpack(seen))
+    if n > 0 then
+      redis.call('ZADD', KEYS[1], 'GT', unpack(rounds, 1, n))
+      redis.call('ZADD', KEYS[2], 'GT', unpack(seen, 1, n))
     end
-    accepted = accepted + #rounds / 2
-    stale = stale + #part - #rounds / 2
+    accepted = accepted + n / 2
+    stale = stale + (stop - start + 1) - n / 2
   end
   if params ~= '' then
     local ok, by_vm = pcall(cjson.decode, params)
