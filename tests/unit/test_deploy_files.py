@@ -123,6 +123,8 @@ def test_the_stack_has_one_beat_evented_workers_and_a_health_check_everywhere() 
     beats = [name for name, s in svc.items() if "beat" in s.get("command", [])]
     assert beats == ["beat"] and svc["beat"].get("container_name"), "exactly one beat, which cannot scale"
     for name, s in svc.items():
+        if s.get("profiles") == ["observability"]:
+            continue  # Prometheus and Grafana: tests/unit/test_observability_files.py
         command = s["command"]
         if "worker" in command:
             assert "-E" in command, f"{name}: Flower needs task events (-E)"

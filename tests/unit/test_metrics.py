@@ -15,6 +15,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+import yaml
 
 from tests.contract.test_monitor_store import redis_server  # noqa: F401 - the real-server fixture
 from vmq.codec import encode_reply
@@ -32,6 +33,7 @@ from vmq.telemetry import DETECTION_BUCKETS_S, bucket_field, read_histogram
 HOST = "node1"
 SECRET = {"web-1": "a1" * 32, "web-2": "b2" * 32}
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "vmq-dashboard.json"
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "vmq-rules.yml"
 
 
 class Cluster:
@@ -183,7 +185,7 @@ def _dashboard_metric_names(node: Any) -> set[str]:
     return names
 
 
-def test_every_metric_the_grafana_dashboard_queries_is_one_the_collector_exposes(cluster: Cluster) -> None:
+def test_every_metric_the_grafana_dashboard_and_the_alert_rules_query_is_one_the_collector_exposes(cluster: Cluster) -> None:
     cluster.round(("web-1", "web-2"))
     cluster.round(("web-2",))
     request = cluster.dispatched[0]
@@ -194,6 +196,8 @@ def test_every_metric_the_grafana_dashboard_queries_is_one_the_collector_exposes
     used = _dashboard_metric_names(dashboard)
     assert len(used) >= 8, f"the dashboard queries too little: {sorted(used)}"
     assert used - exposed == set(), f"dashboard queries metrics the collector does not expose: {used - exposed}"
+    alerting = _dashboard_metric_names(yaml.safe_load(RULES.read_text()))
+    assert len(alerting) >= 8 and alerting - exposed == set(), f"alert rules on unknown metrics: {alerting - exposed}"
     assert metrics_registry(cluster.store, cluster.settings).get_sample_value("vmq_up") == 1
 
 
