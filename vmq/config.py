@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -49,6 +50,9 @@ class Settings(BaseSettings):
     backoff_max_s: float = Field(300.0, ge=0, description="Cap of the back-off.")
     max_concurrent_restarts_per_host: int = Field(2, ge=1, description=(
         "At most this many restarts in flight on one host."))
+    enroll: Literal["all", "opt-in"] = Field("all", description=(
+        "Which VMs vmq watches and restarts: all (unless a domain's vmq metadata says <enroll>no</enroll>), or "
+        "opt-in (only domains whose vmq metadata says <enroll>yes</enroll>; docs/operations.md)."))
     storm_fraction: float = Field(0.3, gt=0, le=1, description=(
         "Storm guard: when more than this fraction of the cluster (or of one host) goes silent in one "
         "round, vmq suspects itself or the network and holds those restarts."))

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from vmq.config import Settings
 from vmq.errors import HypervisorError, VmqError
-from vmq.hypervisor.types import DomainEvent, classify
+from vmq.hypervisor.types import METADATA_EVENT, DomainEvent, classify
+from vmq.intent import NAMESPACE as INTENT_NAMESPACE
 from vmq.inventory import mark_degraded, renew_heartbeat, sync_inventory
 from vmq.model import REPORTED_EVENT_KINDS, DomainEventKind
 from vmq.ports import Hypervisor, Store
@@ -95,6 +96,7 @@ class HostAgent:
         self._clock = clock
         self.own = OwnActions(clock)
         self.stop_event = threading.Event()
+        self.sync_soon = threading.Event()  # set: the inventory loop syncs at once (stop() sets it too)
         self.listener: Any = None
         self._thread: threading.Thread | None = None
         self.relay: ProbeRelay | None = None
@@ -114,7 +116,13 @@ class HostAgent:
         return kind
 
     def on_event(self, event: DomainEvent) -> None:
-        """Listener callback: report the event if the monitor needs to hear it."""
+        """Listener callback: report the event if the monitor needs to hear it; a change of a domain's vmq
+        metadata (vmq.intent) makes the inventory read it again at once."""
+        if event.event == METADATA_EVENT:
+            if event.detail == INTENT_NAMESPACE:
+                log.info("host=%s vm=%s vmq metadata changed: inventory now", self.host, event.name)
+                self.sync_soon.set()
+            return
         kind = self.kind_to_report(event)
         if kind is None:
             return
@@ -140,6 +148,7 @@ class HostAgent:
     def stop(self) -> None:
         """Stop the threads and the listener, and drop the heartbeat at once instead of letting it expire."""
         self.stop_event.set()
+        self.sync_soon.set()  # wakes the inventory loop
         if self.relay is not None:
             self.relay.stop()
             self.relay = None
@@ -211,6 +220,8 @@ class HostAgent:
         period_s = min(settings.host_heartbeat_interval_s, settings.host_heartbeat_ttl_s / 3)
         next_sync = 0.0
         while not self.stop_event.is_set():
-            if self.step(self._clock() >= next_sync):
+            due = self._clock() >= next_sync or self.sync_soon.is_set()
+            self.sync_soon.clear()
+            if self.step(due):
                 next_sync = self._clock() + settings.inventory_interval_s
-            self.stop_event.wait(period_s)
+            self.sync_soon.wait(period_s)  # a metadata change (on_event) cuts the wait short

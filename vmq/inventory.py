@@ -13,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from vmq.intent import Intent
 from vmq.keys import valid_name
 from vmq.model import AuditEvent, DomainInfo, DomainStatus, ProbePath, detect_probe_path
 from vmq.ports import Hypervisor, Store
@@ -37,6 +38,7 @@ class SyncReport:
     started: list[str] = field(default_factory=list)
     skipped_names: list[str] = field(default_factory=list)
     path_changed: list[str] = field(default_factory=list)  # VMs whose detected probe path changed their path
+    intent_changed: list[str] = field(default_factory=list)  # VMs whose libvirt metadata (vmq.intent) changed
 
 
 def heartbeat(store: Store, host: str, uri: str, ttl_s: float, domains: int) -> None:
@@ -62,18 +64,31 @@ def mark_degraded(store: Store, host: str, uri: str, ttl_s: float, error: str) -
                            "libvirt_error": error[:500], "seen_ms": store.clock.time_ms()}, int(ttl_s * 1000))
 
 
-def _note_path_changes(store: Store, host: str, paths: dict[str, dict[str, str]], now_ms: int,
-                       report: SyncReport) -> None:
+def _note_changes(store: Store, host: str, fields: dict[str, dict[str, str]], intents: dict[str, Intent],
+                  now_ms: int, report: SyncReport) -> None:
     """VMs whose probe path changes with this pass's detection (no operator's choice pins it): audited, and
     owing answers on the new path only from the next round, after the boot grace (as `vmq path` does), so the
-    switch is never read as silence."""
-    for rec in store.vms.records(sorted(paths)):
-        detected = ProbePath(paths[rec.vm]["probe_path_detected"])
+    switch is never read as silence. VMs whose libvirt metadata (vmq.intent) changed, or does not read: audited
+    once per change, with what was refused."""
+    for rec in store.vms.records(sorted(fields)):
+        detected = ProbePath(fields[rec.vm]["probe_path_detected"])
         if rec.probe_path_set is None and rec.probe_path_detected is not detected:
             store.audit.append(AuditEvent.PROBE_PATH, rec.vm, host, now_ms, path=detected.value,
                                previous=rec.probe_path_detected.value, source="detected")
             store.vms.start_monitoring(rec.vm, now_ms)
             report.path_changed.append(rec.vm)
+        intent = intents.get(rec.vm)
+        if intent is None:
+            continue  # its XML was not read: the intent stored stays
+        new = intent.record_fields()
+        if {k: v for k, v in new.items() if v} != {f"intent.{k}": v for k, v in rec.intent.items()}:
+            store.audit.append(AuditEvent.INTENT, rec.vm, host, now_ms, intent=intent.summary(),
+                               errors=list(intent.errors))
+            if intent.errors:
+                log.warning("vm=%s libvirt metadata partly refused (defaults apply): %s", rec.vm,
+                            "; ".join(intent.errors))
+            report.intent_changed.append(rec.vm)
+            fields[rec.vm].update(new)  # only on a change: records of VMs without metadata get no empty fields
 
 
 def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float,
@@ -109,19 +124,22 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
                 for vm in sorted(previously_listed - set(names))]
     by_name = {d.name: d for d in domains}
     paths: dict[str, dict[str, str]] = {}
+    intents: dict[str, Intent] = {}
     for placed in store.vms.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS,
                                           listed_us):
         listed = by_name.get(placed.vm)
         if placed.written and listed is not None:
             detected = detect_probe_path(listed.channels) if detect_paths else ProbePath.REDIS
             paths[placed.vm] = {"channels": ",".join(listed.channels), "probe_path_detected": detected.value}
+            if listed.intent is not None:
+                intents[placed.vm] = listed.intent
         if placed.migrated:
             report.migrated.append(placed.vm)
             store.audit.append(AuditEvent.MIGRATED, placed.vm, host, now_ms, previous_host=placed.previous_host)
             log.info("vm=%s migrated %s -> %s", placed.vm, placed.previous_host, host)
         if placed.started:
             report.started.append(placed.vm)
-    _note_path_changes(store, host, paths, now_ms, report)
+    _note_changes(store, host, paths, intents, now_ms, report)
     store.vms.write_many(paths)
     if report.skipped_names:
         log.warning("host=%s domains with unusable names skipped: %s", host, report.skipped_names)

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmq.config import Settings
+from vmq.intent import enrolment
+from vmq.intent import knobs as intent_knobs
 from vmq.model import DomainStatus, HostContext, ProbePath, VmRecord, VmView
 from vmq.policy import PolicyConfig, with_overrides
 from vmq.ports import Store
@@ -77,10 +79,11 @@ class Judge:
         self.lease_s = max(2.0, 2 * settings.probe_interval_s)
 
     def policy_for(self, rec: VmRecord) -> PolicyConfig:
-        """The cluster's knobs with this VM's overrides (``vmq set``) applied; refused ones are logged."""
-        if not rec.overrides:
+        """The cluster's knobs with this VM's own applied: its libvirt metadata's, then its overrides (``vmq
+        set``), which win; refused ones are logged."""
+        if not rec.overrides and not rec.intent:
             return self.policy
-        cfg, refused = with_overrides(self.policy, dict(rec.overrides))
+        cfg, refused = with_overrides(self.policy, {**intent_knobs(rec.intent), **rec.overrides})
         if refused:
             log.warning("vm=%s overrides refused: %s", rec.vm, refused)
         return cfg
@@ -105,7 +108,8 @@ class Judge:
             relay_alive = (round_id is None or not rec.relayed or (
                 host is not None and host.relay_finished and context.unasked_rounds[i] < round_id))
             view = view_of(
-                rec, has_key=rec.vm in context.keyed or rec.probe_path is ProbePath.AGENT, host_alive=bool(host and host.alive),
+                rec, not_enrolled=enrolment(rec.intent, self.settings.enroll),
+                has_key=rec.vm in context.keyed or rec.probe_path is ProbePath.AGENT, host_alive=bool(host and host.alive),
                 relay_alive=relay_alive,
                 host_degraded=bool(host and host.degraded),
                 host_maintenance=bool(host and host.in_maintenance(now_ms)),

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from vmq.intent import Intent
 
 
 class VmState(str, Enum):
@@ -112,13 +115,14 @@ def detect_probe_path(channels: Iterable[str]) -> ProbePath:
 @dataclass(frozen=True)
 class DomainInfo:
     """One libvirt domain as a host reports it; ``reason`` is libvirt's state reason in words, ``channels``
-    the names of its virtio-serial channels (from the domain's XML; empty where not read)."""
+    the names of its virtio-serial channels and ``intent`` its vmq metadata (both from the domain's XML)."""
 
     name: str
     uuid: str
     status: DomainStatus
     reason: str = ""
     channels: tuple[str, ...] = ()
+    intent: Intent | None = None  # its vmq metadata (vmq.intent), None: none, or not read
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ class VmView:
     last_restart_ms: int = 0
     host_restarts_in_flight: int = 0
     storm: str = ""  # why the storm/partition guard holds this round, "" when it does not
+    not_enrolled: str = ""  # why vmq leaves this VM alone by the operators' intent (vmq.intent), "" if enrolled
 
 
 class AuditEvent(str, Enum):
@@ -216,6 +221,7 @@ class AuditEvent(str, Enum):
     OPERATOR_ACTION = "operator_action"
     OVERRIDES = "overrides"
     PROBE_PATH = "probe_path"
+    INTENT = "intent"  # a VM's libvirt metadata (vmq.intent) changed, or could not be read
     KEY_ROTATED = "key_rotated"
     RESTARTS_SUSPENDED = "restarts_suspended"
     RESTARTS_RESUMED = "restarts_resumed"
@@ -239,7 +245,7 @@ EXPLAINED_EVENTS = _values(
     AuditEvent.RESTART_FAILED, AuditEvent.RESTART_SKIPPED, AuditEvent.RESTART_LEFT_ALONE,
     AuditEvent.SILENT_BUT_ACTIVE, AuditEvent.RECOVERED, AuditEvent.FAILED, AuditEvent.ESCALATED,
     AuditEvent.UNREACHABLE, AuditEvent.DOMAIN_EVENT, AuditEvent.MAINTENANCE, AuditEvent.MAINTENANCE_ENDED,
-    AuditEvent.CLEARED, AuditEvent.HEALTHY)
+    AuditEvent.CLEARED, AuditEvent.HEALTHY, AuditEvent.INTENT)
 #: What a host worker reports about a restart request it carried out or gave back.
 HOST_OUTCOME_EVENTS = _values(
     AuditEvent.RESTARTED, AuditEvent.RESTART_FAILED, AuditEvent.RESTART_SKIPPED, AuditEvent.RESTART_LEFT_ALONE,
@@ -353,6 +359,7 @@ class VmRecord:
     overrides: Mapping[str, str] = field(default_factory=dict)
     probe_path_set: ProbePath | None = None  # the operator's choice (`vmq path`), None: detect
     probe_path_detected: ProbePath = ProbePath.REDIS  # from the domain's channels, by its host's inventory
+    intent: Mapping[str, str] = field(default_factory=dict)  # ``intent.<name>`` fields: its libvirt metadata
 
     @classmethod
     def parse(cls, vm: str, fields: Mapping[str, str]) -> VmRecord:
@@ -375,6 +382,7 @@ class VmRecord:
             overrides={name[7:]: value for name, value in fields.items() if name.startswith("policy.")},
             probe_path_set=ProbePath(get("probe_path_set")) if get("probe_path_set") else None,
             probe_path_detected=ProbePath(get("probe_path_detected") or ProbePath.REDIS.value),
+            intent={name[7:]: value for name, value in fields.items() if name.startswith("intent.") and value},
         )
 
     @property

@@ -7,11 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmq.config import Settings
+from vmq.intent import enrolment, priority
 from vmq.ports import Store
 
 
 def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
-    """Hosts (name, alive, VM count) and VMs (id, host, state, seconds since last valid reply, restarts)."""
+    """Hosts (name, alive, VM count) and VMs (id, host, state, seconds since last valid reply, restarts, whether
+    vmq watches it by the operators' intent and its restart priority)."""
     now_ms = store.clock.time_ms()
     vms = store.vms.all_vms()
     records = store.vms.records(vms)
@@ -41,6 +43,8 @@ def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
                 "probe_path": rec.probe_path.value,
                 "incident": rec.incident,
                 "decision": rec.decision,
+                "enrolled": not enrolment(rec.intent, settings.enroll),
+                "priority": priority(rec.intent),
             }
             for i, (vm, rec) in enumerate(zip(vms, records))
         ],

@@ -83,6 +83,8 @@ def _age_s(now_ms: int, since_ms: int) -> float:
 
 def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
     """The reason this silent VM is not judged at all right now, or None."""
+    if view.not_enrolled:
+        return view.not_enrolled
     if view.state not in JUDGED:
         return f"state is {view.state.value}: not judged until an operator changes it"
     if not view.has_key:

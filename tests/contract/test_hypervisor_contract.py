@@ -21,6 +21,7 @@ from vmq.errors import (
     HypervisorUnavailable,
 )
 from vmq.hypervisor import FakeHypervisor, open_hypervisor
+from vmq.intent import NO_INTENT, Intent, intent_xml
 from vmq.model import DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
 from vmq.sim.testnode import node_xml, stable_uuid, write_node
@@ -56,7 +57,7 @@ def test_list_domains_returns_every_defined_domain_with_uuid_and_status(hypervis
 
 def test_domain_info_reports_one_domain(hypervisor: Hypervisor) -> None:
     info = hypervisor.domain_info(PAUSED)
-    assert info == DomainInfo(PAUSED, stable_uuid(PAUSED), DomainStatus.PAUSED, "unknown")
+    assert info == DomainInfo(PAUSED, stable_uuid(PAUSED), DomainStatus.PAUSED, "unknown", intent=NO_INTENT)
 
 
 def test_reset_keeps_a_running_domain_running(hypervisor: Hypervisor) -> None:
@@ -177,7 +178,7 @@ def test_fake_crash_marks_a_domain_crashed_and_start_recovers_it(tmp_path: Path)
     assert isinstance(fake, FakeHypervisor)
     fake.crash(RUNNING)
     assert fake.domain_info(RUNNING) == DomainInfo(
-        RUNNING, stable_uuid(RUNNING), DomainStatus.CRASHED, "crashed"
+        RUNNING, stable_uuid(RUNNING), DomainStatus.CRASHED, "crashed", intent=NO_INTENT
     )
     fake.start(RUNNING)
     assert fake.domain_info(RUNNING).status is DomainStatus.RUNNING
@@ -428,3 +429,30 @@ def test_stable_uuid_identifies_the_vm_wherever_it_runs() -> None:
     assert stable_uuid("vm-1") == stable_uuid("vm-1")
     assert stable_uuid("vm-1") != stable_uuid("vm-2")
     assert uuid.UUID(stable_uuid("vm-1")).version == 5
+
+
+# -- operators' intent in libvirt metadata (vmq.intent) ----------------------------------------------
+
+
+UNKNOWN_KNOB = ("unknown knob 'nonsense' (known: backoff_base_s, backoff_max_s, boot_grace_s, ladder_rungs, "
+                "max_concurrent_restarts_per_host, max_restarts, recovery_timeout_s, restart_timeout_s, "
+                "restart_window_s)")
+
+
+def test_a_domains_vmq_metadata_is_read_with_its_listing_on_the_test_driver_and_the_fake(tmp_path: Path) -> None:
+    pytest.importorskip("libvirt")
+    from vmq.hypervisor.libvirt import LibvirtHypervisor
+
+    said = intent_xml(enroll=False, priority=250, knobs={"max_restarts": 5, "nonsense": 1})
+    real = LibvirtHypervisor(write_node(tmp_path / "node.xml", HOST, WORLD, metadata={RUNNING: said}),
+                             call_timeout_s=10.0)
+    fake = make_fake(tmp_path)
+    assert isinstance(fake, FakeHypervisor)
+    expected = Intent(enroll=False, priority=250, knobs={"max_restarts": "5"},
+                      errors=(UNKNOWN_KNOB,))
+    fake.set_intent(RUNNING, expected)
+    for hypervisor in (real, fake):
+        by_name = {info.name: info for info in hypervisor.list_domains()}
+        assert by_name[RUNNING].intent == expected, hypervisor
+        assert by_name[PAUSED].intent == NO_INTENT, "no metadata: read, nothing said"
+

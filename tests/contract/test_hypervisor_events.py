@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.contract.hypervisor_world import HOST, OFF, PAUSED, RUNNING, WORLD, libvirt_only
-from vmq.hypervisor.types import DomainEvent, classify
+from vmq.hypervisor.types import METADATA_EVENT, DomainEvent, classify
 from vmq.model import DomainStatus
 from vmq.sim.testnode import stable_uuid, write_node
 
@@ -209,6 +209,26 @@ def test_an_action_through_the_shared_connection_arrives_as_an_event_within_a_se
     assert event == DomainEvent(domain, stable_uuid(domain), *words)
     assert classify(event) == kind
     assert arrived - started < EVENT_DEADLINE_S
+
+
+@libvirt_only
+def test_vmq_metadata_set_live_arrives_as_a_metadata_event_and_shows_in_the_next_listing(
+    listening: Any, recorder: Recorder
+) -> None:
+    import libvirt
+
+    from vmq.intent import NAMESPACE, Intent
+
+    listener, hypervisor = listening
+    # what `virsh metadata DOMAIN --uri NAMESPACE --key vmq --set '<intent>...</intent>'` does
+    listener.connection.lookupByName(RUNNING).setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<intent><enroll>yes</enroll><priority>9</priority></intent>", "vmq",
+        NAMESPACE, 0)
+    _arrived, event = recorder.next_event()
+    assert event == DomainEvent(RUNNING, stable_uuid(RUNNING), METADATA_EVENT, NAMESPACE)
+    assert classify(event) == "other", "not a lifecycle kind: the host worker reads it as 'inventory now'"
+    [info] = [i for i in hypervisor.list_domains() if i.name == RUNNING]
+    assert info.intent == Intent(enroll=True, priority=9)
 
 
 @libvirt_only

@@ -38,9 +38,10 @@ def make_cluster(tmp_path: Path, redis_server: LocalRedis) -> Iterator[Callable[
     started: list[LocalCluster] = []
 
     def build(placement: dict[str, list[str]], standby: dict[str, list[str]] | None = None,
-              devices: bool = False, monitors: int = 1, beats: int = 1, **env: str) -> LocalCluster:
+              devices: bool = False, monitors: int = 1, beats: int = 1, metadata: dict[str, str] | None = None,
+              **env: str) -> LocalCluster:
         spec = ClusterSpec(placement=placement, standby=standby or {}, env={**FAST, **env}, boot_delay_s=1.0,
-                           devices=devices, monitors=monitors, beats=beats)
+                           devices=devices, monitors=monitors, beats=beats, metadata=metadata or {})
         cluster = LocalCluster(tmp_path / "cluster", redis_server.url, spec)
         started.append(cluster)
         cluster.start()

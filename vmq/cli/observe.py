@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from vmq.cli.common import one_line_errors, open_store
-from vmq.model import EXPLAINED_EVENTS, AuditEvent, ProbePath
+from vmq.intent import enrolment
+from vmq.intent import knobs as intent_knobs
+from vmq.intent import priority as intent_priority
+from vmq.model import EXPLAINED_EVENTS, AuditEvent, ProbePath, VmRecord
 from vmq.operator_views import cluster_status, event_json
 
 STATE_STYLE = {"healthy": "green", "faulty": "red", "restarting": "yellow", "recovering": "cyan",
@@ -40,7 +43,8 @@ def status(as_json: bool) -> None:
     for v in data["vms"]:
         seen = "never" if v["since_last_reply_s"] is None else f"{v['since_last_reply_s']:.1f}s ago"
         style = STATE_STYLE.get(v["state"], "white")
-        vms.add_row(v["id"], v["host"], v["probe_path"], f"[{style}]{v['state']}[/]", seen,
+        state = f"[{style}]{v['state']}[/]" + ("" if v["enrolled"] else " [dim](not enrolled)[/]")
+        vms.add_row(v["id"], v["host"], v["probe_path"], state, seen,
                     str(v["restarts_in_window"]), v["decision"][:80])
     console.print(hosts)
     console.print(vms)
@@ -151,13 +155,32 @@ def check(host: str | None, monitor: bool) -> None:
 
 
 
+def intent_lines(rec: VmRecord, mode: str) -> list[str]:
+    """What the operators' intent says of this VM and where each value comes from (vmq.intent)."""
+    said = rec.intent
+    why = enrolment(said, mode)
+    lines = [f"enrolment: {why or 'enrolled'} (VMQ_ENROLL={mode}"
+             + (f", metadata enroll={said['enroll']})" if said.get("enroll") else ", no metadata enroll)")]
+    lines.append(f"priority: {intent_priority(said)} ({'libvirt metadata' if said.get('priority') else 'default'})")
+    from_metadata, from_set = intent_knobs(said), dict(rec.overrides)
+    for knob in sorted(from_metadata.keys() | from_set.keys()):
+        if knob in from_set:
+            shadowed = f"; metadata says {from_metadata[knob]}, `vmq set` wins" if knob in from_metadata else ""
+            lines.append(f"knob {knob}={from_set[knob]} (vmq set{shadowed})")
+        else:
+            lines.append(f"knob {knob}={from_metadata[knob]} (libvirt metadata)")
+    if said.get("error"):
+        lines.append(f"metadata refused (defaults apply): {said['error']}")
+    return lines
+
+
 @click.command()
 @click.argument("vm")
 @click.option("--last", default=10, show_default=True, help="How many decisions to explain.")
 @one_line_errors
 def explain(vm: str, last: int) -> None:
     """Why vmq did (or did not) act on VM: its state and its last decisions in plain words."""
-    _, store = open_store()
+    settings, store = open_store()
     rec = store.vms.record(vm)
     if not rec.exists:
         raise click.UsageError(f"unknown VM {vm}")
@@ -166,12 +189,16 @@ def explain(vm: str, last: int) -> None:
     source = ("chosen with `vmq path`" if rec.probe_path_set else
               "detected from its domain's channels" if rec.probe_path_detected is not ProbePath.REDIS else "default")
     click.echo(f"  probe path: {rec.probe_path.value} ({source})")
+    for line in intent_lines(rec, settings.enroll):
+        click.echo(f"  {line}")
     if rec.decision:
         click.echo(f"  now: {rec.decision_action}: {rec.decision}")
     rows = [event_json(i, f) for i, f in store.audit.read(count=1_000_000) if f.get("vm") == vm]
     rows = [e for e in rows if e["type"] in EXPLAINED_EVENTS][-last:]
     for event in rows:
         words = "; ".join(event.get("reasons") or []) or event.get("reason") or event.get("result") or ""
+        if event["type"] == AuditEvent.INTENT:
+            words = f"libvirt metadata: {event.get('intent')}" + "".join(f"; refused {e}" for e in event.get("errors") or [])
         extra = ""
         evidence = event.get("evidence")
         if isinstance(evidence, dict):

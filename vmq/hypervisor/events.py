@@ -32,13 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from vmq.hypervisor.types import EVENTS, DomainEvent, classify
+from vmq.hypervisor.types import EVENTS, METADATA_EVENT, DomainEvent, classify
 from vmq.model import DomainEventKind
 
 if TYPE_CHECKING:
     from vmq.hypervisor.libvirt import LibvirtHypervisor
 
-__all__ = ["EVENTS", "DomainEvent", "DomainEventKind", "LifecycleListener", "classify", "event_words"]
+__all__ = ["EVENTS", "METADATA_EVENT", "DomainEvent", "DomainEventKind", "LifecycleListener", "classify",
+           "event_words"]
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class LifecycleListener:
         while not stopping.is_set():
             self._generation += 1
             try:
-                connection, callback_id = self._open(items, self._generation)
+                connection, callback_ids = self._open(items, self._generation)
             except Exception as exc:  # noqa: BLE001 - daemon loop top: any failure to open is "retry later"
                 log.warning("cannot listen to uri=%s, retrying in %.3g s: %s", self.uri, delay_s, exc)
                 state = self._report(state, False)
@@ -260,21 +261,22 @@ class LifecycleListener:
                 delay_s = min(delay_s * 2, last_s)
                 continue
             if stopping.is_set():  # stop() came while we were opening
-                self._close(connection, callback_id)
+                self._close(connection, callback_ids)
                 break
             delay_s = first_s
             self._lend(connection)
             state = self._report(state, True)
             self._pump(stopping, items, connection, None)
             self._lend(None)
-            self._close(connection, callback_id)
+            self._close(connection, callback_ids)
             if not stopping.is_set():
                 log.warning("lost the libvirt connection uri=%s; reconnecting", self.uri)
                 state = self._report(state, False)
         self._pump(stopping, items, None, time.monotonic())  # deliver what is still queued
 
-    def _open(self, items: _Items, generation: int) -> tuple[Any, int]:
-        """Open a connection with keepalive, lifecycle and close callbacks; raises on failure."""
+    def _open(self, items: _Items, generation: int) -> tuple[Any, list[int]]:
+        """Open a connection with keepalive, lifecycle (and metadata-change, where libvirt has them) and close
+        callbacks; raises on failure."""
         libvirt = _libvirt()
         connection = self._open_connection()
         try:
@@ -285,15 +287,21 @@ class LifecycleListener:
                     if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                         raise
                     log.debug("no keepalive on uri=%s (a local driver): %s", self.uri, exc)
-            callback_id = connection.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, items
-            )
+            callback_ids = [int(connection.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, items))]
+            try:  # vmq's metadata (vmq.intent) changed: the host's inventory reads it again at once
+                callback_ids.append(int(connection.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, items)))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+                log.debug("no metadata-change events on uri=%s: %s", self.uri, exc)
             connection.registerCloseCallback(self._on_close, (items, generation))
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
                 connection.close()
             raise
-        return connection, int(callback_id)
+        return connection, callback_ids
 
     def _open_connection(self) -> Any:
         """Open read-only (read-write if refused for other reasons than reachability) or read-write."""
@@ -307,14 +315,12 @@ class LifecycleListener:
                 log.info("read-only connection to uri=%s refused, trying read-write: %s", self.uri, exc)
         return libvirt.open(self.uri)  # libvirt-python >= 9 raises rather than return None
 
-    def _close(self, connection: Any, callback_id: int) -> None:
+    def _close(self, connection: Any, callback_ids: list[int]) -> None:
         """Deregister and close a connection; a dead one complains, which is ignored."""
         libvirt = _libvirt()
-        for step in (
-            lambda: connection.domainEventDeregisterAny(callback_id),
-            connection.unregisterCloseCallback,
-            connection.close,
-        ):
+        steps: list[Callable[[], object]] = [functools.partial(connection.domainEventDeregisterAny, callback_id)
+                                            for callback_id in callback_ids]
+        for step in (*steps, connection.unregisterCloseCallback, connection.close):
             with contextlib.suppress(libvirt.libvirtError):
                 step()
 
@@ -381,6 +387,13 @@ class LifecycleListener:
             items.put(DomainEvent(domain.name(), domain.UUIDString(), *event_words(event, detail)))
         except Exception:
             log.exception("could not read a lifecycle event uri=%s", self.uri)
+
+    def _on_metadata(self, _connection: Any, domain: Any, kind: int, namespace: str | None, items: _Items) -> None:
+        """Queue a metadata change as the event ``metadata``, its detail the element's namespace."""
+        try:
+            items.put(DomainEvent(domain.name(), domain.UUIDString(), METADATA_EVENT, namespace or ""))
+        except Exception:
+            log.exception("could not read a metadata-change event uri=%s", self.uri)
 
     def _on_close(self, _connection: Any, reason: int, opaque: tuple[_Items, int]) -> None:
         """Queue the news that libvirt closed the connection (EOF, keepalive timeout, error)."""

@@ -42,6 +42,7 @@ from vmq.errors import (
     HypervisorUnavailable,
 )
 from vmq.hypervisor.types import ActivitySample, AgentAnswer, guest_time_ms, reduce_guest_info
+from vmq.intent import NO_INTENT, Intent
 from vmq.model import RESPONDER_CHANNEL, DomainInfo, DomainStatus
 
 T = TypeVar("T")
@@ -106,7 +107,8 @@ class FakeHypervisor:
     """The Hypervisor port in memory; thread-safe; records every call in ``calls``."""
 
     def __init__(self, uri: str = "fake://", domains: Iterable[DomainInfo] = ()) -> None:
-        """Define ``domains`` on a fake host; raises ValueError on duplicate names or ABSENT status."""
+        """Define ``domains`` on a fake host (with no vmq metadata unless their ``intent`` says, as libvirt reads
+        a domain XML without it); raises ValueError on duplicate names or ABSENT status."""
         self.uri = uri
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -121,7 +123,7 @@ class FakeHypervisor:
                 raise ValueError(f"domain {info.name!r}: a defined domain cannot be {info.status.value}")
             if info.name in self._domains:
                 raise ValueError(f"domain {info.name!r} defined twice")
-            self._domains[info.name] = info
+            self._domains[info.name] = info if info.intent is not None else replace(info, intent=NO_INTENT)
 
     def __repr__(self) -> str:
         """Show the URI and the number of domains."""
@@ -278,6 +280,13 @@ class FakeHypervisor:
             info = self._get("set_channels", name)
             self._domains[name] = replace(info, channels=tuple(channels))
             self._sockets[name] = dict(channels)
+
+    def set_intent(self, name: str, intent: Intent | None, unreadable: bool = False) -> None:
+        """Give a domain this vmq metadata (as ``virsh metadata --set`` would; None: remove it); ``unreadable``:
+        its XML cannot be read, so listings say nothing of its intent (DomainInfo.intent None)."""
+        with self._lock:
+            info = self._get("set_intent", name)
+            self._domains[name] = replace(info, intent=None if unreadable else intent or NO_INTENT)
 
     def set_agent(
         self,

@@ -37,6 +37,7 @@ from vmq.hypervisor.agent import AgentCaller
 from vmq.hypervisor.states import domain_status
 from vmq.hypervisor.types import ActivitySample, AgentAnswer, device_targets, total
 from vmq.hypervisor.xmldesc import channel_socket_path, virtio_channels
+from vmq.intent import NO_INTENT, intent_from_domain_xml
 from vmq.model import RESPONDER_CHANNEL, DomainInfo
 
 log = logging.getLogger(__name__)
@@ -302,19 +303,20 @@ def _domain_info(domain: Any, stats: dict[str, Any] | None = None) -> DomainInfo
     else:
         state, reason = domain.state(0)
     status, word = domain_status(state, reason)
-    return DomainInfo(
-        name=domain.name(), uuid=domain.UUIDString(), status=status, reason=word, channels=_channels(domain)
-    )
+    xml = _xml(domain)
+    return DomainInfo(name=domain.name(), uuid=domain.UUIDString(), status=status, reason=word,
+                      channels=virtio_channels(xml), intent=(intent_from_domain_xml(xml) or NO_INTENT) if xml else None)
 
 
-def _channels(domain: Any) -> tuple[str, ...]:
-    """The domain's virtio channel names; () when its XML cannot be read or parsed (never fails a listing)."""
+def _xml(domain: Any) -> str:
+    """The domain's XML (its channels and vmq metadata are read from it); "" when it cannot be read (never
+    fails a listing: the channels are then unknown and the intent not said)."""
     try:
-        return virtio_channels(domain.XMLDesc(0))
+        return str(domain.XMLDesc(0))
     except libvirt.libvirtError as exc:
         _raise_unless_refusal(domain, exc)  # gone, or the connection broke: as for the state query
-        log.debug("domain XML of %r unreadable, channels unknown: %s", domain.name(), exc)
-        return ()
+        log.debug("domain XML of %r unreadable, channels and intent unknown: %s", domain.name(), exc)
+        return ""
 
 
 def _activity(domain: Any) -> ActivitySample:

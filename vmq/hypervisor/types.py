@@ -109,6 +109,9 @@ EVENTS: tuple[str, ...] = (
     "crashed",
 )
 
+#: DomainEvent.event of a domain's metadata change (its detail: the namespace URI of the element changed).
+METADATA_EVENT = "metadata"
+
 # classify(): an exact (event, detail) entry wins over an entry for the whole event; else OTHER.
 _KIND_BY_DETAIL: dict[tuple[str, str], DomainEventKind] = {
     ("stopped", "crashed"): DomainEventKind.CRASH,

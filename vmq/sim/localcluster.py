@@ -151,6 +151,7 @@ class ClusterSpec:
     monitors: int = 1  # monitor/timeout workers: "monitor", then "monitor-2", ...
     beats: int = 1  # beat processes: "beat", then "beat-2", ... (a second one must be harmless)
     paths: dict[str, ProbePath] = field(default_factory=dict)  # VM -> probe path; absent: redis, not recorded
+    metadata: dict[str, str] = field(default_factory=dict)  # VM -> its domain's <metadata> (vmq.intent.intent_xml)
 
 
 class LocalCluster:
@@ -212,12 +213,14 @@ class LocalCluster:
         channels = {vm: [PATH_CHANNELS[self.paths[vm]]] for vm, _uuid, _status in domains
                     if self.paths.get(vm, ProbePath.REDIS) in PATH_CHANNELS}
         node = self.workdir / f"node-{host}.xml"
+        here = {name for name, _uuid, _status in domains}
+        metadata = {vm: xml for vm, xml in self.spec.metadata.items() if vm in here}
         if channels:
             uri = write_node(node, host, domains, devices=self.spec.devices, channels=channels,
-                             socket_dir=str(self.channel_dir()))
+                             socket_dir=str(self.channel_dir()), metadata=metadata)
             self.channel_sockets.update(_responder_sockets(node))
         else:  # exactly the node file of a cluster without relayed paths
-            uri = write_node(node, host, domains, devices=self.spec.devices)
+            uri = write_node(node, host, domains, devices=self.spec.devices, metadata=metadata)
         return uri
 
     def start_host(self, host: str, extra_env: Mapping[str, str] | None = None) -> None:

@@ -65,7 +65,7 @@ _DOMAIN = """  <domain type='test'>
     <os>
       <type arch='x86_64'>hvm</type>
     </os>
-{devices}    <test:runstate xmlns:test={namespace}>{runstate}</test:runstate>
+{devices}{metadata}    <test:runstate xmlns:test={namespace}>{runstate}</test:runstate>
   </domain>
 """
 
@@ -115,14 +115,16 @@ def node_xml(
     devices: bool = False,
     channels: Mapping[str, Sequence[str]] | None = None,
     socket_dir: str = "/run/vmq",
+    metadata: Mapping[str, str] | None = None,
 ) -> str:
     """A test-driver node document defining ``(name, uuid, status)`` domains; ``channels`` maps a domain name
-    to its virtio channel names, each bound under ``socket_dir`` (see channel_socket_path); raises ValueError
-    (also for channels of a domain not listed)."""
-    channels = channels or {}
-    unknown = set(channels) - {name for name, _uuid, _status in domains}
+    to its virtio channel names, each bound under ``socket_dir`` (see channel_socket_path); ``metadata`` a
+    domain name to the elements of its ``<metadata>`` (vmq.intent.intent_xml); raises ValueError (also for
+    channels or metadata of a domain not listed)."""
+    channels, metadata = channels or {}, metadata or {}
+    unknown = (set(channels) | set(metadata)) - {name for name, _uuid, _status in domains}
     if unknown:
-        raise ValueError(f"channels given for domains not listed: {sorted(unknown)}")
+        raise ValueError(f"channels or metadata given for domains not listed: {sorted(unknown)}")
     seen: set[str] = set()
     parts = [_NODE_HEAD.format(host=escape(host.replace("--", "- -")))]
     for name, domain_uuid, status in domains:
@@ -143,6 +145,7 @@ def node_xml(
                 namespace=quoteattr(_TEST_NAMESPACE),
                 runstate=runstate,
                 devices=_devices(domain_uuid, devices, channels.get(name, ()), socket_dir),
+                metadata=f"    <metadata>{metadata[name]}</metadata>\n" if name in metadata else "",
             )
         )
     parts.append("</node>\n")
@@ -156,11 +159,12 @@ def write_node(
     devices: bool = False,
     channels: Mapping[str, Sequence[str]] | None = None,
     socket_dir: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> str:
     """Write a node file for ``host`` (see ``node_xml``; channel sockets default to the file's directory)
     and return its ``test:///ABS/PATH`` URI."""
     absolute = os.path.abspath(os.fspath(path))
     directory = socket_dir if socket_dir is not None else os.path.dirname(absolute)
     with open(absolute, "w", encoding="utf-8") as handle:
-        handle.write(node_xml(host, domains, devices, channels, directory))
+        handle.write(node_xml(host, domains, devices, channels, directory, metadata))
     return f"test://{absolute}"
