@@ -23,6 +23,7 @@ from vmq.housekeeping import (
     sweep_hosts,
 )
 from vmq.ingest import Ingestor, IngestResult, LatestReplies, RejectLog
+from vmq.intent import priority as intent_priority
 from vmq.judge import Judge
 from vmq.model import Action, AuditEvent, DomainEventKind, DomainStatus
 from vmq.policy import decide, storm_guard
@@ -253,7 +254,8 @@ class Monitor:
         record_guard_episodes(store, cluster, by_host, silent_by_host, round_id, now_ms)
         answered = dict(zip(silent, store.replies.last_rounds(silent)))
         held = 0  # restarts the storm/host guard holds this round (vmq.metrics)
-        for j in judged:
+        # Where restarts compete (the per-host limit counts this round's own), the operators' priority goes first.
+        for j in sorted(judged, key=lambda j: (-intent_priority(j.record.intent), j.view.vm)):
             # Decide again with the guard and with the restarts this very round has already dispatched.
             storm = cluster or by_host.get(j.view.host, "")
             view = replace(j.view, storm=storm, host_restarts_in_flight=in_flight.get(j.view.host, 0))

@@ -104,3 +104,20 @@ def test_removing_the_metadata_clears_the_intent_and_a_domain_xml_not_read_keeps
     fake.set_intent("web-1", None)
     sync_inventory(world.store, fake, HOST_A, ttl_s=60)
     assert world.store.vms.record("web-1").intent == {}
+
+
+def test_where_restarts_compete_under_the_per_host_limit_the_higher_priority_goes_first(world: World) -> None:
+    settings = make_settings(max_concurrent_restarts_per_host=1, storm_min_vms=100)  # three silent: no storm here
+    world.monitor = Monitor(world.store, settings, world.broker.dispatch)
+    for vm in ("web-1", "web-2", "web-3"):
+        world.register(vm)
+    listed(world, {"web-1": Intent(priority=10), "web-2": None, "web-3": Intent(priority=900)})
+    first = world.probe()
+    for vm in ("web-1", "web-2", "web-3"):
+        world.reply(vm, first)
+    world.make_due(first)
+    world.monitor.tick()
+    world.make_due(world.probe())  # all three silent in the same round
+    report = world.monitor.tick()
+    assert report.dispatched == ["web-3"], "by name it would have been web-1"
+    assert "host node1 already has 1 restarts in flight (limit 1)" in world.record("web-1")["decision"]
