@@ -66,7 +66,14 @@ class Settings(BaseSettings):
         "Disk reads/writes or network sends at this rate or more make a silent guest `silent but active`; "
         "slower I/O is background noise. CPU time and received bytes never hold a reset."))
     webhook_url: str = Field("", description=(
-        "Escalations (a VM `failed`) are POSTed here as JSON, retried with back-off; empty: off."))
+        "Notifications are POSTed here as JSON, one per audit event of a subscribed class, retried with back-off; "
+        "empty: off."))
+    webhook_classes: str = Field("failed", description=(
+        "Comma-separated event classes to notify (all, or: failed, faulty, restarted, restart_failed, recovered, "
+        "storm, storm_over, host_down, host_up, host_degraded, unreachable, evidence_lost, restarts_suspended)."))
+    webhook_format: Literal["vmq", "alertmanager"] = Field("vmq", description=(
+        "vmq: the audit event as `vmq events --json` prints it, with its class; alertmanager: Alertmanager's "
+        "webhook payload (version 4), one alert per event."))
     # -- host workers
     host_name: str = Field("", description=(
         "Host workers only: this hypervisor's name; the worker consumes the queue host.<name>."))
@@ -108,6 +115,17 @@ class Settings(BaseSettings):
     def _namespace_ok(cls, value: str) -> str:
         if not valid_name(value):
             raise ValueError("must be 1-128 of A-Z a-z 0-9 _ . -")
+        return value
+
+    @field_validator("webhook_classes")
+    @classmethod
+    def _classes_ok(cls, value: str) -> str:
+        from vmq.notifications import parse_classes  # vmq.notifications imports vmq.model only
+
+        try:
+            parse_classes(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("log_level")

@@ -188,6 +188,16 @@ class Keys:
         return self._k("events")
 
     @property
+    def notify_cursor(self) -> str:
+        """Id of the last audit event the notifier handled (vmq.notifications)."""
+        return self._k("notify", "cursor")
+
+    @property
+    def notify_lock(self) -> str:
+        """Held by the one notifier run reading the audit stream (a few seconds at most)."""
+        return self._k("notify", "lock")
+
+    @property
     def rejects(self) -> str:
         """Hash reason -> count of replies that failed verification."""
         return self._k("stats", "rejects")

@@ -28,7 +28,7 @@ from vmq.judge import Judge
 from vmq.model import Action, AuditEvent, DomainEventKind, DomainStatus
 from vmq.policy import decide, storm_guard
 from vmq.ports import Store
-from vmq.verdict import Dispatch, Notify, VerdictResult, Verdicts
+from vmq.verdict import Dispatch, VerdictResult, Verdicts
 
 __all__ = ["DUPLICATE_GAP", "EVENT_STATUS", "Monitor", "TickReport"]
 
@@ -85,11 +85,11 @@ class TickReport:
 class Monitor:
     """The central half of vmq: probe, ingest, judge, dispatch."""
 
-    def __init__(self, store: Store, settings: Settings, dispatch: Dispatch, notify: Notify | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings, dispatch: Dispatch) -> None:
         self.store = store
         self.settings = settings
         self.judge = Judge(store, settings)
-        self.verdicts = Verdicts(store, settings, dispatch, notify)
+        self.verdicts = Verdicts(store, settings, dispatch)
         self._t2_ms = int(settings.reply_timeout_s * 1000)
         self._ingestor = Ingestor(store, settings.max_reply_bytes,
                                   RejectLog(settings.probe_interval_s),  # one line per VM and reason per T1

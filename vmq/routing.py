@@ -17,6 +17,7 @@ HOST_QUEUE_PREFIX = "host."
 PROBE_TASK = "vmq.monitor.probe_round"
 DOMAIN_EVENT_TASK = "vmq.monitor.domain_event"
 NOTIFY_TASK = "vmq.monitor.notify"
+NOTIFY_EVENTS_TASK = "vmq.monitor.notify_events"
 MANUAL_RESTART_TASK = "vmq.monitor.manual_restart"
 # Tasks consumed from TIMEOUT_QUEUE.
 DRAIN_TASK = "vmq.timeouts.drain_replies"

@@ -21,7 +21,6 @@ from vmq.routing import host_queue
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[RestartRequest], None]
-Notify = Callable[[dict[str, object]], None]
 
 
 @dataclass(frozen=True)
@@ -35,15 +34,14 @@ class VerdictResult:
 class Verdicts:
     """Acts on decisions: transitions, audit events, escalations and restart dispatch.
 
-    ``dispatch`` sends a restart request to its host's queue; ``notify`` queues an escalation (a webhook POST
-    with retries), or is None. Both may raise: a refused dispatch gives the verdict back to the next round, a
-    failed notification is logged.
+    ``dispatch`` sends a restart request to its host's queue; it may raise: a refused dispatch gives the verdict
+    back to the next round. Escalations reach operators as audit events (``escalated``), which the notifier
+    turns into webhook calls outside the judge (vmq.notifications).
     """
 
-    def __init__(self, store: Store, settings: Settings, dispatch: Dispatch, notify: Notify | None = None) -> None:
+    def __init__(self, store: Store, settings: Settings, dispatch: Dispatch) -> None:
         self.store = store
         self.dispatch = dispatch
-        self.notify = notify
         self._restart_window_ms = int(settings.restart_window_s * 1000)
         self._task_expires_ms = int(settings.restart_task_expires_s * 1000)
 
@@ -93,20 +91,13 @@ class Verdicts:
 
     def fail(self, view: VmView, rec: VmRecord, incident: str, generation: int, now_ms: int,
              base: dict[str, object], evidence: dict[str, object]) -> None:
-        """`faulty` -> `failed` (if still at ``generation``), then escalate: audit event and ``notify``."""
+        """`faulty` -> `failed` (if still at ``generation``), then escalate: the ``escalated`` audit event, which
+        the notifier sends (class ``failed``)."""
         if not lifecycle.fail(self.store.vms, rec, generation, now_ms, incident, base).applied:
             return
         log.error("vm=%s failed: %s", view.vm, "; ".join(base["reasons"]))  # type: ignore[arg-type]
-        escalation: dict[str, object] = {"type": AuditEvent.ESCALATED.value, "vm": view.vm, "host": view.host,
-                                         "incident": incident, "time_ms": now_ms, "reasons": base["reasons"],
-                                         "evidence": evidence}
         self.store.audit.append(AuditEvent.ESCALATED, view.vm, view.host, now_ms, incident=incident,
-                                reasons=base["reasons"])
-        if self.notify is not None:
-            try:
-                self.notify(escalation)  # a Celery task with retries: never blocks the judge
-            except Exception:
-                log.exception("vm=%s escalation could not be queued", view.vm)
+                                reasons=base["reasons"], evidence=evidence)
 
     def send_restart(self, view: VmView, decision: Decision, incident: str, generation: int, round_id: int,
                      now_ms: int, base: dict[str, object], manual: bool = False) -> bool:

@@ -14,7 +14,7 @@ from vmq.hostagent import HostAgent
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor
 from vmq.ports import Hypervisor
-from vmq.routing import MONITOR_QUEUE, NOTIFY_TASK, RESTART_TASK, host_queue
+from vmq.routing import RESTART_TASK, host_queue
 from vmq.store.redis import RedisStore
 
 _lock = threading.RLock()  # builders nest (the monitor needs the store)
@@ -50,11 +50,7 @@ def monitor_of(app: Celery) -> Monitor:
         # Redis time and the task checks that (vmq.host_restart.restart_vm; docs/reliability.md, clock faults).
         app.send_task(RESTART_TASK, args=[asdict(request)], queue=host_queue(request.host))
 
-    def notify(payload: dict[str, object]) -> None:
-        if s.webhook_url:
-            app.send_task(NOTIFY_TASK, args=[payload], queue=MONITOR_QUEUE)
-
-    return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch, notify))  # type: ignore[no-any-return]
+    return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch))  # type: ignore[no-any-return]
 
 
 def hypervisor_of(app: Celery) -> Hypervisor:

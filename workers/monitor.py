@@ -8,12 +8,15 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from vmq.notifications import due_notifications, parse_classes
 from vmq.notify import NotifyError, post_json
 from vmq.routing import (
     DOMAIN_EVENT_TASK,
     DRAIN_TASK,
     JUDGE_TASK,
     MANUAL_RESTART_TASK,
+    MONITOR_QUEUE,
+    NOTIFY_EVENTS_TASK,
     NOTIFY_TASK,
     PROBE_TASK,
 )
@@ -78,11 +81,25 @@ def domain_event(self: Task, vm: str, host: str, kind: str, event: str, detail: 
 @shared_task(bind=True, name=NOTIFY_TASK, ignore_result=True, autoretry_for=(NotifyError,),
              retry_backoff=2, retry_backoff_max=300, retry_jitter=True, max_retries=12)
 def notify(self: Task, payload: dict[str, Any]) -> int:
-    """POST an escalation to VMQ_WEBHOOK_URL, retried with exponential back-off; never runs in the judge."""
+    """POST one notification to VMQ_WEBHOOK_URL, retried with exponential back-off; never runs in the judge."""
     url = settings_of(self.app).webhook_url
     if not url:
         return 0
     return post_json(url, payload)
+
+
+@shared_task(bind=True, name=NOTIFY_EVENTS_TASK, ignore_result=True)
+def notify_events(self: Task) -> int:
+    """Queue one retried POST per audit event of a subscribed class since the last run (vmq.notifications);
+    returns how many. Beat runs it every second when VMQ_WEBHOOK_URL is set."""
+    settings = settings_of(self.app)
+    if not settings.webhook_url:
+        return 0
+    due = due_notifications(store_of(self.app).audit, parse_classes(settings.webhook_classes),
+                            settings.webhook_format)
+    for body in due or []:
+        notify.apply_async(args=[body], queue=MONITOR_QUEUE)
+    return len(due or [])
 
 
 @shared_task(bind=True, name=MANUAL_RESTART_TASK, ignore_result=False)

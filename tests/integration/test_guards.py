@@ -112,6 +112,25 @@ def test_an_exhausted_budget_escalates_to_the_webhook(make_cluster: Callable[...
     assert len(events_of(cluster, type="escalated", vm="vm-2")) == 1
 
 
+def test_notifications_by_class_in_alertmanagers_format_fire_and_resolve(
+        make_cluster: Callable[..., LocalCluster], webhook: str) -> None:
+    cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]}, VMQ_WEBHOOK_URL=webhook,
+                           VMQ_WEBHOOK_CLASSES="faulty,restarted,recovered", VMQ_WEBHOOK_FORMAT="alertmanager")
+    cluster.wait_healthy(timeout_s=60)
+    assert cluster.fleet is not None
+    cluster.fleet.hang("vm-1")
+    cluster.wait_for(lambda: len(_Webhook.received) >= 3, 40, "three notifications")
+    time.sleep(1.5)  # nothing more comes
+    alerts = [(a["status"], a["labels"]["alertname"], a["labels"]["vm"], a["labels"]["class"])
+              for body in _Webhook.received for a in body["alerts"]]
+    assert alerts == [("firing", "VmqFaulty", "vm-1", "faulty"), ("firing", "VmqRestarted", "vm-1", "restarted"),
+                      ("resolved", "VmqFaulty", "vm-1", "faulty")]
+    assert all(body["version"] == "4" for body in _Webhook.received)
+    restarted = _Webhook.received[1]["alerts"][0]["annotations"]["event"]
+    assert (restarted["type"], restarted["host"], restarted["action"], restarted["result"]) == (
+        "restarted", "node1", "reset", "ok")
+
+
 def test_maintenance_with_an_expiry_ends_by_itself(make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster({"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]})
     cluster.wait_healthy(timeout_s=60)

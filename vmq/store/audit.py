@@ -6,7 +6,10 @@ no state and reads the stream back.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -45,3 +48,34 @@ class RedisAudit(StorePart):
                 start = after if after == "-" else f"({after}"
                 rows = self.r.xrange(self.keys.events, start, "+", count=count)
         return [(_text(i), {_text(a): _text(b) for a, b in f.items()}) for i, f in rows]
+
+    @contextmanager
+    def notifier_lease(self, lease_s: float) -> Iterator[bool]:
+        """Hold the notifier's lease while the block runs: True if this run got it, False if another run holds
+        it (then it must not read or move the cursor). Released at the end; expires after ``lease_s`` anyway."""
+        lock = self.r.lock(self.keys.notify_lock, timeout=lease_s, blocking=False)
+        with translate_errors("notifier lease"):
+            got = bool(lock.acquire())
+        try:
+            yield got
+        finally:
+            if got:
+                with contextlib.suppress(redis.exceptions.LockError, redis.RedisError):
+                    lock.release()
+
+    def notification_cursor(self) -> str | None:
+        """Id of the last audit event the notifier handled; None before its first run."""
+        with translate_errors("GET notifier cursor"):
+            value = self.r.get(self.keys.notify_cursor)
+        return None if value is None else _text(value)
+
+    def set_notification_cursor(self, cursor: str) -> None:
+        """Move the notifier's cursor (hold its lease)."""
+        with translate_errors("SET notifier cursor"):
+            self.r.set(self.keys.notify_cursor, cursor)
+
+    def last_id(self) -> str:
+        """Id of the newest audit event ("0-0" when there is none)."""
+        with translate_errors("XREVRANGE events"):
+            last = self.r.xrevrange(self.keys.events, count=1)
+        return _text(last[0][0]) if last else "0-0"
