@@ -46,6 +46,9 @@ class DomainEventKind(str, Enum):
     PAUSED = "paused"
     RESUMED = "resumed"
     STARTED = "started"
+    WATCHDOG = "watchdog"  # the guest's watchdog device fired (detail: its action)
+    IO_ERROR = "io_error"  # a disk I/O error (detail: its reason, e.g. enospc)
+    AGENT = "agent"  # the guest agent connected or disconnected (detail: the state): evidence, never a verdict
     OTHER = "other"  # defined, undefined, pmsuspended, ...: nothing the monitor acts on
 
 
@@ -184,6 +187,7 @@ class VmView:
     host_restarts_in_flight: int = 0
     storm: str = ""  # why the storm/partition guard holds this round, "" when it does not
     not_enrolled: str = ""  # why vmq leaves this VM alone by the operators' intent (vmq.intent), "" if enrolled
+    watchdog: str = ""  # the action of the guest watchdog that just fired (a domain event), "" otherwise
 
 
 class AuditEvent(str, Enum):

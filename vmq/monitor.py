@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 DUPLICATE_GAP = 0.6
 
 
+#: Guest-watchdog actions that leave the hung guest as it was: vmq judges it at once (the others restart it).
+WATCHDOG_JUDGED = frozenset({"none", "pause", "debug", "injectnmi"})
+
 #: The domain status a classified libvirt lifecycle event implies (see vmq.hypervisor.events.classify).
 EVENT_STATUS: Mapping[str, DomainStatus] = {
     DomainEventKind.CRASH: DomainStatus.CRASHED,
@@ -188,7 +191,8 @@ class Monitor:
 
     # ---------------------------------------------------------------- hypervisor events
     def on_domain_event(self, vm: str, host: str, kind: str, event: str, detail: str) -> TickReport:
-        """Record a libvirt lifecycle event from ``host``; a crash is judged now, without waiting for T2.
+        """Record a libvirt domain event from ``host``; a crash or a guest watchdog is judged now, without waiting
+        for T2; a disk I/O error's reason stays in the domain's reason (the policy flags such a pause).
 
         ``kind`` is a DomainEventKind value (vmq.hypervisor.types.classify), as it came over the wire.
         """
@@ -203,20 +207,30 @@ class Monitor:
                                    detail=detail,
                                    reason=f"vm is on {rec.host or 'no host'}" if rec.exists else "unknown vm")
                 return report
+            previous_reason = rec.domain_reason
             status = EVENT_STATUS.get(kind)
             fields: dict[str, object] = {}
             if status is not None:
                 fields = {"domain_status": status.value, "domain_reason": detail}
                 rec = replace(rec, domain_status=status, domain_reason=detail)
-            if kind == DomainEventKind.STARTED:
-                fields["booted_at_ms"] = now_ms
+            if kind == DomainEventKind.PAUSED and detail == "ioerror" and previous_reason.startswith("ioerror:"):
+                fields["domain_reason"] = previous_reason  # keep the I/O error's reason (ioerror:enospc)
+                rec = replace(rec, domain_reason=previous_reason)
+            if kind == DomainEventKind.IO_ERROR:  # the pause that usually follows keeps this reason
+                fields = {"domain_reason": f"ioerror:{detail}"}
+                rec = replace(rec, domain_reason=f"ioerror:{detail}")
+            if kind == DomainEventKind.STARTED or (kind == DomainEventKind.WATCHDOG and detail == "reset"):
+                fields["booted_at_ms"] = now_ms  # a watchdog reset is QEMU's own restart: the grace starts over
                 rec = replace(rec, booted_at_ms=now_ms)
             if fields:
                 store.vms.set_fields(vm, fields)
             store.audit.append(AuditEvent.DOMAIN_EVENT, vm, host, now_ms, kind=kind, event=event, detail=detail)
-            if kind != DomainEventKind.CRASH or not acquired:
+            # Judged at once: a crash (panics included), and a guest watchdog whose action left the guest as it
+            # was (none, pause, debug, inject-nmi); QEMU itself handled reset, poweroff and shutdown.
+            watchdog = detail if kind == DomainEventKind.WATCHDOG and detail in WATCHDOG_JUDGED else ""
+            if not (kind == DomainEventKind.CRASH or watchdog) or not acquired:
                 return report
-            view = self.judge.view(rec, now_ms)
+            view = replace(self.judge.view(rec, now_ms), watchdog=watchdog)
             decision = decide(view, self.judge.policy_for(rec), now_ms)
             evidence = crash_evidence(view, event, detail, self.judge.policy.max_restarts)
             report.add_verdict(vm, self.verdicts.act(view, rec, decision, evidence,

@@ -106,9 +106,10 @@ def _not_judged(view: VmView, cfg: PolicyConfig, now_ms: int) -> str | None:
     if view.state is VmState.RECOVERING and state_age < cfg.recovery_timeout_s:
         return f"recovering: {state_age:.1f} s of {cfg.recovery_timeout_s:g} s since the restart"
     boot_age = _age_s(now_ms, view.booted_at_ms)
-    # A crash the hypervisor reports is hard evidence, in the grace period too (budget and back-off bound
-    # a crash loop).
-    if view.booted_at_ms and boot_age < cfg.boot_grace_s and view.domain_status is not DomainStatus.CRASHED:
+    # A crash the hypervisor reports, or the guest's own watchdog firing, is hard evidence, in the grace period
+    # too (budget and back-off bound a crash loop).
+    hard_evidence = view.domain_status is DomainStatus.CRASHED or view.watchdog
+    if view.booted_at_ms and boot_age < cfg.boot_grace_s and not hard_evidence:
         return f"boot grace: started {boot_age:.1f} s ago (grace {cfg.boot_grace_s:g} s)"
     return None
 
@@ -125,6 +126,8 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
     crashed = view.domain_status is DomainStatus.CRASHED
     if crashed:
         reasons = [f"the hypervisor reports the domain crashed ({view.domain_reason or 'crashed'})"]
+    elif view.watchdog:
+        reasons = [f"the guest's watchdog fired (action {view.watchdog}): the guest itself reports a hang"]
     elif view.last_valid_ms:
         reasons = [f"no valid reply for {_age_s(now_ms, view.last_valid_ms):.1f} s"]
     else:
@@ -150,7 +153,10 @@ def _hold(view: VmView, cfg: PolicyConfig, now_ms: int, crashed: bool) -> tuple[
         return Action.FLAG, f"host {view.host or '?'} heartbeat is late or gone: not restarting"
     if view.host_degraded:
         return Action.FLAG, f"host {view.host} cannot reach libvirt (degraded): not restarting"
-    if not crashed and not view.last_valid_ms:
+    if view.domain_status is DomainStatus.PAUSED and view.domain_reason.startswith("ioerror"):
+        return Action.FLAG, (f"the domain is paused on a disk I/O error ({view.domain_reason}): a restart frees "
+                             "no disk, not restarting")
+    if not crashed and not view.watchdog and not view.last_valid_ms:
         return Action.FLAG, "never answered since monitoring started: silence alone is no evidence of a hang"
     if view.restarts_in_window >= cfg.max_restarts:
         return Action.FAIL, (f"restart budget exhausted: {view.restarts_in_window} of {cfg.max_restarts} "

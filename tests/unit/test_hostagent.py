@@ -65,7 +65,7 @@ def test_an_action_that_never_ends_stops_muting_after_the_hold() -> None:
 def test_the_host_reports_every_kind_but_other() -> None:
     assert REPORTED_EVENT_KINDS == set(DomainEventKind) - {DomainEventKind.OTHER}
     assert {kind.value for kind in REPORTED_EVENT_KINDS} == {
-        "crash", "operator_stop", "migrating_away", "paused", "resumed", "started"}
+        "crash", "operator_stop", "migrating_away", "paused", "resumed", "started", "watchdog", "io_error", "agent"}
 
 
 @pytest.mark.parametrize(("event", "detail", "reported"), [
@@ -75,6 +75,9 @@ def test_the_host_reports_every_kind_but_other() -> None:
     ("suspended", "paused", "paused"),
     ("resumed", "unpaused", "resumed"),
     ("started", "booted", "started"),
+    ("watchdog", "none", "watchdog"),
+    ("io_error", "enospc", "io_error"),
+    ("agent", "connected", "agent"),
     ("defined", "added", None),
     ("undefined", "removed", None),
     ("pmsuspended", "memory", None),

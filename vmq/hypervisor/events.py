@@ -289,13 +289,18 @@ class LifecycleListener:
                     log.debug("no keepalive on uri=%s (a local driver): %s", self.uri, exc)
             callback_ids = [int(connection.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, items))]
-            try:  # vmq's metadata (vmq.intent) changed: the host's inventory reads it again at once
-                callback_ids.append(int(connection.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, items)))
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-                    raise
-                log.debug("no metadata-change events on uri=%s: %s", self.uri, exc)
+            # Beyond the lifecycle, where libvirt has them: vmq's metadata changed (the host's inventory reads it
+            # again at once), the guest's watchdog fired, a disk I/O error with its reason, the guest agent
+            # (dis)connected.
+            for name, callback in (("METADATA_CHANGE", self._on_metadata), ("WATCHDOG", self._on_watchdog),
+                                   ("IO_ERROR_REASON", self._on_io_error), ("AGENT_LIFECYCLE", self._on_agent)):
+                try:
+                    callback_ids.append(int(connection.domainEventRegisterAny(
+                        None, getattr(libvirt, f"VIR_DOMAIN_EVENT_ID_{name}"), callback, items)))
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                        raise
+                    log.debug("no %s events on uri=%s: %s", name, self.uri, exc)
             connection.registerCloseCallback(self._on_close, (items, generation))
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
@@ -395,10 +400,39 @@ class LifecycleListener:
         except Exception:
             log.exception("could not read a metadata-change event uri=%s", self.uri)
 
+    def _queue(self, items: _Items, domain: Any, event: str, detail: str) -> None:
+        try:
+            items.put(DomainEvent(domain.name(), domain.UUIDString(), event, detail))
+        except Exception:
+            log.exception("could not read a %s event uri=%s", event, self.uri)
+
+    def _on_watchdog(self, _connection: Any, domain: Any, action: int, items: _Items) -> None:
+        """Queue a watchdog event: ``watchdog``, its action in words (none, pause, reset, poweroff, ...)."""
+        self._queue(items, domain, "watchdog", _constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", action))
+
+    def _on_io_error(self, _connection: Any, domain: Any, _path: str, _alias: str, _action: int, reason: str,
+                     items: _Items) -> None:
+        """Queue a disk I/O error: ``io_error``, QEMU's reason (enospc, eio, eperm, ...)."""
+        self._queue(items, domain, "io_error", (reason or "unknown").lower())
+
+    def _on_agent(self, _connection: Any, domain: Any, state: int, _reason: int, items: _Items) -> None:
+        """Queue a guest-agent lifecycle change: ``agent``, connected or disconnected."""
+        self._queue(items, domain, "agent",
+                    _constant_word("VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_", state))
+
     def _on_close(self, _connection: Any, reason: int, opaque: tuple[_Items, int]) -> None:
         """Queue the news that libvirt closed the connection (EOF, keepalive timeout, error)."""
         items, generation = opaque
         items.put(_Lost(generation, reason))
+
+
+def _constant_word(prefix: str, number: int) -> str:
+    """The lowercase word of libvirt's constant ``<prefix><WORD>`` equal to ``number`` ("unknown" if none)."""
+    libvirt = _libvirt()
+    for name in dir(libvirt):
+        if name.startswith(prefix) and not name.endswith("_LAST") and getattr(libvirt, name) == number:
+            return name.removeprefix(prefix).lower().replace("_", "-")
+    return "unknown"
 
 
 def _is_alive(connection: Any) -> bool:

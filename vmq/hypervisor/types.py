@@ -125,7 +125,10 @@ _KIND_BY_DETAIL: dict[tuple[str, str], DomainEventKind] = {
     ("suspended", "postcopy"): DomainEventKind.MIGRATING_AWAY,
 }
 _KIND_BY_EVENT: dict[str, DomainEventKind] = {
-    "crashed": DomainEventKind.CRASH,
+    "watchdog": DomainEventKind.WATCHDOG,  # vmq.hypervisor.events: VIR_DOMAIN_EVENT_ID_WATCHDOG
+    "io_error": DomainEventKind.IO_ERROR,  # VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON
+    "agent": DomainEventKind.AGENT,  # VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE
+    "crashed": DomainEventKind.CRASH,  # panics too: (crashed, panicked) from a pvpanic or hyperv panic device
     "shutdown": DomainEventKind.OPERATOR_STOP,
     "suspended": DomainEventKind.PAUSED,
     "resumed": DomainEventKind.RESUMED,
