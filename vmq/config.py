@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     enroll: Literal["all", "opt-in"] = Field("all", description=(
         "Which VMs vmq watches and restarts: all (unless a domain's vmq metadata says <enroll>no</enroll>), or "
         "opt-in (only domains whose vmq metadata says <enroll>yes</enroll>; docs/operations.md)."))
+    app_liveness: Literal["restart", "flag"] = Field("restart", description=(
+        "A VM whose responder reports a liveness health check failing its threshold is judged as a silent one: "
+        "restart (budget, back-off, ladder and guards apply) or flag only."))
     storm_fraction: float = Field(0.3, gt=0, le=1, description=(
         "Storm guard: when more than this fraction of the cluster (or of one host) goes silent in one "
         "round, vmq suspects itself or the network and holds those restarts."))
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
         "Notifications are POSTed here as JSON, one per audit event of a subscribed class, retried with back-off; "
         "empty: off."))
     webhook_classes: str = Field("failed", description=(
-        "Comma-separated event classes to notify (all, or: failed, faulty, restarted, restart_failed, recovered, "
+        "Comma-separated event classes to notify (all, or: failed, faulty, app_unhealthy, restarted, restart_failed, recovered, "
         "storm, storm_over, host_down, host_up, host_degraded, unreachable, evidence_lost, restarts_suspended)."))
     webhook_format: Literal["vmq", "alertmanager"] = Field("vmq", description=(
         "vmq: the audit event as `vmq events --json` prints it, with its class; alertmanager: Alertmanager's "

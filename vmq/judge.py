@@ -30,6 +30,7 @@ def policy_config(settings: Settings) -> PolicyConfig:
         backoff_base_s=settings.backoff_base_s,
         backoff_max_s=settings.backoff_max_s,
         max_concurrent_restarts_per_host=settings.max_concurrent_restarts_per_host,
+        app_liveness_restart=settings.app_liveness == "restart",
     )
 
 

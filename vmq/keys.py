@@ -120,6 +120,12 @@ class Keys:
         return self._k("vms")
 
     @property
+    def app_unhealthy(self) -> str:
+        """Hash VM -> JSON {round, checks, since_ms}: VMs whose latest reply says a liveness check failed its
+        threshold (vmq.ingest); judged each round as silence is (vmq.monitor)."""
+        return self._k("app", "unhealthy")
+
+    @property
     def attention(self) -> str:
         """Set of VMs whose state is not `healthy` (checked on every reply batch)."""
         return self._k("attention")

@@ -188,6 +188,7 @@ class VmView:
     storm: str = ""  # why the storm/partition guard holds this round, "" when it does not
     not_enrolled: str = ""  # why vmq leaves this VM alone by the operators' intent (vmq.intent), "" if enrolled
     watchdog: str = ""  # the action of the guest watchdog that just fired (a domain event), "" otherwise
+    app_unhealthy: str = ""  # which liveness checks its replies say failed their threshold, "" when none
 
 
 class AuditEvent(str, Enum):
@@ -226,6 +227,7 @@ class AuditEvent(str, Enum):
     OVERRIDES = "overrides"
     PROBE_PATH = "probe_path"
     INTENT = "intent"  # a VM's libvirt metadata (vmq.intent) changed, or could not be read
+    APP_UNHEALTHY = "app_unhealthy"  # a reply says a liveness check failed its threshold (once per episode)
     KEY_ROTATED = "key_rotated"
     RESTARTS_SUSPENDED = "restarts_suspended"
     RESTARTS_RESUMED = "restarts_resumed"

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 DUPLICATE_GAP = 0.6
 
 
+def app_reason(checks: object) -> str:
+    """The words of an application liveness verdict, from the checks a reply named."""
+    names = ", ".join(str(c) for c in checks) if isinstance(checks, list) else "?"
+    return f"liveness check(s) {names} failed their threshold in the guest"
+
+
 #: Guest-watchdog actions that leave the hung guest as it was: vmq judges it at once (the others restart it).
 WATCHDOG_JUDGED = frozenset({"none", "pause", "debug", "injectnmi"})
 
@@ -242,11 +248,16 @@ class Monitor:
                gap: ProbingGap | None = None) -> None:
         store, judge = self.store, self.judge
         silent = store.replies.silent_since(round_id)
+        # VMs that answer but whose replies say an application liveness check failed: judged as silence is.
+        sick = {vm: v for vm, v in store.vms.app_unhealthy().items() if int(v.get("round", 0)) >= round_id - 2}
+        silent += sorted(set(sick) - set(silent))
         if not silent:
             end_guard_episodes(store, set(), now_ms)
             return
         inputs = judge.inputs(store.vms.records(silent), now_ms, round_id)
         judged, in_flight = inputs.judged, inputs.in_flight
+        judged = [replace(j, view=replace(j.view, app_unhealthy=app_reason(sick[j.view.vm]["checks"])))
+                  if j.view.vm in sick else j for j in judged]
         if gap is not None and gap.reconnected_since_ms:  # after a gap in probing: see probing_gap
             waiting = [j.view.vm for j in judged if j.view.last_valid_ms < gap.reconnected_since_ms]
             judged = [j for j in judged if j.view.last_valid_ms >= gap.reconnected_since_ms]
@@ -262,7 +273,9 @@ class Monitor:
                 silent_by_host[j.view.host] = silent_by_host.get(j.view.host, 0) + 1
         # The cluster's size: VMs with a key, or (more, when agent VMs answer without one) the VMs that answered
         # this round plus those judged silent in it.
-        expected = max(store.keyring.monitored_count(), store.replies.answered_count(round_id) + len(judged))
+        # (The app-unhealthy VMs answered this round: counted among those, not twice.)
+        expected = max(store.keyring.monitored_count(),
+                       store.replies.answered_count(round_id) + sum(j.view.vm not in sick for j in judged))
         cluster, by_host = storm_guard(silent_by_host, {h: c.vm_count for h, c in inputs.hosts.items()},
                                        expected, self.settings.storm_fraction, self.settings.storm_min_vms)
         record_guard_episodes(store, cluster, by_host, silent_by_host, round_id, now_ms)
@@ -278,6 +291,8 @@ class Monitor:
             last = self._ingestor.latest.freshest(view.vm, j.last_reply)
             evidence = silence_evidence(view, round_id, deadline_ms, int(answered[view.vm] or 0), storm, last,
                                         judge.policy.max_restarts)
+            if view.vm in sick:
+                evidence["app_unhealthy"] = sick[view.vm]
             result = self.verdicts.act(view, j.record, decision, evidence, round_id, now_ms)
             report.add_verdict(view.vm, result)
             if result.dispatched and view.host:

@@ -29,6 +29,7 @@ __all__ = ["CLASSES", "DEFAULT_CLASSES", "SEVERITY", "alertmanager_payload", "du
 CLASSES: dict[str, frozenset[AuditEvent]] = {
     "failed": frozenset({AuditEvent.ESCALATED}),  # a VM's budget or ladder is exhausted: left alone
     "faulty": frozenset({AuditEvent.FAULTY}),
+    "app_unhealthy": frozenset({AuditEvent.APP_UNHEALTHY}),  # a liveness check failed its threshold
     "restarted": frozenset({AuditEvent.RESTARTED}),
     "restart_failed": frozenset({AuditEvent.RESTART_FAILED}),
     "recovered": frozenset({AuditEvent.RECOVERED}),
@@ -48,7 +49,7 @@ _BY_TYPE: dict[str, str] = {event.value: name for name, events in CLASSES.items(
 SEVERITY: dict[str, str] = {
     "failed": "page", "host_down": "page", "storm": "page", "restart_failed": "warning",
     "evidence_lost": "warning", "host_degraded": "warning", "unreachable": "warning",
-    "restarts_suspended": "warning", "faulty": "info", "restarted": "info", "recovered": "info",
+    "restarts_suspended": "warning", "app_unhealthy": "warning", "faulty": "info", "restarted": "info", "recovered": "info",
     "storm_over": "info", "host_up": "info",
 }
 #: Classes that end a condition another class began: sent to Alertmanager as "resolved".

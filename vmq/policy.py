@@ -61,6 +61,7 @@ class PolicyConfig:
     backoff_jitter: float = 0.2  # ... spread by +-20 % so VMs restarted together do not retry together
     max_concurrent_restarts_per_host: int = 2
     ladder_rungs: int = 2  # reset, then destroy + create; then `failed`
+    app_liveness_restart: bool = True  # an application liveness failure is restarted (False: flagged only)
 
 
 #: Pause reasons that mean an operator or libvirt itself holds the domain on purpose.
@@ -128,6 +129,8 @@ def decide(view: VmView, cfg: PolicyConfig, now_ms: int) -> Decision:
         reasons = [f"the hypervisor reports the domain crashed ({view.domain_reason or 'crashed'})"]
     elif view.watchdog:
         reasons = [f"the guest's watchdog fired (action {view.watchdog}): the guest itself reports a hang"]
+    elif view.app_unhealthy:
+        reasons = [f"application unhealthy: {view.app_unhealthy}"]
     elif view.last_valid_ms:
         reasons = [f"no valid reply for {_age_s(now_ms, view.last_valid_ms):.1f} s"]
     else:
@@ -153,6 +156,8 @@ def _hold(view: VmView, cfg: PolicyConfig, now_ms: int, crashed: bool) -> tuple[
         return Action.FLAG, f"host {view.host or '?'} heartbeat is late or gone: not restarting"
     if view.host_degraded:
         return Action.FLAG, f"host {view.host} cannot reach libvirt (degraded): not restarting"
+    if view.app_unhealthy and not cfg.app_liveness_restart:
+        return Action.FLAG, "application liveness is flag only here (VMQ_APP_LIVENESS=flag): not restarting"
     if view.domain_status is DomainStatus.PAUSED and view.domain_reason.startswith("ioerror"):
         return Action.FLAG, (f"the domain is paused on a disk I/O error ({view.domain_reason}): a restart frees "
                              "no disk, not restarting")

@@ -189,12 +189,16 @@ def parse_redis_url(url: str) -> RedisUrl:
 
 @dataclass(frozen=True)
 class HealthCommand:
-    """One health command, run without a shell every interval_s, killed after timeout_s."""
+    """One health command, run without a shell every interval_s, killed after timeout_s. ``kind`` liveness:
+    ``failure_threshold`` failing runs in a row mark the reply ``app_unhealthy`` (the monitor then judges the VM
+    as it judges silence); readiness (the default): reported, never acted on."""
 
     name: str
     argv: tuple[str, ...]
     timeout_s: float = 5.0
     interval_s: float = 10.0
+    kind: str = "readiness"
+    failure_threshold: int = 3
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ def _health_commands(entries: Any) -> tuple[HealthCommand, ...]:
     commands: list[HealthCommand] = []
     for index, entry in enumerate(entries):
         where = f"health[{index}]."
-        unknown = sorted(set(entry) - {"name", "command", "timeout_s", "interval_s"})
+        unknown = sorted(set(entry) - {"name", "command", "timeout_s", "interval_s", "kind", "failure_threshold"})
         if unknown:
             raise ConfigProblem(f"{where}{unknown[0]}: unknown key")
         name = _get(entry, "name", str, "", where)
@@ -275,7 +279,13 @@ def _health_commands(entries: Any) -> tuple[HealthCommand, ...]:
         for key, value in (("timeout_s", timeout_s), ("interval_s", interval_s)):
             if value <= 0:
                 raise ConfigProblem(f"{where}{key}: must be a positive number of seconds")
-        commands.append(HealthCommand(name, argv, timeout_s, interval_s))
+        kind = _get(entry, "kind", str, "readiness", where)
+        if kind not in ("liveness", "readiness"):
+            raise ConfigProblem(f"{where}kind: must be liveness or readiness")
+        threshold = _get(entry, "failure_threshold", int, 3, where)
+        if not 1 <= threshold <= 100:
+            raise ConfigProblem(f"{where}failure_threshold: must be an integer from 1 to 100")
+        commands.append(HealthCommand(name, argv, timeout_s, interval_s, kind, threshold))
     return tuple(commands)
 
 
@@ -478,6 +488,7 @@ class HealthRunner:
     def __init__(self, command: HealthCommand, stop: threading.Event) -> None:
         self.command, self.stop, self.lock = command, stop, threading.Lock()
         self.result: tuple[int | None, float, str | None] | None = None  # (status, monotonic end, error)
+        self.failing = 0  # runs in a row that failed (non-zero status, timeout, could not run)
         self.thread = threading.Thread(target=self._loop, name=f"health-{command.name}", daemon=True)
 
     def run_once(self) -> None:
@@ -493,6 +504,7 @@ class HealthRunner:
             error = f"could not run: {exc.strerror or exc}"
         with self.lock:
             self.result = (status, time.monotonic(), error)
+            self.failing = 0 if status == 0 else self.failing + 1
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -501,13 +513,20 @@ class HealthRunner:
             self.stop.wait(max(0.0, started + self.command.interval_s - time.monotonic()))
 
     def snapshot(self) -> dict[str, Any]:
-        """Last result as {"status", "age_s"[, "error"]}; both are null before the first run ends."""
+        """Last result as {"status", "age_s", "kind", "failing"[, "error"]}; status and age are null before the
+        first run ends; ``failing`` counts the failing runs in a row."""
         with self.lock:
-            result = self.result
+            result, failing = self.result, self.failing
+        kind = {"kind": self.command.kind, "failing": failing}
         if result is None:
-            return {"status": None, "age_s": None}
-        entry = {"status": result[0], "age_s": round(time.monotonic() - result[1], 1)}
+            return {"status": None, "age_s": None, **kind}
+        entry = {"status": result[0], "age_s": round(time.monotonic() - result[1], 1), **kind}
         return entry if result[2] is None else {**entry, "error": result[2]}
+
+    def unhealthy(self) -> bool:
+        """True when this is a liveness check that failed ``failure_threshold`` runs in a row."""
+        with self.lock:
+            return self.command.kind == "liveness" and self.failing >= self.command.failure_threshold
 
 
 class Responder:
@@ -635,6 +654,9 @@ class Responder:
         self.seq += 1
         health = {runner.command.name: runner.snapshot() for runner in self.health}
         params = collect_params(self.config.disk_path, health)
+        failed = sorted(runner.command.name for runner in self.health if runner.unhealthy())
+        if failed:  # the monitor judges the VM as it judges silence (docs/protocol.md, "Application liveness")
+            params["app_unhealthy"] = failed
         message, signature = encode_reply(self.config.vm_id, round_id, nonce, self.boot_id, self.seq, params,
                                           self.config.secret_key)
         return round_id, message, signature

@@ -39,9 +39,10 @@ def make_cluster(tmp_path: Path, redis_server: LocalRedis) -> Iterator[Callable[
 
     def build(placement: dict[str, list[str]], standby: dict[str, list[str]] | None = None,
               devices: bool = False, monitors: int = 1, beats: int = 1, metadata: dict[str, str] | None = None,
-              **env: str) -> LocalCluster:
+              guest_config: dict[str, str] | None = None, **env: str) -> LocalCluster:
         spec = ClusterSpec(placement=placement, standby=standby or {}, env={**FAST, **env}, boot_delay_s=1.0,
-                           devices=devices, monitors=monitors, beats=beats, metadata=metadata or {})
+                           devices=devices, monitors=monitors, beats=beats, metadata=metadata or {},
+                           guest_config=guest_config or {})
         cluster = LocalCluster(tmp_path / "cluster", redis_server.url, spec)
         started.append(cluster)
         cluster.start()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,33 @@ def test_opt_in_by_metadata_restarts_only_the_enrolled_vm_and_explain_says_why(
     assert "libvirt metadata: enroll=yes priority=500 max_restarts=2" in said, "the intent event, audited"
     assert "enrolment: not enrolled: the cluster enrols only VMs whose libvirt metadata says" in explain(
         cluster, "vm-2")
+
+
+def test_a_real_responders_failing_liveness_check_restarts_its_vm_once_and_a_readiness_one_never(
+        make_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    broken, not_ready = tmp_path / "app-broken", tmp_path / "not-ready"
+    check = f"{sys.executable} -c 'import os, sys; sys.exit(os.path.exists(sys.argv[1]))'"
+    cluster = make_cluster(
+        {"node1": ["vm-1", "vm-2"], "node2": ["vm-3"]},
+        guest_config={
+            "vm-1": f'[[health]]\nname = "app"\ncommand = "{check} {broken}"\ninterval_s = 0.3\nkind = "liveness"\n'
+                    f"failure_threshold = 2\n",
+            "vm-2": f'[[health]]\nname = "warmup"\ncommand = "{check} {not_ready}"\ninterval_s = 0.3\n'})
+    cluster.wait_healthy(timeout_s=60)
+    not_ready.touch()  # readiness only: reported, never acted on
+    broken.touch()  # the application of vm-1 stops being live; its guest still answers every probe
+    cluster.wait_for(lambda: bool(events_of(cluster, type="restart_dispatched", vm="vm-1")), 20,
+                     "vm-1 restarted for its application")
+    broken.unlink()  # the reset "fixed" the application
+    cluster.wait_for(lambda: bool(events_of(cluster, type="recovered", vm="vm-1")), 30, "vm-1 recovered")
+    time.sleep(2.0)
+
+    [faulty] = events_of(cluster, type="faulty", vm="vm-1")
+    assert faulty["reasons"][0].startswith("application unhealthy: liveness check(s) app failed")
+    assert faulty["evidence"]["app_unhealthy"]["checks"] == ["app"]
+    assert [e["queue"] for e in events_of(cluster, type="restart_dispatched", vm="vm-1")] == ["host.node1"]
+    assert [(e["host"], e["result"]) for e in events_of(cluster, type="restarted", vm="vm-1")] == [("node1", "ok")]
+    assert len(events_of(cluster, type="app_unhealthy", vm="vm-1")) == 1
+    assert events_of(cluster, type="faulty", vm="vm-2") == [] and cluster.states()["vm-2"] == "healthy"
+    last = cluster.store.vms.records(["vm-2"])[0]
+    assert last.state.value == "healthy"

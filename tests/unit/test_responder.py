@@ -23,6 +23,7 @@ from vmq.responder import (
     HealthCommand,
     HealthRunner,
     RedisReplyError,
+    _health_commands,
     collect_params,
     encode_reply,
     load_config,
@@ -191,7 +192,7 @@ def test_health_runner_reports_status_timeout_and_unrunnable_commands() -> None:
     slow = HealthRunner(HealthCommand("slow", (sys.executable, "-c", "import time; time.sleep(30)"), 0.3, 10),
                         stop_event)
     missing = HealthRunner(HealthCommand("missing", ("/no/such/program",), 5, 10), stop_event)
-    assert ok.snapshot() == {"status": None, "age_s": None}
+    assert ok.snapshot() == {"status": None, "age_s": None, "kind": "readiness", "failing": 0}
     started = time.monotonic()
     for runner in (ok, slow, missing):
         runner.run_once()
@@ -203,6 +204,35 @@ def test_health_runner_reports_status_timeout_and_unrunnable_commands() -> None:
     assert missing.snapshot()["status"] is None
     assert "could not run" in missing.snapshot()["error"]
     assert 0 <= ok.snapshot()["age_s"] < 5
+    assert [r.snapshot()["failing"] for r in (ok, slow, missing)] == [1, 1, 1]
+    assert not ok.unhealthy(), "a readiness check never makes the application unhealthy"
+
+
+def test_a_liveness_check_is_unhealthy_after_its_threshold_of_failing_runs_in_a_row_and_well_after_one_pass(
+        tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    check = HealthRunner(HealthCommand("app", (sys.executable, "-c", f"import os; raise SystemExit(os.path.exists({str(flag)!r}))"),
+                                       5, 10, kind="liveness", failure_threshold=2), threading.Event())
+    check.run_once()
+    assert (check.snapshot()["failing"], check.unhealthy()) == (0, False)
+    flag.touch()
+    check.run_once()
+    assert (check.snapshot()["failing"], check.unhealthy()) == (1, False)
+    check.run_once()
+    assert (check.snapshot()["failing"], check.unhealthy()) == (2, True)
+    flag.unlink()
+    check.run_once()
+    assert (check.snapshot()["failing"], check.unhealthy()) == (0, False)
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"kind": "alive"}, "kind: must be liveness or readiness"),
+    ({"kind": "liveness", "failure_threshold": 0}, "failure_threshold: must be an integer from 1 to 100"),
+    ({"kind": "liveness", "failure_threshold": "3"}, "failure_threshold: must be int"),
+])
+def test_bad_health_kinds_and_thresholds_are_config_problems(entry: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigProblem, match=problem):
+        _health_commands([{"name": "app", "command": "true", **entry}])
 
 
 # ---------------------------------------------------------------- RESP parsing

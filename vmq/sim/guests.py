@@ -84,8 +84,9 @@ class GuestFleet:
                  boot_delay_s: float = 2.0, watch_url: str | None = None,
                  sentinels: Sequence[tuple[str, int]] = (), sentinel_master: str = "vmq",
                  paths: Mapping[str, ProbePath] | None = None, channel_sockets: Mapping[str, str] | None = None,
-                 agents_dir: Path | None = None) -> None:
+                 agents_dir: Path | None = None, extra_config: Mapping[str, str] | None = None) -> None:
         self.redis_url = redis_url  # what the responders use (in a stack: the `guest` ACL user)
+        self.extra_config = dict(extra_config or {})  # VM -> TOML appended to its responder's file ([[health]])
         self.watch_url = watch_url or redis_url  # reads the audit stream, which guests may not
         self.sentinels, self.sentinel_master = list(sentinels), sentinel_master  # both sides follow a failover
         self.keys = keys
@@ -113,7 +114,8 @@ class GuestFleet:
             port = guest_socket_path(self._channel_sockets[guest.vm])
             path.write_text(
                 f'vm_id = "{guest.vm}"\nsecret_key = "{guest.secret}"\nnamespace = "{self.keys.namespace}"\n'
-                f'log_level = "WARNING"\ntransport = "channel"\nchannel_path = {json.dumps(port)}\n')
+                f'log_level = "WARNING"\ntransport = "channel"\nchannel_path = {json.dumps(port)}\n'
+                + self.extra_config.get(guest.vm, ""))
             path.chmod(0o600)
             return path
         url, tls_ca_file = responder_url(self.redis_url)
@@ -123,6 +125,7 @@ class GuestFleet:
             + (f"tls_ca_file = {json.dumps(tls_ca_file)}\n" if tls_ca_file else "")
             + (f"sentinels = {json.dumps([f'{h}:{p}' for h, p in self.sentinels])}\n"
                f"sentinel_master = {json.dumps(self.sentinel_master)}\n" if self.sentinels else "")
+            + self.extra_config.get(guest.vm, "")
         )
         path.chmod(0o600)
         return path

@@ -152,6 +152,7 @@ class ClusterSpec:
     beats: int = 1  # beat processes: "beat", then "beat-2", ... (a second one must be harmless)
     paths: dict[str, ProbePath] = field(default_factory=dict)  # VM -> probe path; absent: redis, not recorded
     metadata: dict[str, str] = field(default_factory=dict)  # VM -> its domain's <metadata> (vmq.intent.intent_xml)
+    guest_config: dict[str, str] = field(default_factory=dict)  # VM -> TOML added to its responder's ([[health]])
 
 
 class LocalCluster:
@@ -268,7 +269,7 @@ class LocalCluster:
                                     self.spec.boot_delay_s, sentinels=self.settings.sentinel_addresses,
                                     sentinel_master=self.settings.redis_sentinel_master,
                                     paths=self.paths, channel_sockets=self.channel_sockets,
-                                    agents_dir=self.agents_dir)
+                                    agents_dir=self.agents_dir, extra_config=self.spec.guest_config)
             self.fleet.start()
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:

@@ -84,6 +84,28 @@ class RedisVms(StorePart):
         with translate_errors("SMEMBERS vms"):
             return sorted(_text(vm) for vm in self.r.smembers(self.keys.vms))
 
+    def app_unhealthy(self) -> dict[str, dict[str, Any]]:
+        """VMs whose latest reply says their application is unhealthy: vm -> {round, checks, since_ms}."""
+        with translate_errors("HGETALL app unhealthy"):
+            raw = self.r.hgetall(self.keys.app_unhealthy)
+        out: dict[str, dict[str, Any]] = {}
+        for vm, value in raw.items():
+            try:
+                out[_text(vm)] = dict(json.loads(value))
+            except (ValueError, TypeError):
+                continue
+        return out
+
+    def note_app_health(self, unhealthy: Mapping[str, Mapping[str, Any]], healthy: Sequence[str]) -> None:
+        """Record VMs whose replies say their application is unhealthy, forget those that say it is well again."""
+        with translate_errors("app health"):
+            pipe = self.r.pipeline(transaction=False)
+            if unhealthy:
+                pipe.hset(self.keys.app_unhealthy, mapping={vm: json.dumps(dict(v)) for vm, v in unhealthy.items()})
+            if healthy:
+                pipe.hdel(self.keys.app_unhealthy, *healthy)
+            pipe.execute()
+
     def attention(self) -> set[str]:
         """VMs whose state is not healthy."""
         with translate_errors("SMEMBERS attention"):
