@@ -5,6 +5,8 @@ loads the modules the image carries, runs the guest's own setup, then runs the s
 systemd's Restart=always would) with its pid in /run/<service>.pid. The second serial port (ttyS1), which the
 host side exposes as a unix socket, takes one-word commands: ``hang-<service>`` SIGSTOPs the service while the
 guest runs on; this is how the test makes a guest's answering part hang without any other channel into it.
+``break-app`` creates /run/app-broken, which the test's application liveness check (``test ! -e
+/run/app-broken``) fails on until the next boot clears /run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ commands() {{
     case "$command" in
       hang-{service}) echo "vmq-guest: SIGSTOP {service} $(cat /run/{service}.pid)"
                       kill -STOP "$(cat /run/{service}.pid)" ;;
+      break-app) touch /run/app-broken
+                 echo "vmq-guest: app broken" ;;
       *) echo "vmq-guest: unknown command $command" ;;
     esac
   done

@@ -18,6 +18,7 @@ from tests.integration.test_stack import LocalService
 from vmq.keys import Keys
 from vmq.model import ProbePath
 from vmq.operator_views import event_json
+from vmq.relayed import batch_answers
 from vmq.store.redis import RedisStore
 
 LIBVIRT_URI = "qemu:///system"
@@ -153,8 +154,7 @@ class Stack:
             self.store.keys.relay_stream, min=f"{since_ms}-0")
         for entry_id, fields in entries:
             arrival_ms = int(_text(entry_id).split("-")[0])
-            batch = {_text(key): value for key, value in fields.items()}
-            for answer in json.loads(batch.get("a", "[]")):
+            for answer in batch_answers((entry_id, fields)):  # compact agent entries expanded
                 if answer.get("vm") == vm:
                     found.append((arrival_ms, answer))
         return found
