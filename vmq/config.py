@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     app_liveness: Literal["restart", "flag"] = Field("restart", description=(
         "A VM whose responder reports a liveness health check failing its threshold is judged as a silent one: "
         "restart (budget, back-off, ladder and guards apply) or flag only."))
+    guest_maintenance_max_s: float = Field(14400.0, ge=0, description=(
+        "Longest maintenance a guest may declare itself (`vmq_responder.py --maintenance 2h`, for OS updates); "
+        "0: guests cannot."))
     storm_fraction: float = Field(0.3, gt=0, le=1, description=(
         "Storm guard: when more than this fraction of the cluster (or of one host) goes silent in one "
         "round, vmq suspects itself or the network and holds those restarts."))

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from vmq import lifecycle
 from vmq.codec import RawEntry, ReplyVerifier, Verified
 from vmq.errors import CodecError
-from vmq.model import AuditEvent, Transition, VmPlacement
+from vmq.guest_requests import note_app_health, note_maintenance_requests
+from vmq.model import Transition, VmPlacement
 from vmq.ports import Lease, Replies, Store
 from vmq.relayed import AgentBatchResult, Decoded, decode_batches
 
@@ -123,9 +124,11 @@ class LatestReplies:
 class Ingestor:
     """Verifies and records every reply that arrived up to a given instant, in batches (``ingest``)."""
 
-    def __init__(self, store: Store, max_reply_bytes: int, reject_log: RejectLog, latest: LatestReplies) -> None:
+    def __init__(self, store: Store, max_reply_bytes: int, reject_log: RejectLog, latest: LatestReplies,
+                 guest_maintenance_max_ms: int = 0) -> None:
         self.store = store
         self.max_reply_bytes = max_reply_bytes
+        self.guest_maintenance_max_ms = guest_maintenance_max_ms  # 0: guests cannot ask (vmq.guest_requests)
         self.reject_log = reject_log
         self.latest = latest
         self.verifier = ReplyVerifier()
@@ -178,29 +181,6 @@ class Ingestor:
 
         return decode_batches(entries, records, self.relay_verifier, store.keyring.secrets(),
                               store.rounds.round_book(), self.max_reply_bytes, store.keyring.previous_secrets())
-
-    def _note_app_health(self, accepted: Mapping[str, Verified]) -> set[str]:
-        """Record the VMs whose reply says their application is unhealthy (judged each round, never healed by
-        such a reply), forget those whose reply no longer says so; returns the unhealthy ones. A byte search
-        first: only the rare replies that carry the mark are parsed."""
-        store = self.store
-        sick: dict[str, dict[str, object]] = {}
-        for vm, reply in accepted.items():
-            if APP_UNHEALTHY_MARK in reply.message:
-                checks = app_unhealthy_checks(reply.message)
-                if checks:
-                    sick[vm] = {"round": reply.round, "checks": checks, "arrival_ms": reply.arrival_ms}
-        known = store.vms.app_unhealthy() if accepted else {}  # one HGETALL of a (nearly always) empty hash
-        well = [vm for vm in known if vm in accepted and vm not in sick]
-        fresh = {vm: v for vm, v in sick.items() if vm not in known}
-        for vm, value in fresh.items():
-            store.audit.append(AuditEvent.APP_UNHEALTHY, vm, "", int(value["arrival_ms"]),  # type: ignore[call-overload]
-                               checks=value["checks"], round=value["round"])
-            log.warning("vm=%s application unhealthy: liveness %s", vm, ", ".join(value["checks"]))  # type: ignore[arg-type]
-        if sick or well:
-            store.vms.note_app_health({vm: {**v, "since_ms": known.get(vm, v).get("since_ms", v["arrival_ms"])}
-                                       for vm, v in sick.items()}, well)
-        return set(sick)
 
     def _reject(self, rejects: Counter[str], exc: CodecError) -> None:
         rejects[exc.reason] += 1
@@ -262,7 +242,9 @@ class Ingestor:
         result.rejected.update(rejects)
         if old_keys:
             store.stats.incr_stat("replies_previous_key", old_keys)
-        sick = self._note_app_health(accepted)
+        sick = note_app_health(store, accepted)
+        if self.guest_maintenance_max_ms:
+            note_maintenance_requests(store, accepted, self.guest_maintenance_max_ms)
         healing = sorted((store.vms.attention() & accepted.keys()) - sick) if accepted else []
         for vm, round_id, arrival_ms in agent.healing:  # found in attention by the script itself
             if vm not in accepted:
@@ -271,18 +253,6 @@ class Ingestor:
         if healing:
             result.healed += _heal(store, sorted(healing), accepted)
         return True
-
-
-APP_UNHEALTHY_MARK = b'"app_unhealthy"'  # in a reply's params: a liveness check over its threshold (responder)
-
-
-def app_unhealthy_checks(message: bytes) -> list[str]:
-    """The liveness checks a verified reply says failed their threshold ([] when none, or unreadable)."""
-    try:
-        checks = json.loads(message).get("params", {}).get("app_unhealthy")
-    except (ValueError, AttributeError):
-        return []
-    return [str(c)[:64] for c in checks[:20]] if isinstance(checks, list) else []
 
 
 def _heal(store: Store, vms: list[str], answers: Mapping[str, Verified]) -> list[str]:

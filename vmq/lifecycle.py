@@ -151,11 +151,13 @@ def clear(vms: VmRecords, rec: VmRecord, now_ms: int) -> TransitionResult:
     return result
 
 
-def maintenance_on(vms: VmRecords, rec: VmRecord, now_ms: int, until_ms: int) -> TransitionResult:
-    """-> `maintenance` until ``until_ms`` (-1: until lifted); not while a restart is under way."""
+def maintenance_on(vms: VmRecords, rec: VmRecord, now_ms: int, until_ms: int,
+                   reason: str = "operator") -> TransitionResult:
+    """-> `maintenance` until ``until_ms`` (-1: until lifted); not while a restart is under way. ``reason``:
+    who asked (operator, guest)."""
     sources = [s for s in VmState if s not in (VmState.MAINTENANCE, VmState.RESTARTING)]
     result = _move(vms, rec, sources, VmState.MAINTENANCE, now_ms, AuditEvent.MAINTENANCE,
-                   {"host": rec.host, "reason": "operator", "until_ms": until_ms},
+                   {"host": rec.host, "reason": reason, "until_ms": until_ms},
                    {"maintenance_until_ms": max(until_ms, 0), "incident": ""})
     if result.applied and until_ms > 0:
         vms.schedule_maintenance_end(rec.vm, until_ms)  # housekeeping.expire_maintenance ends it then

@@ -102,7 +102,8 @@ class Monitor:
         self._t2_ms = int(settings.reply_timeout_s * 1000)
         self._ingestor = Ingestor(store, settings.max_reply_bytes,
                                   RejectLog(settings.probe_interval_s),  # one line per VM and reason per T1
-                                  LatestReplies(int(settings.reply_save_interval_s * 1000)))
+                                  LatestReplies(int(settings.reply_save_interval_s * 1000)),
+                                  int(settings.guest_maintenance_max_s * 1000))
         self._windows_noted = False  # note_maintenance_windows ran in this process
 
     # ---------------------------------------------------------------- probe

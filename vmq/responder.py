@@ -11,6 +11,7 @@ The wire format is docs/protocol.md; ``vmq.codec`` imports the encoding function
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import json
@@ -220,12 +221,13 @@ class ResponderConfig:
     sentinel_master: str = "vmq"
     transport: str = "redis"  # "redis", or "channel": the virtio-serial port, no Redis at all
     channel_path: str | None = None  # channel transport: None = find the port (find_channel_device)
+    maintenance_file: str = "/run/vmq/maintenance-until"  # `--maintenance 2h` writes it; read with every reply
 
 
 # Every key but `health` may also come from VMQ_<KEY>, which overrides the file.
 _KEYS = ("vm_id", "redis_url", "secret_key", "namespace", "reply_stream_maxlen", "tls_ca_file",
          "tls_insecure", "boot_id", "disk_path", "log_level", "sentinels", "sentinel_master", "transport",
-         "channel_path")
+         "channel_path", "maintenance_file")
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
           "off": False}
 
@@ -343,7 +345,8 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> ResponderConfig
         tls_insecure=_get(raw, "tls_insecure", bool, False), boot_id=_get(raw, "boot_id", str) or None,
         disk_path=_get(raw, "disk_path", str, "/"), log_level=log_level,
         health=_health_commands(raw.get("health", [])), sentinels=sentinels, sentinel_master=master,
-        transport=transport, channel_path=_get(raw, "channel_path", str) or None)
+        transport=transport, channel_path=_get(raw, "channel_path", str) or None,
+        maintenance_file=_get(raw, "maintenance_file", str, "/run/vmq/maintenance-until"))
 
 
 _TOML_STR = r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\''
@@ -657,6 +660,9 @@ class Responder:
         failed = sorted(runner.command.name for runner in self.health if runner.unhealthy())
         if failed:  # the monitor judges the VM as it judges silence (docs/protocol.md, "Application liveness")
             params["app_unhealthy"] = failed
+        remaining_ms = maintenance_remaining_ms(self.config.maintenance_file)
+        if remaining_ms:  # the guest asks not to be judged for a while (`--maintenance`; the monitor caps it)
+            params["maintenance_for_ms"] = remaining_ms
         message, signature = encode_reply(self.config.vm_id, round_id, nonce, self.boot_id, self.seq, params,
                                           self.config.secret_key)
         return round_id, message, signature
@@ -828,11 +834,42 @@ class Responder:
                     raise ConnectionError("the host end of the channel closed while writing a reply")
 
 
+def maintenance_remaining_ms(path: str, now_s: float | None = None) -> int:
+    """Milliseconds left of the maintenance window the guest declared in ``path`` (its end, epoch seconds by
+    the guest's clock), 0 when there is none, it is over, or the file does not read."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            until_s = float(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    left_ms = int((until_s - (time.time() if now_s is None else now_s)) * 1000)
+    return max(0, left_ms)
+
+
+def declare_maintenance(path: str, duration: str) -> str:
+    """Write (``90m``, ``2h``, ``3600``: seconds) or remove (``off``) the guest's maintenance window; the words
+    to print. Raises ConfigProblem on a duration that is not one."""
+    if duration == "off":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return "maintenance off: judged again from the monitor's next round (a window it began runs to its end)"
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", duration.strip())
+    if not match:
+        raise ConfigProblem(f"--maintenance: {duration!r} is not a duration like 90m, 2h or 3600")
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="ascii") as handle:
+        handle.write(f"{time.time() + seconds:.3f}\n")
+    return f"maintenance for {seconds:g} s: not judged meanwhile (the monitor caps it: VMQ_GUEST_MAINTENANCE_MAX_S)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: parse arguments, load config, log to stderr, serve until SIGTERM (exit 0)."""
     parser = argparse.ArgumentParser(prog="vmq_responder", description="vmq in-guest probe responder")
     parser.add_argument("--config", metavar="PATH", help="TOML config file (VMQ_* variables override it)")
     parser.add_argument("--once", action="store_true", help="answer a single probe, then exit")
+    parser.add_argument("--maintenance", metavar="DURATION|off",
+                        help="declare long work in this guest (e.g. 2h for OS updates): not judged meanwhile; exit")
     parser.add_argument("--version", action="version",
                         version=f"vmq-responder {__version__} (wire v{WIRE_VERSION})")
     args = parser.parse_args(argv)
@@ -841,6 +878,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigProblem as exc:
         print(f"vmq-responder: config error: {exc}", file=sys.stderr)
         return 2
+    if args.maintenance:
+        try:
+            print(declare_maintenance(config.maintenance_file, args.maintenance))
+        except (ConfigProblem, OSError) as exc:
+            print(f"vmq-responder: {exc}", file=sys.stderr)
+            return 2
+        return 0
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s vmq-responder: %(message)s")
     stop = threading.Event()

@@ -79,3 +79,35 @@ def test_liveness_failures_of_many_vms_at_once_are_held_by_the_storm_guard(world
     report = world.monitor.tick()
     assert sorted(report.flagged) == vms and report.dispatched == []
     assert "storm guard: 3 of 3 VMs silent in one round" in world.record("web-1")["decision"]
+
+
+def test_a_guest_declares_its_own_maintenance_capped_and_never_out_of_failed(world: World) -> None:
+    world.monitor = Monitor(world.store, make_settings(guest_maintenance_max_s=600), world.broker.dispatch)
+    world.healthy("web-1", "web-2")
+    round_id = world.probe()
+    reply_with(world, "web-1", round_id, {"uptime_s": 5.0, "maintenance_for_ms": 7_200_000})  # asks for 2 h
+    world.reply("web-2", round_id)
+    world.tick_after_arrivals()
+    record = world.record("web-1")
+    assert record["state"] == VmState.MAINTENANCE.value
+    [event] = world.events("maintenance", vm="web-1")
+    assert event["reason"] == "guest"
+    arrival = int(event["time"])
+    assert int(record["maintenance_until_ms"]) == arrival + 600_000, "capped at VMQ_GUEST_MAINTENANCE_MAX_S"
+    world.make_due(round_id)
+    assert world.monitor.tick().flagged == []
+
+    world.store.vms.set_fields("web-2", {"state": VmState.FAILED.value})
+    round_id = world.probe()
+    reply_with(world, "web-2", round_id, {"maintenance_for_ms": 60_000})
+    world.tick_after_arrivals()
+    assert world.state("web-2") == VmState.FAILED.value, "a guest cannot leave its quarantine"
+
+
+def test_guests_cannot_declare_maintenance_where_the_cluster_says_zero(world: World) -> None:
+    world.monitor = Monitor(world.store, make_settings(guest_maintenance_max_s=0), world.broker.dispatch)
+    world.healthy("web-1")
+    round_id = world.probe()
+    reply_with(world, "web-1", round_id, {"maintenance_for_ms": 60_000})
+    world.tick_after_arrivals()
+    assert world.state("web-1") == VmState.HEALTHY.value
