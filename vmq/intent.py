@@ -7,6 +7,7 @@ libvirt metadata")::
       <vmq:intent xmlns:vmq="http://vmq.dev/xmlns/intent/1">
         <vmq:enroll>yes</vmq:enroll>            <!-- yes | no: watched and restarted by vmq, or left alone -->
         <vmq:priority>100</vmq:priority>        <!-- 0..1000, higher restarts first where restarts compete -->
+        <vmq:probe-path>agent</vmq:probe-path>  <!-- redis | channel | agent; `vmq path` wins over it -->
         <vmq:knob name="max_restarts">5</vmq:knob>  <!-- any knob `vmq set` takes -->
       </vmq:intent>
     </metadata>
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape, quoteattr
 
+from vmq.model import ProbePath
 from vmq.policy import OVERRIDABLE
 
 __all__ = ["ENROLL_MODES", "NAMESPACE", "NO_INTENT", "Intent", "enrolment", "intent_from_domain_xml", "intent_xml", "knobs", "parse_intent",
@@ -34,6 +36,7 @@ __all__ = ["ENROLL_MODES", "NAMESPACE", "NO_INTENT", "Intent", "enrolment", "int
 NAMESPACE = "http://vmq.dev/xmlns/intent/1"
 ENROLL_MODES = ("all", "opt-in")
 PRIORITY_MAX = 1000
+PROBE_PATHS = tuple(path.value for path in ProbePath)
 DEFAULT_PRIORITY = 0
 MAX_DOCUMENT_BYTES = 16 * 1024
 _YES, _NO = ("yes", "true", "1", "on"), ("no", "false", "0", "off")
@@ -47,18 +50,21 @@ class Intent:
     priority: int | None = None
     knobs: Mapping[str, str] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    probe_path: str | None = None  # redis, channel or agent (vmq.model.ProbePath values)
 
     def record_fields(self) -> dict[str, str]:
         """The VM record's ``intent.*`` fields (every one, "" when not said, so a removed value is cleared)."""
         return {"intent.enroll": "" if self.enroll is None else ("yes" if self.enroll else "no"),
                 "intent.priority": "" if self.priority is None else str(self.priority),
                 "intent.knobs": json.dumps(dict(self.knobs), sort_keys=True) if self.knobs else "",
+                "intent.probe_path": self.probe_path or "",
                 "intent.error": "; ".join(self.errors)[:500]}
 
     def summary(self) -> str:
         """One line for audit events and `vmq explain`."""
         parts = [f"enroll={'yes' if self.enroll else 'no'}" if self.enroll is not None else "",
                  f"priority={self.priority}" if self.priority is not None else "",
+                 f"probe-path={self.probe_path}" if self.probe_path else "",
                  " ".join(f"{k}={v}" for k, v in sorted(self.knobs.items()))]
         return " ".join(p for p in parts if p) or "nothing"
 
@@ -67,11 +73,13 @@ NO_INTENT = Intent()
 
 
 def intent_xml(enroll: bool | None = None, priority: int | None = None, knobs: Mapping[str, object] | None = None,
-               prefix: str = "vmq") -> str:
+               prefix: str = "vmq", probe_path: str | None = None) -> str:
     """The metadata element for these values, as ``virsh metadata --set`` takes it and a domain XML holds it."""
     parts = [] if enroll is None else [f"<{prefix}:enroll>{'yes' if enroll else 'no'}</{prefix}:enroll>"]
     if priority is not None:
         parts.append(f"<{prefix}:priority>{priority}</{prefix}:priority>")
+    if probe_path is not None:
+        parts.append(f"<{prefix}:probe-path>{escape(probe_path)}</{prefix}:probe-path>")
     for name, value in (knobs or {}).items():
         parts.append(f"<{prefix}:knob name={quoteattr(str(name))}>{escape(str(value))}</{prefix}:knob>")
     return f'<{prefix}:intent xmlns:{prefix}="{NAMESPACE}">{"".join(parts)}</{prefix}:intent>'
@@ -85,6 +93,7 @@ def parse_intent(element: ElementTree.Element) -> Intent:
     """The intent of one ``intent`` element; every refused value named in ``errors``."""
     enroll: bool | None = None
     level: int | None = None
+    path: str | None = None
     chosen: dict[str, str] = {}
     errors: list[str] = []
     for child in element:
@@ -105,6 +114,11 @@ def parse_intent(element: ElementTree.Element) -> Intent:
                 level = value
             else:
                 errors.append(f"priority {text[:40]!r} is not an integer from 0 to {PRIORITY_MAX}")
+        elif name == "probe-path":
+            if text in PROBE_PATHS:
+                path = text
+            else:
+                errors.append(f"probe-path {text[:40]!r} is not one of {', '.join(PROBE_PATHS)}")
         elif name == "knob":
             knob = child.get("name", "")
             kind = OVERRIDABLE.get(knob)
@@ -120,7 +134,7 @@ def parse_intent(element: ElementTree.Element) -> Intent:
                 errors.append(f"knob {knob}={text[:40]!r} is not a non-negative {kind.__name__}")
         else:
             errors.append(f"unknown element <{name[:40]}>")
-    return Intent(enroll, level, chosen, tuple(errors))
+    return Intent(enroll, level, chosen, tuple(errors), path)
 
 
 def intent_from_domain_xml(domain_xml: str) -> Intent | None:

@@ -66,18 +66,20 @@ def mark_degraded(store: Store, host: str, uri: str, ttl_s: float, error: str) -
 
 def _note_changes(store: Store, host: str, fields: dict[str, dict[str, str]], intents: dict[str, Intent],
                   now_ms: int, report: SyncReport) -> None:
-    """VMs whose probe path changes with this pass's detection (no operator's choice pins it): audited, and
+    """VMs whose probe path changes with this pass's detection or libvirt metadata (no `vmq path` pins it): audited, and
     owing answers on the new path only from the next round, after the boot grace (as `vmq path` does), so the
     switch is never read as silence. VMs whose libvirt metadata (vmq.intent) changed, or does not read: audited
     once per change, with what was refused."""
     for rec in store.vms.records(sorted(fields)):
         detected = ProbePath(fields[rec.vm]["probe_path_detected"])
-        if rec.probe_path_set is None and rec.probe_path_detected is not detected:
-            store.audit.append(AuditEvent.PROBE_PATH, rec.vm, host, now_ms, path=detected.value,
-                               previous=rec.probe_path_detected.value, source="detected")
+        intent = intents.get(rec.vm)
+        said = intent.probe_path if intent is not None else rec.intent.get("probe_path")
+        path = rec.probe_path_set or (ProbePath(said) if said else detected)
+        if path is not rec.probe_path:
+            store.audit.append(AuditEvent.PROBE_PATH, rec.vm, host, now_ms, path=path.value,
+                               previous=rec.probe_path.value, source="metadata" if said else "detected")
             store.vms.start_monitoring(rec.vm, now_ms)
             report.path_changed.append(rec.vm)
-        intent = intents.get(rec.vm)
         if intent is None:
             continue  # its XML was not read: the intent stored stays
         new = intent.record_fields()

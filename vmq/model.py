@@ -100,6 +100,8 @@ class ProbePath(str, Enum):
     AGENT = "agent"  # the QEMU guest agent answers its host; nothing of vmq in the guest
 
 
+_PATH_VALUES = frozenset(path.value for path in ProbePath)
+
 #: virtio-serial port names (``<target type='virtio' name='...'/>`` of a domain's ``<channel>``).
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 RESPONDER_CHANNEL = "org.vmq.responder.0"
@@ -393,8 +395,12 @@ class VmRecord:
 
     @property
     def probe_path(self) -> ProbePath:
-        """The path this VM's answers take: the operator's choice, else what its domain's channels allow."""
-        return self.probe_path_set or self.probe_path_detected
+        """The path this VM's answers take: the operator's choice (`vmq path`), else its libvirt metadata's
+        (vmq.intent), else what its domain's channels allow."""
+        if self.probe_path_set:
+            return self.probe_path_set
+        said = self.intent.get("probe_path", "")
+        return ProbePath(said) if said in _PATH_VALUES else self.probe_path_detected
 
     @property
     def relayed(self) -> bool:

@@ -121,3 +121,16 @@ def test_where_restarts_compete_under_the_per_host_limit_the_higher_priority_goe
     report = world.monitor.tick()
     assert report.dispatched == ["web-3"], "by name it would have been web-1"
     assert "host node1 already has 1 restarts in flight (limit 1)" in world.record("web-1")["decision"]
+
+
+def test_the_metadatas_probe_path_is_in_force_unless_vmq_path_chose_one_and_a_change_is_audited(
+        world: World) -> None:
+    world.register("web-1")
+    listed(world, {"web-1": Intent(probe_path="agent")})
+    assert world.store.vms.record("web-1").probe_path.value == "agent"
+    assert [p.probe_path.value for p in world.store.vms.placements(["web-1"])] == ["agent"], "what hosts vouch by"
+    [changed] = world.events("probe_path", vm="web-1")
+    assert (changed["path"], changed["previous"], changed["source"]) == ("agent", "redis", "metadata")
+    world.store.vms.set_fields("web-1", {"probe_path_set": "channel"})  # `vmq path web-1 channel` wins
+    assert world.store.vms.record("web-1").probe_path.value == "channel"
+    assert [p.probe_path.value for p in world.store.vms.placements(["web-1"])] == ["channel"]

@@ -42,6 +42,8 @@ def element(body: str, prefix: str = "vmq") -> str:
      Intent(errors=("knob max_restarts='-2' is not a non-negative int",))),
     ('<vmq:knob name="max_restarts">2.5</vmq:knob>',
      Intent(errors=("knob max_restarts='2.5' is not a non-negative int",))),
+    ("<vmq:probe-path>agent</vmq:probe-path>", Intent(probe_path="agent")),
+    ("<vmq:probe-path>ssh</vmq:probe-path>", Intent(errors=("probe-path 'ssh' is not one of redis, channel, agent",))),
     ("<vmq:colour>blue</vmq:colour><vmq:enroll>yes</vmq:enroll>",
      Intent(enroll=True, errors=("unknown element <colour>",))),
 ], ids=lambda value: value if isinstance(value, str) else "")
@@ -87,7 +89,7 @@ def test_intent_xml_round_trips_and_escapes() -> None:
 def test_record_fields_clear_what_is_no_longer_said_and_read_back() -> None:
     fields = Intent(enroll=False, priority=9, knobs={"max_restarts": "1"}).record_fields()
     assert fields == {"intent.enroll": "no", "intent.priority": "9", "intent.knobs": '{"max_restarts": "1"}',
-                      "intent.error": ""}
+                      "intent.probe_path": "", "intent.error": ""}
     stored = {k[7:]: v for k, v in fields.items() if v}
     assert (knobs(stored), priority(stored)) == ({"max_restarts": "1"}, 9)
     assert Intent().record_fields() == dict.fromkeys(fields, "")

@@ -187,6 +187,7 @@ def explain(vm: str, last: int) -> None:
     click.echo(f"{vm} on {rec.host or '?'}: {rec.state.value}"
                + (f" (incident {rec.incident})" if rec.incident else ""))
     source = ("chosen with `vmq path`" if rec.probe_path_set else
+              "from its libvirt metadata" if rec.intent.get("probe_path") else
               "detected from its domain's channels" if rec.probe_path_detected is not ProbePath.REDIS else "default")
     click.echo(f"  probe path: {rec.probe_path.value} ({source})")
     for line in intent_lines(rec, settings.enroll):

@@ -42,9 +42,10 @@ for b = 4, #ARGV, 5 do
   local vouched, listed, count = {}, {}, 0
   for vm in string.gmatch(names, '%S+') do
     local key = prefix .. vm
-    local row = redis.call('HMGET', key, 'host', 'probe_path_set', 'probe_path_detected')
-    local placed, path = row[1], row[2]
+    local row = redis.call('HMGET', key, 'host', 'probe_path_set', 'intent.probe_path', 'probe_path_detected')
+    local placed, path = row[1], row[2]  -- the path in force: `vmq path`, the libvirt metadata's, the detected
     if not path or path == '' then path = row[3] end
+    if not path or path == '' then path = row[4] end
     if not path or path == '' then path = 'redis' end
     if placed == host and path == 'agent' then
       if not vouched[vm] then
@@ -52,7 +53,7 @@ for b = 4, #ARGV, 5 do
         count = count + 1
         listed[count] = vm
       end
-    elseif not placed and not row[2] and not row[3] and redis.call('EXISTS', key) == 0 then
+    elseif not placed and not row[2] and not row[3] and not row[4] and redis.call('EXISTS', key) == 0 then
       reject('unknown_vm', vm)
     elseif placed ~= host then
       reject('wrong_host', vm)

@@ -67,12 +67,11 @@ class RedisVms(StorePart):
         paths = {path.value.encode(): path for path in ProbePath}
         out: list[VmPlacement] = []
         for i, vm in enumerate(vms):
-            state, host, path_set, detected = flat[4 * i:4 * i + 4]
-            if state is None and host is None and path_set is None and detected is None:
+            state, host, path = flat[3 * i:3 * i + 3]
+            if state is None and host is None and path is None:
                 out.append(VmPlacement(vm, False, "", ProbePath.REDIS))
                 continue
-            path = paths[path_set] if path_set else paths[detected] if detected else ProbePath.REDIS
-            out.append(VmPlacement(vm, True, _text(host or b""), path))
+            out.append(VmPlacement(vm, True, _text(host or b""), paths.get(path or b"", ProbePath.REDIS)))
         return out
 
     def record(self, vm: str) -> VmRecord:
