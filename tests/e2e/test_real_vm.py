@@ -296,7 +296,7 @@ def test_real_guests_on_every_probe_path_are_restarted_when_hung_or_crashed_and_
     # relayed it with the state parameters (every 10th round per VM); and its own running summary from the host
     # worker's log (every 60 s), which counts every call.
     latencies = [answer["latency_ms"] for _, answer in stack.relayed_answers(VM_AGENT) if "latency_ms" in answer]
-    assert len(latencies) > 10
+    assert len(latencies) >= 5, latencies  # one call in ten carries them; the summary below counts every call
     summaries = re.findall(r"relay (probes=.*)", stack.services[f"host-{HOST}"].log.read_text(errors="replace"))
     total = time.monotonic() - started
     with capsys.disabled():
