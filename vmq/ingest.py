@@ -19,7 +19,7 @@ from vmq import lifecycle
 from vmq.codec import RawEntry, ReplyVerifier, Verified
 from vmq.errors import CodecError
 from vmq.guest_requests import note_app_health, note_maintenance_requests
-from vmq.model import Transition, VmPlacement
+from vmq.model import Transition, VmPlacement, VmRecord, VmState
 from vmq.ports import Lease, Replies, Store
 from vmq.relayed import AgentBatchResult, Decoded, decode_batches
 
@@ -260,7 +260,9 @@ def _heal(store: Store, vms: list[str], answers: Mapping[str, Verified]) -> list
     transitions of a batch go in one pipeline, so after a mass outage every VM heals in one tick. Returns the
     VMs healed."""
     batch: list[Transition] = []
-    for rec in store.vms.records(vms):
+    records = store.vms.records(vms)
+    _answering_elsewhere(store, [rec for rec in records if rec.state is VmState.UNREACHABLE])
+    for rec in records:
         answer = answers[rec.vm]
         spec = lifecycle.heal(rec, answer.round, answer.arrival_ms, answer.boot_id)
         if spec is not None:
@@ -275,3 +277,17 @@ def _heal(store: Store, vms: list[str], answers: Mapping[str, Verified]) -> list
                 recovered_s.append(float(spec.event["recovered_after_s"]))
     store.stats.record_recoveries(recovered_s)
     return healed
+
+
+def _answering_elsewhere(store: Store, unreachable: list[VmRecord]) -> None:
+    """`unreachable` VMs that answer while their record names a host that is up (started there while their old
+    host was down, the record moved with the listing) are judged again there: -> `unknown`, after the grace.
+    Those whose record still names the down host stay unreachable until it returns (vmq.housekeeping)."""
+    if not unreachable:
+        return
+    alive = {name for name, up, _info in store.hosts.hosts_overview() if up}
+    now_ms = store.clock.time_ms()
+    for rec in unreachable:
+        if rec.host in alive:
+            lifecycle.mark_reachable(store.vms, rec, now_ms, rec.host,
+                                     f"answers on {rec.host}, which is up: judged there again")
