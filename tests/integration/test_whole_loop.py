@@ -159,3 +159,27 @@ def _python_env() -> dict[str, str]:
 
     return {k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "PYENV", "VIRTUAL_ENV", "LANG"))
             and k != "VMQ_REDIS_URL"}
+
+
+def test_a_vm_started_on_another_host_while_its_own_host_is_down_is_judged_and_restarted_there(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    """Issue 18's defect, as an operator would meet it: node1's worker is killed, the operator starts mover on
+    node2 (where it was defined, shut off), it answers there; before the fix it stayed `unreachable` for ever
+    and its hang on node2 was never detected."""
+    cluster = make_cluster({"node1": ["vm-1", "mover"], "node2": ["vm-2", "vm-3"]}, standby={"node2": ["mover"]})
+    cluster.wait_healthy(timeout_s=60)
+    cluster.wait_for(lambda: cluster.store.vms.record("mover").host == "node1", 10, "mover placed on node1")
+    cluster.kill_host("node1")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="host_down", host="node1")), 30, "node1 down")
+    app = create_app(cluster.settings)
+    assert app.send_task("vmq.host.domain_op", args=["mover", "start"], queue="host.node2").get(timeout=20)["ok"]
+    cluster.wait_for(lambda: cluster.store.vms.record("mover").host == "node2", 10, "the record follows to node2")
+    cluster.wait_for(lambda: cluster.states()["mover"] == "healthy", 20, "mover judged on node2 and healthy")
+    assert cluster.states()["vm-1"] == "unreachable", "node1's own VM stays unreachable: its host is down"
+    time.sleep(2 * T1 + 1.0)  # past the boot grace of the start on node2
+    assert cluster.fleet is not None
+    cluster.fleet.hang("mover")
+    cluster.wait_for(lambda: bool(events_of(cluster, type="restarted", vm="mover")), 30, "mover restarted")
+    assert [e["queue"] for e in events_of(cluster, type="restart_dispatched", vm="mover")] == ["host.node2"]
+    assert events_of(cluster, type="restart_dispatched", vm="vm-1") == []
+    app.close()
