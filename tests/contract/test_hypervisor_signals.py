@@ -73,10 +73,10 @@ def test_a_panic_is_a_crash_judged_at_once(world: World) -> None:
 
 def test_the_listener_reads_watchdog_and_agent_numbers_as_libvirts_words() -> None:
     libvirt = pytest.importorskip("libvirt")
-    from vmq.hypervisor.events import _constant_word
+    from vmq.hypervisor.eventwords import constant_word
 
-    assert _constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", libvirt.VIR_DOMAIN_EVENT_WATCHDOG_INJECTNMI) == "injectnmi"
-    assert _constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", libvirt.VIR_DOMAIN_EVENT_WATCHDOG_RESET) == "reset"
+    assert constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", libvirt.VIR_DOMAIN_EVENT_WATCHDOG_INJECTNMI) == "injectnmi"
+    assert constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", libvirt.VIR_DOMAIN_EVENT_WATCHDOG_RESET) == "reset"
     state = libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_DISCONNECTED
-    assert _constant_word("VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_", state) == "disconnected"
-    assert _constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", 999) == "unknown"
+    assert constant_word("VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_", state) == "disconnected"
+    assert constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", 999) == "unknown"

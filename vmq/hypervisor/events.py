@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from vmq.hypervisor.eventwords import constant_word, event_words
 from vmq.hypervisor.types import EVENTS, METADATA_EVENT, DomainEvent, classify
 from vmq.model import DomainEventKind
 
@@ -57,27 +58,6 @@ def _libvirt() -> Any:
 
     return libvirt
 
-
-def event_words(event: int, detail: int) -> tuple[str, str]:
-    """libvirt's lifecycle ``(event, detail)`` numbers as lowercase words; "unknown" for newer numbers."""
-    events, details = _word_tables()
-    return events.get(event, "unknown"), details.get((event, detail), "unknown")
-
-
-@functools.cache
-def _word_tables() -> tuple[dict[int, str], dict[tuple[int, int], str]]:
-    """Read the words off libvirt-python's constants (VIR_DOMAIN_EVENT_STOPPED_DESTROYED -> "destroyed")."""
-    libvirt = _libvirt()
-    events: dict[int, str] = {}
-    details: dict[tuple[int, int], str] = {}
-    for word in EVENTS:
-        prefix = f"VIR_DOMAIN_EVENT_{word.upper()}"
-        number = getattr(libvirt, prefix)
-        events[number] = word
-        for constant in dir(libvirt):
-            if constant.startswith(f"{prefix}_") and not constant.endswith("_LAST"):
-                details[(number, getattr(libvirt, constant))] = constant.removeprefix(f"{prefix}_").lower()
-    return events, details
 
 
 def _ignore_libvirt_error(_context: object, _error: object) -> None:
@@ -408,7 +388,7 @@ class LifecycleListener:
 
     def _on_watchdog(self, _connection: Any, domain: Any, action: int, items: _Items) -> None:
         """Queue a watchdog event: ``watchdog``, its action in words (none, pause, reset, poweroff, ...)."""
-        self._queue(items, domain, "watchdog", _constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", action))
+        self._queue(items, domain, "watchdog", constant_word("VIR_DOMAIN_EVENT_WATCHDOG_", action))
 
     def _on_io_error(self, _connection: Any, domain: Any, _path: str, _alias: str, _action: int, reason: str,
                      items: _Items) -> None:
@@ -418,21 +398,12 @@ class LifecycleListener:
     def _on_agent(self, _connection: Any, domain: Any, state: int, _reason: int, items: _Items) -> None:
         """Queue a guest-agent lifecycle change: ``agent``, connected or disconnected."""
         self._queue(items, domain, "agent",
-                    _constant_word("VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_", state))
+                    constant_word("VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_", state))
 
     def _on_close(self, _connection: Any, reason: int, opaque: tuple[_Items, int]) -> None:
         """Queue the news that libvirt closed the connection (EOF, keepalive timeout, error)."""
         items, generation = opaque
         items.put(_Lost(generation, reason))
-
-
-def _constant_word(prefix: str, number: int) -> str:
-    """The lowercase word of libvirt's constant ``<prefix><WORD>`` equal to ``number`` ("unknown" if none)."""
-    libvirt = _libvirt()
-    for name in dir(libvirt):
-        if name.startswith(prefix) and not name.endswith("_LAST") and getattr(libvirt, name) == number:
-            return name.removeprefix(prefix).lower().replace("_", "-")
-    return "unknown"
 
 
 def _is_alive(connection: Any) -> bool:
