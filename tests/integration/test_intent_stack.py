@@ -89,3 +89,21 @@ def test_a_real_responders_failing_liveness_check_restarts_its_vm_once_and_a_rea
     assert events_of(cluster, type="faulty", vm="vm-2") == [] and cluster.states()["vm-2"] == "healthy"
     last = cluster.store.vms.records(["vm-2"])[0]
     assert last.state.value == "healthy"
+
+
+def test_priority_from_metadata_orders_restarts_competing_for_the_per_host_limit(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(
+        {"node1": ["vm-1", "vm-2", "vm-3", "vm-4"], "node2": ["vm-5", "vm-6", "vm-7", "vm-8"]},
+        VMQ_MAX_CONCURRENT_RESTARTS_PER_HOST="1",
+        metadata={"vm-1": intent_xml(priority=10), "vm-2": intent_xml(priority=900)})
+    cluster.wait_healthy(timeout_s=60)
+    cluster.wait_for(lambda: cluster.store.vms.record("vm-2").intent.get("priority") == "900", 10, "priorities read")
+    assert cluster.fleet is not None
+    cluster.fleet.hang("vm-1")  # by name vm-1 would go first; both fall silent in the same round
+    cluster.fleet.hang("vm-2")
+    cluster.wait_for(lambda: len(events_of(cluster, type="restart_dispatched")) == 2, 40, "both restarted in turn")
+    first, second = events_of(cluster, type="restart_dispatched")
+    assert (first["vm"], second["vm"]) == ("vm-2", "vm-1"), "the higher priority took the one free slot"
+    [held] = [e for e in events_of(cluster, type="faulty", vm="vm-1")]
+    assert "already has 1 restarts in flight (limit 1)" in " ".join(held["reasons"])
