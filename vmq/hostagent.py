@@ -220,8 +220,9 @@ class HostAgent:
         period_s = min(settings.host_heartbeat_interval_s, settings.host_heartbeat_ttl_s / 3)
         next_sync = 0.0
         while not self.stop_event.is_set():
-            due = self._clock() >= next_sync or self.sync_soon.is_set()
-            self.sync_soon.clear()
-            if self.step(due):
+            soon = self.sync_soon.is_set()
+            if soon:  # cleared only once seen: a change noted meanwhile is read by the sync that follows
+                self.sync_soon.clear()
+            if self.step(soon or self._clock() >= next_sync):
                 next_sync = self._clock() + settings.inventory_interval_s
             self.sync_soon.wait(period_s)  # a metadata change (on_event) cuts the wait short

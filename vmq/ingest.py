@@ -245,7 +245,7 @@ class Ingestor:
         sick = note_app_health(store, accepted)
         if self.guest_maintenance_max_ms:
             note_maintenance_requests(store, accepted, self.guest_maintenance_max_ms)
-        healing = sorted((store.vms.attention() & accepted.keys()) - sick) if accepted else []
+        healing = list((store.vms.attention() & accepted.keys()) - sick) if accepted else []
         for vm, round_id, arrival_ms in agent.healing:  # found in attention by the script itself
             if vm not in accepted:
                 accepted[vm] = Verified(vm, round_id, arrival_ms, "", b"", False)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vmq.intent import Intent
 from vmq.keys import valid_name
@@ -71,19 +71,18 @@ def _note_changes(store: Store, host: str, fields: dict[str, dict[str, str]], in
     switch is never read as silence. VMs whose libvirt metadata (vmq.intent) changed, or does not read: audited
     once per change, with what was refused."""
     for rec in store.vms.records(sorted(fields)):
-        detected = ProbePath(fields[rec.vm]["probe_path_detected"])
-        intent = intents.get(rec.vm)
-        said = intent.probe_path if intent is not None else rec.intent.get("probe_path")
-        path = rec.probe_path_set or (ProbePath(said) if said else detected)
-        if path is not rec.probe_path:
-            store.audit.append(AuditEvent.PROBE_PATH, rec.vm, host, now_ms, path=path.value,
-                               previous=rec.probe_path.value, source="metadata" if said else "detected")
+        intent = intents.get(rec.vm)  # None: its XML was not read, the intent stored stays
+        new = intent.record_fields() if intent is not None else {}
+        said = {name[7:]: value for name, value in new.items() if value} if intent is not None else rec.intent
+        # The record as this pass leaves it: its path in force is VmRecord.probe_path's, as everywhere.
+        after = replace(rec, probe_path_detected=ProbePath(fields[rec.vm]["probe_path_detected"]), intent=said)
+        if after.probe_path is not rec.probe_path:
+            store.audit.append(AuditEvent.PROBE_PATH, rec.vm, host, now_ms, path=after.probe_path.value,
+                               previous=rec.probe_path.value,
+                               source="metadata" if said.get("probe_path") else "detected")
             store.vms.start_monitoring(rec.vm, now_ms)
             report.path_changed.append(rec.vm)
-        if intent is None:
-            continue  # its XML was not read: the intent stored stays
-        new = intent.record_fields()
-        if {k: v for k, v in new.items() if v} != {f"intent.{k}": v for k, v in rec.intent.items()}:
+        if intent is not None and said != rec.intent:
             store.audit.append(AuditEvent.INTENT, rec.vm, host, now_ms, intent=intent.summary(),
                                errors=list(intent.errors))
             if intent.errors:
