@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.test_deploy_files import ROOT, tool_or_skip
+from tests.unit.test_deploy_files import PROMETHEUS_INSTALL, ROOT, tool_or_skip
 from vmq.sim.localcluster import LocalCluster, free_port
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ class Prometheus:
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (workdir / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
-            [tool_or_skip("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+            [tool_or_skip("prometheus", install=PROMETHEUS_INSTALL), f"--config.file={workdir / 'prometheus.yml'}",
              f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -36,15 +36,17 @@ VENV_BIN = "/opt/vmq/bin/"
 INSTALLED_PYTHON = "/usr/bin/python3"
 INSTALLED_RESPONDER = "/usr/local/lib/vmq/vmq_responder.py"
 RESPONDER_CONFIG = "${CREDENTIALS_DIRECTORY}/responder.toml"
+PROMETHEUS_INSTALL = "./dev install: Debian's prometheus package, unpacked into .venv/prometheus/usr/bin"
 EXTRA_VARIABLES = {"VMQ_GUEST_REDIS_URL"}  # read by `vmq sim guests`, not a Settings field
 
 
-def tool_or_skip(name: str, required_in_ci: bool = True) -> str:
-    """The path of ``name``; missing: a failure in CI (CI=true: .ci/run installs it), else a loud skip."""
+def tool_or_skip(name: str, required_in_ci: bool = True, install: str = "") -> str:
+    """The path of ``name``; missing: a failure in CI (CI=true: .ci/run installs it), else a loud skip saying
+    how to get it (``install``, default ``apt-get install <name>``)."""
     path = shutil.which(name)
     if path:
         return path
-    message = f"`{name}` is not installed (apt-get install {name})"
+    message = f"`{name}` is not installed ({install or f'apt-get install {name}'})"
     if required_in_ci and os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(f"SKIPPED, NOT CHECKED: {message}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tests.unit.test_deploy_files import ROOT, services, tool_or_skip
+from tests.unit.test_deploy_files import PROMETHEUS_INSTALL, ROOT, services, tool_or_skip
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -17,7 +17,7 @@ RULE_TESTS = ROOT / "tests" / "prometheus" / "vmq-rules.test.yml"
 
 
 def promtool(*args: str) -> str:
-    proc = subprocess.run([tool_or_skip("promtool"), *args], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([tool_or_skip("promtool", install=PROMETHEUS_INSTALL), *args], capture_output=True, text=True, timeout=60,
                           check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
