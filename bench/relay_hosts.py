@@ -2,9 +2,11 @@
 
 What each simulated host does per probe round is what its ``vmq.relay.ProbeRelay`` would write to Redis: the
 answers of its VMs built by vmq's own ``agent_answer``/``channel_answer`` and appended with vmq's own
-``store.relays.append`` (per host per flush: one compact entry for the agent answers, one for the channel
-answers), the round-finish mark (the round, no VM left
-unasked) and the relay heartbeat ``relay_seen_ms`` in the host's hash. Per host and round:
+``store.relays.append``, the round-finish mark (the round, no VM left unasked) and the relay heartbeat
+``relay_seen_ms`` in the host's hash. Agent answers go as ProbeRelay writes them by default (``form`` cover: one
+cover entry per host and round built by vmq's own ``CoverKeeper``, a partial one at once and the final one at the
+hung VM's timeout when the host has a hung VM), or as compact entries (``form`` compact, vmq before 2026-12-07).
+Per host and round (compact form, and channel answers):
 
 - the answers go out in flushes of ``ANSWERS_PER_FLUSH`` (8 agent threads x 50 ms / 1.3 ms per guest-ping,
   FIELD-NOTES), written back to back: the real relay spreads them over ≈ 50 ms, which only moves arrivals;
@@ -37,6 +39,7 @@ from guests import ProcessFleet, ReplyMaker, state_params
 
 from vmq.config import load_settings
 from vmq.relay import INFO_EVERY_ROUNDS, info_due
+from vmq.relay_cover import CoverKeeper
 from vmq.relay_answers import Answer, agent_answer, channel_answer
 from vmq.responder import parse_probe
 from vmq.store.redis import RedisStore
@@ -60,6 +63,7 @@ class SimulatedHost:
         self.silent: set[str] = set()
         self.active: set[str] = set()  # what its inventory relays: VMs whose record places them here on ``path``
         self.seqs = dict.fromkeys(vms, 0)
+        self.keeper = CoverKeeper(name)
         self.makers: dict[str, ReplyMaker] = {}
         if path == "channel":
             for i, vm in enumerate(vms, first):
@@ -94,8 +98,8 @@ class SimulatedHost:
 
 
 def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], first: dict[str, int],
-          secrets: dict[str, str], injected_key: str, timeout_s: float, control: Any, ready: Event, stop: Event,
-          results: Any) -> None:
+          secrets: dict[str, str], injected_key: str, timeout_s: float, form: str, control: Any, ready: Event,
+          stop: Event, results: Any) -> None:
     """Process entry point (spawn): play the hosts of ``placement`` until ``stop`` is set, then report counters."""
     os.nice(int(os.environ.get("VMQ_BENCH_GUEST_NICE", "0")))
     settings = load_settings({"redis_url": url, "namespace": namespace})
@@ -106,6 +110,7 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
     ready.set()
     every_s, next_refresh = settings.inventory_interval_s, 0.0
     marks: list[tuple[float, int, str]] = []  # (due monotonic s, round, host): finish marks after a timeout
+    covering = path == "agent" and form == "cover"
     rounds = answers_n = batches = 0
     while not stop.is_set():
         while True:  # control first: a silence that arrives with a probe already applies to it
@@ -134,8 +139,10 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
             next_refresh = time.monotonic() + (0.25 if waiting else every_s)
         while marks and marks[0][0] <= time.monotonic():
             _, round_id, name = heapq.heappop(marks)
-            store.relays.append(name, [], round_id, [])
-            batches += 1
+            fields = hosts[name].keeper.fields(round_id) if covering else None
+            if fields is not None or not covering:
+                store.relays.append(name, [], round_id, [], cover=fields)
+                batches += 1
         wait_s = 0.02 if not marks else max(0.0, min(0.02, marks[0][0] - time.monotonic()))
         raw = feed.get(wait_s)
         if raw is None:
@@ -149,6 +156,19 @@ def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], 
         for host in hosts.values():
             answers = host.answers(round_id, nonce, now_ms)
             answers_n += len(answers)
+            if covering:  # one cover entry: final now, or partial now and final at the hung VM's timeout
+                host.keeper.start(round_id, nonce, sorted(host.active))
+                for answer in answers:
+                    host.keeper.answered(str(answer["vm"]), round_id, answer)
+                fields = host.keeper.fields(round_id)
+                assert fields is not None
+                hung = bool(host.silent & host.active)
+                store.relays.append(host.name, [], None if hung else round_id, [], cover=fields)
+                host.keeper.written(fields)
+                batches += 1
+                if hung:
+                    heapq.heappush(marks, (heard_s + timeout_s, round_id, host.name))
+                continue
             chunks = [answers[i:i + ANSWERS_PER_FLUSH] for i in range(0, len(answers), ANSWERS_PER_FLUSH)] or [[]]
             for i, chunk in enumerate(chunks):
                 last = i == len(chunks) - 1
@@ -176,7 +196,8 @@ class HostFleet(ProcessFleet):
     START_TIMEOUT_S = 120.0
 
     def __init__(self, url: str, namespace: str, path: str, placement: dict[str, list[str]],
-                 secrets: Mapping[str, str], injected_key: str, timeout_s: float, procs: int) -> None:
+                 secrets: Mapping[str, str], injected_key: str, timeout_s: float, procs: int,
+                 form: str = "cover") -> None:
         names = sorted(placement)
         parts = [names[p::procs] for p in range(procs) if names[p::procs]]
         index = {vm: i for vms in placement.values() for i, vm in enumerate(vms)}
@@ -185,4 +206,4 @@ class HostFleet(ProcessFleet):
             mine = {host: placement[host] for host in part}
             first = {host: index[vms[0]] if vms else 0 for host, vms in mine.items()}
             keys = {vm: secrets[vm] for vms in mine.values() for vm in vms if vm in secrets}
-            self._add(serve, (url, namespace, path, mine, first, keys, injected_key, timeout_s))
+            self._add(serve, (url, namespace, path, mine, first, keys, injected_key, timeout_s, form))

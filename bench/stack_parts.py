@@ -21,7 +21,13 @@ from vmq.sim.localcluster import SOURCE_ROOT, _stop_process
 from vmq.store.redis import RedisStore
 
 BENCH = Path(__file__).resolve().parent
-PATHS = ("redis", "agent", "channel")
+#: --via values: the probe paths, and ``compact``: the agent path as hosts wrote it before cover entries.
+PATHS = ("redis", "agent", "compact", "channel")
+
+
+def probe_path(via: str) -> str:
+    """The probe path a --via value runs on."""
+    return "agent" if via == "compact" else via
 
 
 def host_names(count: int) -> list[str]:
@@ -86,7 +92,7 @@ def fleet_names(n: int, path: str) -> tuple[list[str], dict[str, str]]:
     """N VM names and their keys (for the paths whose guests sign: ``redis``, ``channel``; an ``agent`` VM has
     no responder, hence no key)."""
     vms = [f"vm-{i:06d}" for i in range(n)]
-    return vms, ({vm: new_secret() for vm in vms} if path != "agent" else {})
+    return vms, ({vm: new_secret() for vm in vms} if probe_path(path) != "agent" else {})
 
 
 def register(store: RedisStore, vms: list[str], secrets: dict[str, str], hosts: list[str], path: str,
@@ -98,7 +104,7 @@ def register(store: RedisStore, vms: list[str], secrets: dict[str, str], hosts: 
         store.vms.register_vm(vm, now_ms)
         if vm in secrets:
             store.keyring.set_secret(vm, secrets[vm])
-    path_field = {} if path == "redis" else {"probe_path_set": path}
+    path_field = {} if path == "redis" else {"probe_path_set": probe_path(path)}
     for start in range(0, len(vms), 5000):
         store.vms.write_many({vm: {"host": hosts[i % len(hosts)], "domain_status": "running", **path_field}
                               for i, vm in enumerate(vms[start:start + 5000], first + start)})
@@ -116,7 +122,8 @@ def start_fleet(path: str, url: str, settings: Settings, vms: list[str], secrets
     else:
         placement = {host: vms[i::len(hosts)] for i, host in enumerate(hosts)}  # as register() places them
         timeout_s = min(settings.probe_interval_s * 0.8, settings.relay_agent_timeout_s)  # as ProbeRelay
-        fleet = HostFleet(url, settings.namespace, path, placement, secrets, injected_key, timeout_s, procs_n)
+        fleet = HostFleet(url, settings.namespace, probe_path(path), placement, secrets, injected_key, timeout_s,
+                          procs_n, "compact" if path == "compact" else "cover")
     fleet.start()
     return fleet
 

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     relay_agent_timeout_s: float = Field(1.0, gt=0, le=60, description=(
         "Host workers only: a guest-agent ping of an `agent` VM waits at most this long (and never more than "
         "0.8 x VMQ_PROBE_INTERVAL_S); an agent that does not answer in time gives no answer that round."))
+    relay_form: Literal["cover", "compact"] = Field("cover", description=(
+        "Host workers only: how a host writes its `agent` VMs' answers. cover: one entry per round naming the "
+        "VMs that did not answer, Redis keeps the others covered (a round costs O(hosts + changes) centrally); "
+        "compact: one entry per round naming every VM that answered (vmq before 2026-12-07)."))
     # -- replies, keys and retention
     max_reply_bytes: int = Field(8192, ge=256, description="Replies larger than this are refused as oversized.")
     reply_save_interval_s: float = Field(10.0, ge=0, description=(

@@ -208,7 +208,8 @@ class Ingestor:
         vms = list(accepted)
         rounds: dict[str, int] = {}
         arrivals: dict[str, int] = {}
-        for vm, stored in zip(vms, source.last_rounds(vms), strict=True):
+        stored_rounds, covered = source.answer_rounds(vms)
+        for vm, stored in zip(vms, stored_rounds, strict=True):
             reply = accepted[vm]
             if stored is not None and reply.round <= stored:
                 self._reject(rejects, CodecError("replayed", f"round {reply.round} was already answered", vm))
@@ -216,12 +217,16 @@ class Ingestor:
                 continue
             rounds[vm] = reply.round
             arrivals[vm] = reply.arrival_ms
+        if covered:  # answered on another path than their host's cover: their own account again
+            source.release_covered([vm for vm in covered if vm in rounds])
         agent = source.apply_agent_batches(decoded.agent) if decoded.agent else AgentBatchResult()
+        if decoded.cover:
+            agent.merge(source.apply_cover_batches(decoded.cover))
         for reason, (count, vm) in agent.rejects.items():
             rejects[reason] += count
             known = vm if reason in ("wrong_host", "wrong_path", "oversized") else ""  # an existing VM's slot only
-            self.reject_log.rejected(CodecError(reason, f"{count} compact agent answers refused, the first for "
-                                                        f"{vm[:64]!r}", known), time.monotonic())
+            self.reject_log.rejected(CodecError(reason, f"{count} compact agent answers or cover entries refused, "
+                                                        f"the first for {vm[:64]!r}", known), time.monotonic())
         if agent.stale:
             rejects["replayed"] += agent.stale
         if not source.record_replies(

@@ -249,6 +249,9 @@ class Monitor:
                gap: ProbingGap | None = None) -> None:
         store, judge = self.store, self.judge
         silent = store.replies.silent_since(round_id)
+        # Covered VMs whose host's entry for this round is not in: silent, their relay did not finish the round.
+        late = store.replies.covered_late(round_id)
+        silent += sorted(set(late) - set(silent))
         # VMs that answer but whose replies say an application liveness check failed: judged as silence is.
         sick = {vm: v for vm, v in store.vms.app_unhealthy().items() if int(v.get("round", 0)) >= round_id - 2}
         silent += sorted(set(sick) - set(silent))
@@ -275,8 +278,10 @@ class Monitor:
         # The cluster's size: VMs with a key, or (more, when agent VMs answer without one) the VMs that answered
         # this round plus those judged silent in it.
         # (The app-unhealthy VMs answered this round: counted among those, not twice.)
+        # (Covered VMs of a late host are counted as answered by their score and are judged: counted once.)
         expected = max(store.keyring.monitored_count(),
-                       store.replies.answered_count(round_id) + sum(j.view.vm not in sick for j in judged))
+                       store.replies.answered_count(round_id) - len(late)
+                       + sum(j.view.vm not in sick for j in judged))
         cluster, by_host = storm_guard(silent_by_host, {h: c.vm_count for h, c in inputs.hosts.items()},
                                        expected, self.settings.storm_fraction, self.settings.storm_min_vms)
         record_guard_episodes(store, cluster, by_host, silent_by_host, round_id, now_ms)

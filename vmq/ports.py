@@ -29,7 +29,7 @@ from vmq.telemetry import MetricsSnapshot
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
     from vmq.codec import RawEntry, RoundBook
     from vmq.hypervisor.types import ActivitySample, AgentAnswer
-    from vmq.relayed import AgentBatch, AgentBatchResult
+    from vmq.relayed import AgentBatch, AgentBatchResult, CoverBatch
 
 Info = dict[str, str]
 
@@ -87,6 +87,10 @@ class Replies(Protocol):
 
     def last_rounds(self, vms: Sequence[str]) -> list[float | None]: ...
 
+    def answer_rounds(self, vms: Sequence[str]) -> tuple[list[float | None], list[str]]: ...
+
+    def release_covered(self, vms: Sequence[str]) -> None: ...
+
     def record_replies(self, rounds: Mapping[str, int], arrivals: Mapping[str, int], payloads: Mapping[str, bytes],
                        rejects: Mapping[str, int], valid_count: int, cursor: str, read: int = 0,
                        lock_token: bytes = b"", finished: Mapping[str, int] | None = None,
@@ -95,6 +99,10 @@ class Replies(Protocol):
     def evidence_lost_until(self) -> int: ...
 
     def apply_agent_batches(self, batches: Sequence[AgentBatch]) -> AgentBatchResult: ...
+
+    def apply_cover_batches(self, batches: Sequence[CoverBatch]) -> AgentBatchResult: ...
+
+    def covered_late(self, round_id: int) -> dict[str, int]: ...
 
     def silent_since(self, round_id: int) -> list[str]: ...
 

@@ -31,6 +31,7 @@ from vmq.model import DomainStatus, ProbePath
 from vmq.ports import Hypervisor, ProbeFeed, Store
 from vmq.relay_agent import FAST_LANE_TIMEOUT_S, HOST_SIDE_REASONS, Called, call_agent
 from vmq.relay_answers import OncePer, Outbox, RelayStats, channel_answer, channel_reply_check
+from vmq.relay_cover import CoverKeeper
 from vmq.responder import parse_probe
 
 __all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay", "info_due"]
@@ -93,7 +94,10 @@ class ProbeRelay:
         self._asking: set[str] = set()  # agent VMs of the current round whose call was queued
         self._started: set[tuple[int, str]] = set()  # (round, vm) of calls that started (pool threads add)
         self._finished = 0  # the latest round reported finished (written with a batch)
-        self._finishing: tuple[int, list[str]] | None = None  # a round's end mark not yet written
+        self._finishing: tuple[int, list[str], dict[str, str] | None] | None = None  # end mark not yet written
+        # The agent VMs' answers as one cover entry per round (VMQ_RELAY_FORM=cover), or compact ones (None).
+        self.cover = CoverKeeper(host) if settings.relay_form == "cover" else None
+        self._partial_at = float("inf")  # when the round's partial cover entry is due (while calls still run)
         self._recent: deque[int] = deque(maxlen=RECENT_ROUNDS)
         self._feed: ProbeFeed | None = None
         self._feed_failures, self._feed_retry_at = 0, 0.0
@@ -168,6 +172,8 @@ class ProbeRelay:
         if self._round > self._finished and self._finishing is None and (not self._expected
                                                                           or now >= self._round_ends_s):
             self._finish_round()
+        if now >= self._partial_at and self._expected and self._finishing is None and self._round > self._finished:
+            self._write_partial()
         if now >= self._flush_retry_at and (self._finishing is not None
                                             or self.outbox.due(now, round_complete=not self._expected)):
             self.flush()
@@ -231,6 +237,9 @@ class ProbeRelay:
         if self._round > self._finished and self._finishing is None:
             self._finish_round()  # the previous round ends here at the latest
         self._round, self._expected, self._unasked, self._asking = round_id, set(), set(), set()
+        if self.cover is not None:
+            self.cover.start(round_id, nonce, self.agent_vms)
+            self._partial_at = self._clock() + self.outbox.flush_interval_s
         deadline_s = self._clock() + self.timeout_s
         self._round_ends_s = deadline_s
         every = self.info_every_rounds
@@ -294,7 +303,10 @@ class ProbeRelay:
                 self.stats.counts["info"] += 1
             if called.info_failed:
                 self.stats.counts["info_failed"] += 1
-            self.outbox.add(called.answer, called.done_s)
+            if self.cover is None:
+                self.outbox.add(called.answer, called.done_s)
+            elif not self.cover.answered(vm, called.round_id, called.answer, called.done_s):
+                self.stats.drops["agent_late"] += 1  # an earlier round's answer: that round's entry is written
 
     def _on_polled(self, polled: Polled) -> None:
         """Take one channel poll's replies into the outbox (after the cheap ``vm`` check), count rejects."""
@@ -320,9 +332,14 @@ class ProbeRelay:
         if not items and finishing is None:
             return True
         try:
-            self._store().relays.append(self.host, [answer for _, answer in items], *(finishing or ()))
-            if finishing is not None:
-                self._finished, self._finishing = finishing[0], None
+            if finishing is None:
+                self._store().relays.append(self.host, [answer for _, answer in items])
+            else:
+                round_id, unasked, cover = finishing
+                self._store().relays.append(self.host, [answer for _, answer in items], round_id, unasked, cover)
+                if cover is not None and self.cover is not None:
+                    self.cover.written(cover)
+                self._finished, self._finishing = round_id, None
         except StoreError as exc:
             now = self._clock()
             dropped = self.outbox.put_back(items, now)
@@ -333,8 +350,27 @@ class ProbeRelay:
                               "stale): %s", self.host, len(items), dropped, exc)
             return False
         now = self._clock()
-        self.stats.flushed(len(items), [(now - ready_s) * 1000.0 for ready_s, _ in items])
+        covered = self.cover.delays(now) if finishing is not None and self.cover is not None else []
+        self.stats.flushed(len(items) + len(covered), [(now - ready_s) * 1000.0 for ready_s, _ in items] + covered)
         return True
+
+    def _write_partial(self) -> None:
+        """Calls of the round still run a flush interval after its probe: write the agent answers in so far as a
+        partial cover entry (no finish mark), so a hung agent delays no other VM's answer. Once per round."""
+        self._partial_at = float("inf")
+        fields = None if self.cover is None else self.cover.fields(self._round)
+        if fields is None or self.cover is None:
+            return
+        try:
+            self._store().relays.append(self.host, [], cover=fields)
+        except StoreError as exc:
+            self.stats.counts["flush_failed"] += 1
+            self._log_limited("flush", logging.WARNING, "host=%s relay cannot write a partial cover entry: %s",
+                              self.host, exc)
+            return
+        self.cover.written(fields)
+        delays = self.cover.delays(self._clock())
+        self.stats.flushed(len(delays), delays)
 
     def _finish_round(self) -> None:
         """Mark the current round finished: every VM asked has answered or timed out (or its time is up). The
@@ -344,7 +380,7 @@ class ProbeRelay:
         started = {vm for started_round, vm in list(self._started) if started_round == round_id}
         unasked = self._unasked | (self._asking - started)  # late, or still queued when the round ended
         self._started = {call for call in list(self._started) if call[0] > round_id}
-        self._finishing = (round_id, sorted(unasked))
+        self._finishing = (round_id, sorted(unasked), None if self.cover is None else self.cover.fields(round_id))
         if unasked:
             self.stats.counts["unasked"] += len(unasked)
 

@@ -10,6 +10,10 @@ Agent answers come compact (``q`` round, ``n`` nonce, ``k`` the VMs that answere
 some): the round and nonce are checked here once per batch, and the VMs are vouched for and recorded by Redis
 itself (vmq/lua/relay_apply.lua), so the monitor's cost is per batch, not per VM (docs/performance.md). The
 older form, one object per agent answer in ``a``, is still read (hosts not yet upgraded).
+
+A host's relay now writes its agent VMs as one cover entry per round instead (``c``, ``x`` and at times ``f``):
+the VMs it asked that did not answer, relative to its latest full listing; Redis keeps the others covered
+(vmq/lua/relay_cover.lua), so a round costs O(hosts + changes) centrally (docs/protocol.md, "Cover entries").
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 MAX_INFO_BYTES = 4096
 #: A compact batch's saved answer document (state parameters included) larger than this is not saved.
 MAX_AGENT_DOC_BYTES = MAX_INFO_BYTES + 512
+#: A covered VM's ``last_round``: its host's applied round stands for it (vmq.store.covers resolves it). Far above
+#: any round, so ZADD GT of a real round never lowers it and ``silent_since`` never lists it.
+COVERED_ROUND = float(1 << 50)
 
 _new_verified = tuple.__new__
 
@@ -68,6 +75,33 @@ class AgentBatchResult:
     rejects: dict[str, tuple[int, str]] = field(default_factory=dict)
     healing: list[tuple[str, int, int]] = field(default_factory=list)
 
+    def merge(self, other: AgentBatchResult) -> None:
+        """Add ``other``'s counts, refusals and VMs to heal to these."""
+        self.accepted += other.accepted
+        self.stale += other.stale
+        for reason, (count, vm) in other.rejects.items():
+            mine = self.rejects.get(reason)
+            self.rejects[reason] = (count, vm) if mine is None else (mine[0] + count, mine[1])
+        self.healing += other.healing
+
+
+@dataclass(frozen=True)
+class CoverBatch:
+    """A cover entry: ``host`` finished ``round`` (nonce checked); of the agent VMs it asks, ``silent`` (space-
+    separated) did not answer and ``unasked`` could not be asked; the others answered, arriving at
+    ``arrival_ms``. ``listing`` is the full list of the VMs it asks (then ``base`` is ``round``) or None: the
+    entry is relative to the listing of round ``base``."""
+
+    host: str
+    round: int
+    arrival_ms: int
+    base: int
+    listing: bytes | None
+    silent: bytes
+    unasked: tuple[str, ...] = ()
+    params: bytes = b""
+    final: bool = True  # it carries the round's finish mark (False: a partial entry, calls still running)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -81,6 +115,7 @@ class Batch:
     unasked: tuple[str, ...] = ()
     agent: AgentBatch | None = None
     agent_nonce: str = ""
+    cover: CoverBatch | None = None
 
 
 @dataclass
@@ -93,15 +128,16 @@ class Decoded:
     finished: dict[str, int] = field(default_factory=dict)  # "<host>|<round>" -> round
     unasked: dict[str, int] = field(default_factory=dict)
     agent: list[AgentBatch] = field(default_factory=list)  # compact agent answers, round and nonce checked
+    cover: list[CoverBatch] = field(default_factory=list)  # cover entries, round and nonce checked
 
 
 def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     """One stream entry as a Batch; raises CodecError(malformed/oversized)."""
     entry_id, raw = entry[0], entry[1]
     fields = _fields(raw)
-    host, body, names = fields.get(b"h"), fields.get(b"a"), fields.get(b"k")
-    if not host or (body is None and names is None) or not valid_name(_text(host)):
-        raise CodecError(RejectReason.MALFORMED.value, "relayed batch without a valid host (h) and answers (a/k)")
+    host, body, names, base = fields.get(b"h"), fields.get(b"a"), fields.get(b"k"), fields.get(b"c")
+    if not host or (body is None and names is None and base is None) or not valid_name(_text(host)):
+        raise CodecError(RejectReason.MALFORMED.value, "relayed batch without a valid host (h) and answers (a/k/c)")
     size = sum(len(value) for value in fields.values())
     if size > max_bytes:
         raise CodecError(RejectReason.OVERSIZED.value, f"relayed batch of {size} bytes")
@@ -136,22 +172,76 @@ def parse_batch(entry: RawEntry, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
             raise CodecError(RejectReason.MALFORMED.value, "relayed batch with a bad round mark (r/u)") from None
         if round_id <= 0 or not isinstance(left, list) or not all(isinstance(v, str) for v in left):
             raise CodecError(RejectReason.MALFORMED.value, "relayed batch with a bad round mark (r/u)")
-    return Batch(_text(host), arrival_ms, answers, round_id, tuple(left), agent, nonce)
+    cover = None
+    if base is not None:
+        cover, nonce = _cover(fields, _text(host), arrival_ms, base, round_id, tuple(left))
+        round_id, left = 0, []  # the cover's round is marked finished by Redis when it applies it
+    return Batch(_text(host), arrival_ms, answers, round_id, tuple(left), agent, nonce, cover)
+
+
+def _cover(fields: Mapping[bytes, bytes], host: str, arrival_ms: int, base: bytes, finished: int,
+           unasked: tuple[str, ...]) -> tuple[CoverBatch, str]:
+    """The cover entry of a batch's fields, with its nonce; raises CodecError(malformed)."""
+    round_field, nonce = fields.get(b"q"), fields.get(b"n")
+    try:
+        round_id, base_round = int(round_field or b"0"), int(base)
+    except ValueError:
+        round_id = base_round = 0
+    listing = fields.get(b"f")
+    if round_id <= 0 or base_round <= 0 or not nonce or finished not in (0, round_id) or (
+            listing is not None and base_round != round_id) or base_round > round_id:
+        raise CodecError(RejectReason.MALFORMED.value, "cover entry without a consistent round (q), nonce (n), "
+                                                       "base (c) and finish mark (r, if any)")
+    for names in (listing, fields.get(b"x")):
+        if names is not None and not all(valid_name(vm) for vm in _text(names).split()):
+            raise CodecError(RejectReason.MALFORMED.value, "cover entry naming an invalid VM")
+    if not all(valid_name(vm) for vm in unasked):
+        raise CodecError(RejectReason.MALFORMED.value, "cover entry naming an invalid VM")
+    return CoverBatch(host, round_id, arrival_ms, base_round, listing, fields.get(b"x", b""), unasked,
+                      fields.get(b"s", b""), finished == round_id), _text(nonce)
+
+
+class RelayedAnswers:
+    """Every answer of relayed entries read in stream order, as objects: compact agent answers expanded, and
+    cover entries expanded against the latest full listing seen of their host (an entry relative to a listing not
+    seen yields none), with their state parameters where the entry carries them. For tests, benchmarks and the
+    operator's eye, not the hot path."""
+
+    def __init__(self) -> None:
+        self.listings: dict[str, tuple[int, list[str]]] = {}  # host -> (round, VMs) of its latest full listing
+
+    def answers(self, entry: RawEntry) -> list[dict[str, Any]]:
+        """The answers of the next entry."""
+        batch = parse_batch(entry)
+        out = list(batch.answers)
+        if batch.agent is not None:
+            out += _expanded(batch.agent.names.decode().split(), batch.agent.round, batch.agent_nonce,
+                             batch.agent.params)
+        cover = batch.cover
+        if cover is not None:
+            if cover.listing is not None:
+                self.listings[cover.host] = (cover.round, cover.listing.decode().split())
+            base = self.listings.get(cover.host)
+            if base is not None and base[0] == cover.base:
+                silent = set(cover.silent.decode().split()) | set(cover.unasked)
+                out += _expanded([vm for vm in base[1] if vm not in silent], cover.round, batch.agent_nonce,
+                                 cover.params)
+        return out
+
+
+def _expanded(vms: Sequence[str], round_id: int, nonce: str, raw_params: bytes) -> list[dict[str, Any]]:
+    params = orjson.loads(raw_params) if raw_params else {}
+    out = []
+    for vm in vms:
+        answer: dict[str, Any] = {"vm": vm, "p": ProbePath.AGENT.value, "round": round_id, "nonce": nonce}
+        answer.update(params.get(vm, {}) if isinstance(params, dict) else {})
+        out.append(answer)
+    return out
 
 
 def batch_answers(entry: RawEntry) -> list[dict[str, Any]]:
-    """Every answer of one stream entry as an object (compact agent answers expanded, with their state
-    parameters where the batch carries them): for tests, benchmarks and the operator's eye, not the hot path."""
-    batch = parse_batch(entry)
-    out = list(batch.answers)
-    if batch.agent is not None:
-        params = orjson.loads(batch.agent.params) if batch.agent.params else {}
-        for vm in batch.agent.names.decode().split():
-            answer: dict[str, Any] = {"vm": vm, "p": ProbePath.AGENT.value, "round": batch.agent.round,
-                                      "nonce": batch.agent_nonce}
-            answer.update(params.get(vm, {}) if isinstance(params, dict) else {})
-            out.append(answer)
-    return out
+    """Every answer of one stream entry as an object (RelayedAnswers, without the listings of earlier entries)."""
+    return RelayedAnswers().answers(entry)
 
 
 def _agent_answer(host: str, answer: Mapping[str, Any], arrival_ms: int, book: RoundBook) -> Verified:
@@ -244,6 +334,12 @@ def decode_batches(entries: Sequence[RawEntry],
                 count = len(batch.agent.names.split())
                 out.rejected += [CodecError(exc.reason, f"{count} agent answers relayed by {host}: {exc.detail}")]
                 out.rejected += [CodecError(exc.reason, exc.detail)] * (count - 1)
+        if batch.cover is not None:
+            try:
+                book.check(batch.cover.round, batch.agent_nonce, batch.arrival_ms)
+                out.cover.append(batch.cover)
+            except CodecError as exc:
+                out.rejected.append(CodecError(exc.reason, f"cover entry of {host}: {exc.detail}"))
         if batch.finished_round:
             out.finished[Keys.relay_round_member(host, batch.finished_round)] = batch.finished_round
             for vm in batch.unasked:  # only for its own VMs: a host cannot excuse another host's VM

@@ -20,7 +20,7 @@ from vmq.keys import Keys
 from vmq.model import RESPONDER_CHANNEL, DomainInfo, DomainStatus
 from vmq.ports import Store
 from vmq.relay import ProbeRelay
-from vmq.relayed import batch_answers
+from vmq.relayed import RelayedAnswers
 from vmq.sim.localcluster import free_port
 from vmq.store.redis import RedisStore, connect
 
@@ -66,9 +66,10 @@ class RelayWorld:
     def batches(self) -> list[tuple[int, str, list[dict[str, Any]]]]:
         """(arrival ms, host, answers) of every relayed batch."""
         out = []
+        reader = RelayedAnswers()  # cover entries expanded against their host's full listing
         for entry_id, fields in self.client.xrange(self.keys.relay_stream):
             ms = int(entry_id.decode().split("-")[0])
-            out.append((ms, fields[b"h"].decode(), batch_answers((entry_id, fields))))
+            out.append((ms, fields[b"h"].decode(), reader.answers((entry_id, fields))))
         return out
 
     def answers(self) -> list[dict[str, Any]]:
@@ -237,16 +238,22 @@ def test_the_relay_survives_redis_gone_and_answers_again_when_it_is_back(
     world.run_until(lambda: len(world.answers()) == 1)
 
 
-def test_answers_that_cannot_be_written_wait_for_the_next_flush(make_world: Callable[..., RelayWorld]) -> None:
-    world = make_world({"a-1": (RUNNING, "agent")})
+@pytest.mark.parametrize("form", ["compact", "cover"])
+def test_answers_that_cannot_be_written_wait_for_the_next_flush(make_world: Callable[..., RelayWorld],
+                                                                form: str) -> None:
+    world = make_world({"a-1": (RUNNING, "agent")}, relay_form=form)
     world.hypervisor.set_agent("a-1", latency_s=0.2)  # its answer comes after the store is gone
     relay = world.start()
     gone = RedisStore(connect(f"redis://127.0.0.1:{free_port()}/0"), world.keys)
     world.probe()
     world.run_until(lambda: relay.stats.counts["probes"] == 1)
     world.store_getter = lambda: gone  # the flush (and the heartbeat) fail
-    world.run_until(lambda: relay.stats.counts["flush_failed"] >= 1)
-    assert len(relay.outbox) == 1
+    if form == "compact":
+        world.run_until(lambda: relay.stats.counts["flush_failed"] >= 1)
+        assert len(relay.outbox) == 1
+    else:  # the partial entry (50 ms) fails, then the round's final one, which is kept and retried
+        world.run_until(lambda: relay.stats.counts["answers_agent"] == 1 and relay.stats.counts["flush_failed"] >= 2)
+        assert world.answers() == []
     world.store_getter = lambda: world.store
     world.run_until(lambda: len(world.answers()) == 1)
 
@@ -285,9 +292,11 @@ def test_each_round_ends_with_a_mark_after_its_answers_so_silence_in_it_becomes_
     world.run_until(lambda: bool(marks(world)))
     assert marks(world) == [(first, [])], "a-2 was asked (and hung): its silence is evidence"
     entries = world.client.xrange(world.keys.relay_stream)
-    answered_at = next(i for i, (_, f) in enumerate(entries) if b"a-1" in f.get(b"k", b"").split())
+    # Cover entries: a-1's answer goes out in a partial entry while a-2's call still runs, the mark after it.
+    answered_at = next(i for i, (_, f) in enumerate(entries) if b"c" in f and b"a-1" not in f[b"x"].split())
     marked_at = next(i for i, (_, f) in enumerate(entries) if b"r" in f)
-    assert answered_at <= marked_at, "the mark never comes before the round's answers"
+    assert answered_at < marked_at, "a hung agent does not hold back the others' answers until its timeout"
+    assert entries[marked_at][1][b"x"] == b"a-2" and b"r" not in entries[answered_at][1]
     second = world.probe()
     world.run_until(lambda: len(marks(world)) == 2)
     assert marks(world)[-1][0] == second

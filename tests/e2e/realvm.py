@@ -18,7 +18,7 @@ from tests.integration.test_stack import LocalService
 from vmq.keys import Keys
 from vmq.model import ProbePath
 from vmq.operator_views import event_json
-from vmq.relayed import batch_answers
+from vmq.relayed import RelayedAnswers
 from vmq.store.redis import RedisStore
 
 LIBVIRT_URI = "qemu:///system"
@@ -151,11 +151,12 @@ class Stack:
         """(arrival ms, answer) of every answer the host's relay wrote for ``vm`` to ``<ns>:relayed``."""
         found = []
         entries: list[tuple[Any, dict[Any, Any]]] = self.store.client.xrange(  # type: ignore[assignment]
-            self.store.keys.relay_stream, min=f"{since_ms}-0")
+            self.store.keys.relay_stream)  # from the start: cover entries need their host's full listing
+        reader = RelayedAnswers()
         for entry_id, fields in entries:
             arrival_ms = int(_text(entry_id).split("-")[0])
-            for answer in batch_answers((entry_id, fields)):  # compact agent entries expanded
-                if answer.get("vm") == vm:
+            for answer in reader.answers((entry_id, fields)):  # compact and cover entries expanded
+                if answer.get("vm") == vm and arrival_ms >= since_ms:
                     found.append((arrival_ms, answer))
         return found
 

@@ -25,6 +25,9 @@ def every_key(keys: Keys) -> dict[str, str]:
         "host_heartbeat(node1)": keys.host_heartbeat("node1"),
         "host_domains(node1)": keys.host_domains("node1"),
         "host(node2)": keys.host("node2"),
+        "relay_cover(node1)": keys.relay_cover("node1"),
+        "relay_cover_pending(node1)": keys.relay_cover_pending("node1"),
+        "relay_cover_silent(node1)": keys.relay_cover_silent("node1"),
     })
     return names
 

@@ -62,17 +62,20 @@ class RedisRelays(StorePart):
         return ProbeSubscription(self.r, self.keys.probe_channel)
 
     def append(self, host: str, answers: Sequence[Mapping[str, Any]], finished_round: int | None = None,
-               unasked: Sequence[str] = ()) -> list[str]:
+               unasked: Sequence[str] = (), cover: Mapping[str, str] | None = None) -> list[str]:
         """XADD ``answers`` as batches of ``host``: agent answers compact, one entry per round (``q``, ``n``,
         ``k``, ``s``: see ``compact_agent_fields``), the others in ``a``; split above MAX_ANSWERS_PER_ENTRY; the
-        last entry marks ``finished_round`` (with the VMs it could not ask) when given. Returns the entry ids.
+        last entry marks ``finished_round`` (with the VMs it could not ask) when given; ``cover``, a round's cover
+        entry (vmq.relay_cover.cover_fields), is that last entry (without ``finished_round``: a partial one). Returns the entry ids.
         Raises StoreUnavailable/StoreError: the caller keeps the answers for its next flush or drops them."""
-        if not answers and finished_round is None:
+        if not answers and finished_round is None and cover is None:
             return []
         entries = batch_entries(host, answers)
+        if cover is not None:
+            entries.append({"h": host, **cover})  # its own entry: a compact entry has its own q/n/s
+        elif finished_round is not None and not entries:
+            entries.append({"h": host, "a": "[]"})
         if finished_round is not None:
-            if not entries:
-                entries.append({"h": host, "a": "[]"})
             entries[-1]["r"] = str(finished_round)
             entries[-1]["u"] = json.dumps(list(unasked), separators=(",", ":"))
         ids: list[str] = []

@@ -20,8 +20,9 @@ import redis
 from vmq.codec import RawEntry, stream_id_ms
 from vmq.keys import Keys
 from vmq.model import WIRE_VERSION_RELAYED
-from vmq.relayed import MAX_AGENT_DOC_BYTES, AgentBatch, AgentBatchResult
+from vmq.relayed import MAX_AGENT_DOC_BYTES, AgentBatch, AgentBatchResult, CoverBatch
 from vmq.store.client import StorePart, raw_client, translate_errors
+from vmq.store.covers import RedisCovers
 from vmq.store.client import text as _text
 
 #: Rounds of relay marks kept behind the newest ones written (each a member per host).
@@ -63,6 +64,7 @@ class RedisReplies(StorePart):
         self._raw = raw_client(client)
         self._advance_cursor = self._script("advance_cursor.lua")
         self._relay_apply = self._script("relay_apply.lua")
+        self.covers = RedisCovers(client, keys)
 
     def read_replies(self, after_id: str, up_to_ms: int, count: int) -> tuple[list[RawEntry], int]:
         """Reply-stream entries after ``after_id`` that arrived at or before ``up_to_ms``, as Redis sends
@@ -116,11 +118,24 @@ class RedisReplies(StorePart):
         return _text(value) if value else "0-0"
 
     def last_rounds(self, vms: Sequence[str]) -> list[float | None]:
-        """Each VM's highest answered round (or registration mark), for replay detection."""
+        """Each VM's highest answered round (or registration mark); a covered VM's is its host's applied round."""
+        return self.answer_rounds(vms)[0]
+
+    def answer_rounds(self, vms: Sequence[str]) -> tuple[list[float | None], list[str]]:
+        """``last_rounds``, and which of ``vms`` are covered by their host (vmq.store.covers)."""
         if not vms:
-            return []
+            return [], []
         with translate_errors("ZMSCORE last round"):
-            return list(self.r.zmscore(self.keys.last_round, vms))
+            rounds: list[float | None] = list(self.r.zmscore(self.keys.last_round, vms))
+        covered = self.covers.resolve(vms, rounds)
+        if covered:
+            rounds = [float(covered[vm][0]) if vm in covered else r for vm, r in zip(vms, rounds, strict=True)]
+        return rounds, sorted(covered)
+
+    def release_covered(self, vms: Sequence[str]) -> None:
+        """Take covered VMs that answered on another path out of their host's cover (vmq.store.covers)."""
+        if vms:
+            self.covers.release(vms)
 
     def record_replies(
         self,
@@ -185,6 +200,15 @@ class RedisReplies(StorePart):
             result.healing.append((_text(healing[i]), int(healing[i + 1]), int(healing[i + 2])))
         return result
 
+    def apply_cover_batches(self, batches: Sequence[CoverBatch]) -> AgentBatchResult:
+        """Apply hosts' cover entries (vmq.store.covers.RedisCovers.apply)."""
+        return self.covers.apply(batches)
+
+    def covered_late(self, round_id: int) -> dict[str, int]:
+        """Covered VMs silent for ``round_id`` because their host's entry for it was not applied, with the round
+        their host last vouched for (vmq.store.covers.RedisCovers.late)."""
+        return self.covers.late(round_id)
+
     def silent_since(self, round_id: int) -> list[str]:
         """VMs with no valid reply to ``round_id`` or later."""
         with translate_errors("silent VMs"):
@@ -196,11 +220,18 @@ class RedisReplies(StorePart):
             return int(self.r.zcount(self.keys.last_round, round_id, "+inf"))
 
     def last_seen_many(self, vms: Sequence[str]) -> list[float | None]:
-        """Arrival ms of each VM's latest valid reply."""
+        """Arrival ms of each VM's latest valid reply (a covered VM's: its host's latest applied entry)."""
         if not vms:
             return []
         with translate_errors("ZMSCORE last seen"):
-            return list(self.r.zmscore(self.keys.last_seen, vms))
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zmscore(self.keys.last_seen, vms)
+            pipe.zmscore(self.keys.last_round, vms)
+            seen, rounds = pipe.execute()
+        covered = self.covers.resolve(vms, rounds)
+        if not covered:
+            return list(seen)
+        return [max(float(covered[vm][1]), s or 0.0) if vm in covered else s for vm, s in zip(vms, seen, strict=True)]
 
     def account_trimmed(self, info: Mapping[str, Any], read: int, cursor: str) -> int:
         """Count replies trimmed from the stream before they were read, on one consistent view of it

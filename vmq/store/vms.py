@@ -25,6 +25,7 @@ from vmq.model import (
 )
 from vmq.policy import can_transition
 from vmq.store.client import StorePart, translate_errors
+from vmq.store.covers import RedisCovers
 from vmq.store.client import text as _text
 
 #: VMs per call of vmq/lua/placements.lua: Redis runs each call alone, ≈ 1 ms per 1,000 VMs.
@@ -41,6 +42,7 @@ class RedisVms(StorePart):
         self._claim = self._script("claim.lua")
         self._place = self._script("place.lua")
         self._placements = self._script("placements.lua")
+        self.covers = RedisCovers(client, keys)
 
     # ------------------------------------------------------------------ reading
     def records(self, vms: Sequence[str]) -> list[VmRecord]:
@@ -262,7 +264,7 @@ class RedisVms(StorePart):
         mark = self._monitoring_mark()
         with translate_errors("start monitoring"):
             pipe = self.r.pipeline(transaction=True)
-            pipe.zadd(self.keys.last_round, {vm: mark})
+            self.covers.release([vm], mark, client=pipe)  # out of its host's cover: answers owed from the mark on
             pipe.hset(self.keys.vm(vm), "monitored_since_ms", now_ms)
             pipe.execute()
 

@@ -1,0 +1,121 @@
+"""Per-host cover of agent VMs in Redis (docs/protocol.md, "Cover entries"; vmq/lua/relay_cover.lua).
+
+A covered VM's ``last_round`` is COVERED_ROUND: the round its host's latest cover entry was applied for stands
+for it. So a round costs Redis and the monitor O(hosts + changes), not O(VMs). Whatever reads a VM's last answered
+round or arrival resolves a covered VM through its owner here; a host whose entry for a round has not arrived
+by that round's deadline leaves its covered VMs silent for that round (``late``), with its relay not finished,
+so their silence is no evidence (host liveness decides, vmq.judge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from vmq.keys import Keys
+from vmq.model import WIRE_VERSION_RELAYED
+from vmq.relayed import COVERED_ROUND, MAX_AGENT_DOC_BYTES, AgentBatchResult, CoverBatch
+from vmq.store.client import StorePart, translate_errors
+from vmq.store.client import text as _text
+
+#: Rounds of relay finish marks kept behind the newest one written (as vmq.store.replies.RELAY_ROUNDS_KEPT).
+MARKS_KEPT = 256
+
+
+def parse_covers(raw: Any) -> tuple[int, int, int]:
+    """(round, arrival ms, base round) of one ``relay_covers`` value ("<round> <arrival> <base> <final>"); zeros
+    when absent or unreadable."""
+    parts = _text(raw).split() if raw else []
+    try:
+        return int(parts[0]), int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return 0, 0, 0
+
+
+class RedisCovers(StorePart):
+    """The cover state: applying hosts' cover entries, releasing VMs from it, resolving covered VMs."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__(client, keys)
+        self._apply = self._script("relay_cover.lua")
+        self._release = self._script("cover_release.lua")
+
+    def apply(self, batches: Sequence[CoverBatch]) -> AgentBatchResult:
+        """Apply cover entries (round and nonce already checked) in stream order, in one script call: accepted
+        counts the covered VMs that answered, stale the entries not newer than their host's applied round."""
+        if not batches:
+            return AgentBatchResult()
+        k = self.keys
+        cover, pending, silent = k.relay_cover_prefixes()
+        args: list[Any] = [k.vm_prefix, cover, pending, silent, int(COVERED_ROUND), WIRE_VERSION_RELAYED,
+                           MAX_AGENT_DOC_BYTES, MARKS_KEPT]
+        for b in batches:
+            args += [b.host, b.round, b.arrival_ms, b.base, "1" if b.listing is not None else "0",
+                     b.listing or b"", b.silent, " ".join(b.unasked), b.params, "1" if b.final else "0"]
+        with translate_errors("apply cover entries"):
+            applied, stale, answers, refused, healing = self._apply(
+                keys=[k.last_round, k.last_seen, k.last_reply, k.attention, k.relay_covers, k.relay_cover_owner,
+                      k.relay_rounds, k.relay_unasked], args=args)
+        result = AgentBatchResult(accepted=int(answers), stale=int(stale))
+        for i in range(0, len(refused), 3):
+            result.rejects[_text(refused[i])] = (int(refused[i + 1]), _text(refused[i + 2]))
+        for i in range(0, len(healing), 3):
+            result.healing.append((_text(healing[i]), int(healing[i + 1]), int(healing[i + 2])))
+        return result
+
+    def release(self, vms: Sequence[str], mark: float | None = None, client: Any = None) -> Any:
+        """Take ``vms`` out of their hosts' cover: each gets ``mark`` as its last round (a restart's fresh
+        start), or without one the round its host last vouched for. Their host's next entry vouches for them
+        again. ``client``: a pipeline to queue on."""
+        k = self.keys
+        cover, pending, silent = k.relay_cover_prefixes()
+        args: list[Any] = [pending, cover, silent, int(COVERED_ROUND), "" if mark is None else repr(float(mark)),
+                           *vms]
+        with translate_errors("release cover"):
+            return self._release(keys=[k.last_round, k.last_seen, k.relay_covers, k.relay_cover_owner], args=args,
+                                 client=client)
+
+    def resolve(self, vms: Sequence[str], rounds: Sequence[float | None]) -> dict[str, tuple[int, int]]:
+        """For the VMs whose ``rounds`` (their ``last_round`` scores) say covered: (round, arrival ms) their host
+        last vouched for."""
+        covered = [vm for vm, r in zip(vms, rounds, strict=True) if r is not None and r >= COVERED_ROUND]
+        if not covered:
+            return {}
+        k = self.keys
+        with translate_errors("resolve covered VMs"):
+            owners = [_text(o) if o else "" for o in self.r.hmget(k.relay_cover_owner, covered)]
+            hosts = sorted({o for o in owners if o})
+            states = dict(zip(hosts, self.r.hmget(k.relay_covers, hosts))) if hosts else {}
+        out: dict[str, tuple[int, int]] = {}
+        for vm, host in zip(covered, owners, strict=True):
+            r, arrival, _ = parse_covers(states.get(host))
+            out[vm] = (r, arrival)
+        return out
+
+    def late(self, round_id: int) -> dict[str, int]:
+        """Covered VMs whose host's applied round is older than ``round_id``: silent for it, with the round their
+        host last vouched for (their silence is no evidence unless their relay finished the round: vmq.judge)."""
+        k = self.keys
+        with translate_errors("late covers"):
+            states = {_text(h): parse_covers(v) for h, v in self.r.hgetall(k.relay_covers).items()}
+            late = sorted(h for h, (r, _, _) in states.items() if r < round_id)
+            if not late:
+                return {}
+            pipe = self.r.pipeline(transaction=False)
+            for host in late:
+                pipe.smembers(k.relay_cover(host))
+                pipe.smembers(k.relay_cover_silent(host))
+            rows = pipe.execute()
+            out: dict[str, int] = {}
+            for i, host in enumerate(late):
+                silent = rows[2 * i + 1]
+                candidates = [_text(vm) for vm in rows[2 * i] if vm not in silent]
+                if not candidates:
+                    continue
+                owners = self.r.hmget(k.relay_cover_owner, candidates)
+                for vm, owner in zip(candidates, owners, strict=True):
+                    if owner and _text(owner) == host:
+                        out[vm] = states[host][0]
+        return out
