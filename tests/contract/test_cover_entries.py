@@ -13,7 +13,7 @@ from tests.contract.test_monitor_store import HOST_A, HOST_B, SECRET, World
 from tests.contract.test_relayed_answers import agent_vm
 from vmq.model import ProbePath, VmState
 from vmq.relay_cover import cover_fields
-from vmq.relayed import COVERED_ROUND
+from vmq.relayed import COVERED_ROUND, MAX_AGENT_DOC_BYTES
 
 
 def cover(world: World, host: str, round_id: int, silent: tuple[str, ...] = (), listing: list[str] | None = None,
@@ -201,3 +201,25 @@ def test_a_partial_entry_alone_heals_who_answered_but_makes_no_silence_evidence(
     assert judged(world, second) == []
     assert "did not report this round finished" in world.record("a-2")["decision"]
     assert world.store.replies.last_rounds(["a-1", "a-2"]) == [float(second), float(base)]
+
+
+def test_state_parameters_are_saved_for_vouched_answers_and_bad_ones_are_refused(world: World) -> None:
+    base = covered_fleet(world, ["a-1", "a-2", "a-3"])
+    second = world.probe()
+    params = {"a-1": {"latency_ms": 1.3, "info": {"os_id": "debian"}}, "a-2": {"info": {"os_id": "rhel"}},
+              "a-3": {"info": {"junk": "x" * MAX_AGENT_DOC_BYTES}}, "ghost": {"info": {}}, "bad name": {}}
+    fields = cover_fields(second, world.nonce(second), base, None, {"a-2"}, params)
+    world.store.relays.append(HOST_A, [], second, [], cover=fields)
+    report = world.tick_after_arrivals()
+    assert report.rejected == {"oversized": 1, "malformed": 1}
+    saved = json.loads(world.client.hget(world.keys.last_reply, "a-1"))
+    assert saved == {"v": 1, "vm": "a-1", "round": second, "via": "agent", "host": HOST_A,
+                     "params": {"latency_ms": 1.3, "info": {"os_id": "debian"}}}
+    assert world.client.hget(world.keys.last_reply, "a-2") is None, "a-2 did not answer: nothing of it is saved"
+    assert world.client.hget(world.keys.last_reply, "ghost") is None
+    third = world.probe()
+    xadd = {"h": HOST_A, **cover_fields(third, world.nonce(third), base, None, set()), "s": "{not json",
+            "r": str(third), "u": "[]"}
+    world.client.xadd(world.keys.relay_stream, xadd)
+    report = world.tick_after_arrivals()
+    assert report.rejected == {"malformed": 1} and judged(world, third) == []

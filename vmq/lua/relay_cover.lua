@@ -9,13 +9,13 @@
 -- partial entry (calls still running) may be followed by more of the same round; only the final one marks the
 -- round finished, after which that round is closed.
 -- KEYS: last_round, last_seen, last_reply, attention, covers, owner, relay_rounds, relay_unasked
--- ARGV: vm key prefix, cover/pending/silent key prefixes, COVERED, wire version, largest saved document (bytes),
---       rounds of finish marks kept, then 10 per entry: host, round, arrival ms, base round, full ('1'/'0'),
---       listing (names separated by spaces), silent names, unasked names, state params ('' or JSON vm -> params),
+-- ARGV: vm key prefix, cover/pending/silent key prefixes, COVERED, (unused), (unused), rounds of finish marks kept, then 10 per entry: host, round, arrival ms, base round, full ('1'/'0'),
+--       listing (names separated by spaces), silent names, unasked names, saved answer documents ("<vm> <JSON>"
+--       lines, built and size-checked by the monitor),
 --       final ('1': it marks the round finished; '0': partial)
 -- Returns {applied entries, stale entries, answers, {reason, count, first, ...}, {vm, round, arrival, ...} to heal}.
 local vm_prefix, cover_prefix, pending_prefix, silent_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local COVERED, version, max_doc, kept = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local COVERED, kept = tonumber(ARGV[5]), tonumber(ARGV[8])
 local applied, stale, answers = 0, 0, 0
 local rejects, order, heal = {}, {}, {}
 local newest = 0
@@ -199,22 +199,14 @@ local function apply(b)
       end
     end
   end
-  if params ~= '' then
-    local ok, by_vm = pcall(cjson.decode, params)
-    if not ok or type(by_vm) ~= 'table' then
-      reject('malformed', '')
-    else
-      for vm, p in pairs(by_vm) do
-        if type(vm) == 'string' and type(p) == 'table' and not now_silent[vm]
-            and redis.call('HGET', KEYS[6], vm) == host then
-          local doc = cjson.encode({v = tonumber(version), vm = vm, round = r, via = 'agent', host = host,
-                                    params = p})
-          if #doc <= max_doc then
-            redis.call('HSET', KEYS[3], vm, doc)
-          else
-            reject('oversized', vm)
-          end
-        end
+  -- State parameters: saved answer documents built by the monitor ("<vm> <document>" lines), for VMs this host
+  -- vouches answered.
+  for line in string.gmatch(params, '[^\n]+') do
+    local space = string.find(line, ' ', 1, true)
+    if space then
+      local vm = string.sub(line, 1, space - 1)
+      if not now_silent[vm] and redis.call('HGET', KEYS[6], vm) == host then
+        redis.call('HSET', KEYS[3], vm, string.sub(line, space + 1))
       end
     end
   end

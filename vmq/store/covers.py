@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import redis
 
-from vmq.keys import Keys
-from vmq.model import WIRE_VERSION_RELAYED
+from vmq.keys import Keys, valid_name
+from vmq.model import WIRE_VERSION_RELAYED, ProbePath, RejectReason
 from vmq.relayed import COVERED_ROUND, MAX_AGENT_DOC_BYTES, AgentBatchResult, CoverBatch
 from vmq.store.client import StorePart, translate_errors
 from vmq.store.client import text as _text
@@ -34,6 +35,36 @@ def parse_covers(raw: Any) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
+def saved_documents(batch: CoverBatch, refused: dict[str, tuple[int, str]]) -> bytes:
+    """The answer documents to save (``<ns>:last:reply``) from a cover entry's state parameters, as "<vm> <JSON>"
+    lines for relay_cover.lua (which saves those of VMs the host vouches answered); a malformed ``s`` or an
+    oversized document is counted in ``refused`` (reason -> count, first VM)."""
+
+    def refuse(reason: str, vm: str) -> None:
+        count, first = refused.get(reason, (0, vm))
+        refused[reason] = (count + 1, first)
+
+    try:
+        by_vm = orjson.loads(batch.params)
+    except orjson.JSONDecodeError:
+        by_vm = None
+    if not isinstance(by_vm, dict):
+        refuse(RejectReason.MALFORMED.value, "")
+        return b""
+    lines = []
+    for vm, params in by_vm.items():
+        if not valid_name(vm) or not isinstance(params, dict):
+            refuse(RejectReason.MALFORMED.value, "")
+            continue
+        doc = orjson.dumps({"v": WIRE_VERSION_RELAYED, "vm": vm, "round": batch.round, "via": ProbePath.AGENT.value,
+                            "host": batch.host, "params": params})
+        if len(doc) > MAX_AGENT_DOC_BYTES:
+            refuse(RejectReason.OVERSIZED.value, vm)
+            continue
+        lines.append(vm.encode() + b" " + doc)
+    return b"\n".join(lines)
+
+
 class RedisCovers(StorePart):
     """The cover state: applying hosts' cover entries, releasing VMs from it, resolving covered VMs."""
 
@@ -49,18 +80,21 @@ class RedisCovers(StorePart):
             return AgentBatchResult()
         k = self.keys
         cover, pending, silent = k.relay_cover_prefixes()
-        args: list[Any] = [k.vm_prefix, cover, pending, silent, int(COVERED_ROUND), WIRE_VERSION_RELAYED,
-                           MAX_AGENT_DOC_BYTES, MARKS_KEPT]
+        args: list[Any] = [k.vm_prefix, cover, pending, silent, int(COVERED_ROUND), "", "", MARKS_KEPT]
+        refused: dict[str, tuple[int, str]] = {}
         for b in batches:
+            docs = saved_documents(b, refused) if b.params else b""
             args += [b.host, b.round, b.arrival_ms, b.base, "1" if b.listing is not None else "0",
-                     b.listing or b"", b.silent, " ".join(b.unasked), b.params, "1" if b.final else "0"]
+                     b.listing or b"", b.silent, " ".join(b.unasked), docs, "1" if b.final else "0"]
         with translate_errors("apply cover entries"):
-            applied, stale, answers, refused, healing = self._apply(
+            applied, stale, answers, lua_refused, healing = self._apply(
                 keys=[k.last_round, k.last_seen, k.last_reply, k.attention, k.relay_covers, k.relay_cover_owner,
                       k.relay_rounds, k.relay_unasked], args=args)
-        result = AgentBatchResult(accepted=int(answers), stale=int(stale))
-        for i in range(0, len(refused), 3):
-            result.rejects[_text(refused[i])] = (int(refused[i + 1]), _text(refused[i + 2]))
+        result = AgentBatchResult(accepted=int(answers), stale=int(stale), rejects=refused)
+        for i in range(0, len(lua_refused), 3):
+            reason, count, first = _text(lua_refused[i]), int(lua_refused[i + 1]), _text(lua_refused[i + 2])
+            mine = result.rejects.get(reason)
+            result.rejects[reason] = (count, first) if mine is None else (mine[0] + count, mine[1])
         for i in range(0, len(healing), 3):
             result.healing.append((_text(healing[i]), int(healing[i + 1]), int(healing[i + 2])))
         return result
