@@ -40,12 +40,14 @@ def probe_round(self: Task) -> dict[str, Any]:
     A round refused as another beat's duplicate (see Monitor.probe_from_beat) does nothing at all.
     """
     settings = settings_of(self.app)
-    started = monitor_of(self.app).probe_from_beat()
+    monitor = monitor_of(self.app)
+    started = monitor.probe_from_beat()
     if started is None:
         return {"round": None, "duplicate": True}
     round_id, sent_ms, report = started
     judge_round.apply_async(args=[round_id], countdown=settings.reply_timeout_s + JUDGE_SLACK_S)
-    drain_replies.apply_async(countdown=settings.probe_interval_s * DRAIN_AT)
+    if monitor.drain_due():  # a burst of guests' replies to verify early (not with relayed VMs only)
+        drain_replies.apply_async(countdown=settings.probe_interval_s * DRAIN_AT)
     return {"round": round_id, "sent_ms": sent_ms, "judged_rounds": report.judged_rounds}
 
 

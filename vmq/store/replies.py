@@ -111,6 +111,19 @@ class RedisReplies(StorePart):
         pipe.xinfo_stream(self.source.stream)
         pipe.hget(self.keys.stats, self.source.read_field)
 
+    def entries_added(self) -> int | None:
+        """Answers ever added to this stream (``XINFO STREAM`` ``entries-added``; 0 before the first, None before
+        Redis 7.0)."""
+        with translate_errors("XINFO replies"):
+            try:
+                info = self.r.xinfo_stream(self.source.stream)
+            except redis.ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    return 0
+                raise
+        added = info.get("entries-added")
+        return None if added is None else int(added)
+
     def reply_cursor(self) -> str:
         """Id of the last reply-stream entry ingested ("0-0" before the first)."""
         with translate_errors("GET cursor"):
