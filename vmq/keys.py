@@ -96,31 +96,32 @@ class Keys:
         """Sorted set VM -> the latest round its host's relay could not ask it (its silence then is no evidence)."""
         return self._k("relayed", "unasked")
 
-    # -- per-host cover (agent VMs whose host vouches, round by round, that they answered: docs/protocol.md)
+    # -- per-host cover (agent VMs whose host vouches, round by round, that they answered: docs/protocol.md).
+    # Host workers may write them (a restart starts a VM's account afresh: vmq.store.covers.RedisCovers.release).
     @property
     def relay_covers(self) -> str:
         """Hash host -> "<round> <arrival ms> <base round>": the latest round the host's cover entry was applied,
         when it arrived, and the round of the full listing its entries are relative to (vmq/lua/relay_cover.lua)."""
-        return self._k("relayed", "covers")
+        return self._k("cover", "hosts")
 
     @property
     def relay_cover_owner(self) -> str:
         """Hash vm -> the host whose cover vouches for it (a covered VM's ``last_round`` is COVERED_ROUND)."""
-        return self._k("relayed", "owner")
+        return self._k("cover", "owner")
 
     def relay_cover(self, host: str) -> str:
         """Set of the VMs ``host``'s full listing named and Redis vouched for (their record places them there
         on the agent path)."""
-        return self._k("relayed", "cover", host)
+        return self._k("cover", "vms", host)
 
     def relay_cover_pending(self, host: str) -> str:
         """Set of the VMs ``host`` lists but Redis could not vouch for yet (or released): asked again each entry."""
-        return self._k("relayed", "pending", host)
+        return self._k("cover", "pending", host)
 
     def relay_cover_silent(self, host: str) -> str:
         """Set of ``host``'s covered VMs that did not answer its latest applied round (their ``last_round`` is
         their real last answered round)."""
-        return self._k("relayed", "silent", host)
+        return self._k("cover", "silent", host)
 
     def relay_cover_prefixes(self) -> tuple[str, str, str]:
         """What ``relay_cover``, ``relay_cover_pending`` and ``relay_cover_silent`` put before a host's name."""

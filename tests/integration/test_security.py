@@ -296,6 +296,10 @@ def test_the_host_user_does_what_a_host_worker_does(acl_redis: StackRedis) -> No
     host_store.hosts.set_host_fields(host, {"relay_seen_ms": host_store.clock.time_ms()})
     restarted = [f for _, f in monitor_store.audit.read(count=10_000) if f.get("vm") == vm]
     assert any(f.get("type") == "restarted" for f in restarted), restarted
+    # A path change the inventory detects starts the VM's account afresh, taking it out of its host's cover.
+    monitor_store.client.hset(keys.relay_cover_owner, vm, host)
+    host_store.vms.start_monitoring(vm, host_store.clock.time_ms())
+    assert monitor_store.client.smembers(keys.relay_cover_pending(host)) == {vm.encode()}
     monitor_store.client.close()
     host_store.client.close()
 

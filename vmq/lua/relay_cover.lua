@@ -211,7 +211,7 @@ local function apply(b)
     end
   end
   local size = redis.call('SCARD', cover_key) - #still
-  if size > 0 then answers = answers + size end
+  if final and size > 0 then answers = answers + size end  -- counted once per round: with its final entry
   if full then have_base = r end
   redis.call('HSET', KEYS[5], host, r .. ' ' .. arrival .. ' ' .. have_base .. ' ' .. (final and '1' or '0'))
   if final then
