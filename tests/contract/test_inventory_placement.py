@@ -107,6 +107,19 @@ def test_a_vm_shut_off_on_two_live_hosts_stays_where_it_was_until_its_host_dies(
     assert placement(world) == (HOST_B, "shutoff")
 
 
+def test_a_shut_off_definition_never_takes_a_vm_that_ran_on_a_host_that_went_silent(world: World) -> None:
+    """Issue 18's race: the host worker of the host running the VM dies (its heartbeat expires, the host may well
+    be running it still) and another host lists a shut-off definition of it: the record stays where the VM ran,
+    so the sweep marks it `unreachable` there, never "shut off on the other host"."""
+    sync_inventory(world.store, node(HOST_A, DomainStatus.RUNNING), HOST_A, TTL_S)
+    world.store.hosts.drop_heartbeat(HOST_A)
+    for _ in range(2):
+        sync_inventory(world.store, node(HOST_B, DomainStatus.SHUTOFF), HOST_B, TTL_S)
+        assert placement(world) == (HOST_A, "running")
+    sync_inventory(world.store, node(HOST_B, DomainStatus.RUNNING), HOST_B, TTL_S)  # started there: it moves
+    assert placement(world) == (HOST_B, "running")
+
+
 def test_a_shut_off_definition_takes_over_a_vm_whose_recorded_domain_vanished_from_its_live_host(
         world: World) -> None:
     sync_inventory(world.store, node(HOST_A, DomainStatus.SHUTOFF), HOST_A, TTL_S)

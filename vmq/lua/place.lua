@@ -7,7 +7,7 @@
 --       listed_us (Redis time in µs before this host listed its domains; 0: unknown)
 -- status 'absent' means the domain vanished from this host's listing: only the host the record names
 -- marks it absent. An inactive domain (shut off, crashed) never takes the record from another live host
--- that has the domain defined: the host where it is active keeps the VM, and two stale definitions do not
+-- that has the domain defined, nor from a gone host where it was last seen active: the host where it is active keeps the VM, and two stale definitions do not
 -- take it from each other in turn. An active domain takes the record (that is how a move is seen), except one
 -- paused by a live migration: the destination's copy while memory is copied in, the source's at the switch-over;
 -- it claims only like an inactive one, so a migration moves the record once, when the destination runs.
@@ -40,8 +40,11 @@ local listed_us = tonumber(ARGV[10] or '0') or 0
 if elsewhere and listed_us > 0 and listed_us < (tonumber(redis.call('HGET', vm_key, 'placed_us') or '0') or 0) then
   return {0, owner, 0, 0}
 end
+-- Nor does an inactive definition take a VM that was active on its host when that host went silent: the host
+-- may be cut off, not off, and the VM still running there (issue 18); it stays there, `unreachable`, until it is
+-- seen active somewhere or its host answers again.
 if not claims and elsewhere and old_status ~= 'absent'
-    and redis.call('EXISTS', ARGV[7] .. owner .. ARGV[8]) == 1 then
+    and (redis.call('EXISTS', ARGV[7] .. owner .. ARGV[8]) == 1 or (not active[status] and active[old_status])) then
   return {0, owner, 0, 0}
 end
 
