@@ -39,8 +39,8 @@ from guests import ProcessFleet, ReplyMaker, state_params
 
 from vmq.config import load_settings
 from vmq.relay import INFO_EVERY_ROUNDS, info_due
-from vmq.relay_cover import CoverKeeper
 from vmq.relay_answers import Answer, agent_answer, channel_answer
+from vmq.relay_cover import CoverKeeper
 from vmq.responder import parse_probe
 from vmq.store.redis import RedisStore
 

@@ -90,7 +90,7 @@ class RedisCovers(StorePart):
             args += [b.host, b.round, b.arrival_ms, b.base, "1" if b.listing is not None else "0",
                      b.listing or b"", b.silent, " ".join(b.unasked), docs, "1" if b.final else "0"]
         with translate_errors("apply cover entries"):
-            applied, stale, answers, lua_refused, healing = self._apply(
+            _applied, stale, answers, lua_refused, healing = self._apply(
                 keys=[k.last_round, k.last_seen, k.last_reply, k.attention, k.relay_covers, k.relay_cover_owner,
                       k.relay_rounds, k.relay_unasked], args=args)
         result = AgentBatchResult(accepted=int(answers), stale=int(stale), rejects=refused)

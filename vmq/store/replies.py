@@ -22,8 +22,8 @@ from vmq.keys import Keys
 from vmq.model import WIRE_VERSION_RELAYED
 from vmq.relayed import MAX_AGENT_DOC_BYTES, AgentBatch, AgentBatchResult, CoverBatch
 from vmq.store.client import StorePart, raw_client, translate_errors
-from vmq.store.covers import RedisCovers
 from vmq.store.client import text as _text
+from vmq.store.covers import RedisCovers
 
 #: Rounds of relay marks kept behind the newest ones written (each a member per host).
 RELAY_ROUNDS_KEPT = 256

@@ -25,8 +25,8 @@ from vmq.model import (
 )
 from vmq.policy import can_transition
 from vmq.store.client import StorePart, translate_errors
-from vmq.store.covers import RedisCovers
 from vmq.store.client import text as _text
+from vmq.store.covers import RedisCovers
 
 #: VMs per call of vmq/lua/placements.lua: Redis runs each call alone, ≈ 1 ms per 1,000 VMs.
 PLACEMENTS_PER_CALL = 1000
