@@ -28,6 +28,7 @@ from vmq.config import load_settings
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
 from vmq.keys import Keys
+from vmq.relayed import RelayedAnswers
 from vmq.model import DomainInfo, DomainStatus
 from vmq.relay import ProbeRelay
 from vmq.sim.localcluster import LocalRedis
@@ -90,10 +91,11 @@ def measure(url: str, vms: int, hung_share: float, t1_s: float, seconds: float) 
 
     arrivals: dict[tuple[str, int], int] = {}
     batches = 0
+    reader = RelayedAnswers()  # cover entries expanded against the host's listing (compact ones as well)
     for entry_id, fields in client.xrange(keys.relay_stream):
         batches += 1
         arrival_ms = int(entry_id.decode().split("-")[0])
-        for answer in json.loads(fields[b"a"]):
+        for answer in reader.answers((entry_id, fields)):
             arrivals.setdefault((answer["vm"], answer["round"]), arrival_ms)
     per_round = [sum(1 for (_, r) in arrivals if r == round_id) for round_id in sent]
     healthy = [n for n in names if n not in hung]

@@ -355,11 +355,13 @@ class ProbeRelay:
         return True
 
     def _write_partial(self) -> None:
-        """Calls of the round still run a flush interval after its probe: write the agent answers in so far as a
-        partial cover entry (no finish mark), so a hung agent delays no other VM's answer. Once per round."""
-        self._partial_at = float("inf")
-        fields = None if self.cover is None else self.cover.fields(self._round)
-        if fields is None or self.cover is None:
+        """Calls of the round still run: write the agent answers in so far as a partial cover entry (no finish
+        mark), so a hung agent delays no other VM's answer; again a flush interval later if more came in."""
+        self._partial_at = self._clock() + self.outbox.flush_interval_s
+        if self.cover is None or not self.cover.unwritten():
+            return
+        fields = self.cover.fields(self._round)
+        if fields is None:
             return
         try:
             self._store().relays.append(self.host, [], cover=fields)

@@ -5,8 +5,9 @@ Per round the host states which of the VMs it asked did not answer (``x``), rela
 of the VMs it asks (``f``, written in the round ``c`` names): at its first round, whenever the VMs it asks
 change, and every ``full_every`` to ``2 full_every`` rounds, in a round that depends on the host (so a listing Redis
 did not apply is repaired within that many rounds, and hosts started together do not list all at once).
-When some calls are still running a flush interval after the probe, a partial entry (no finish mark) carries the
-answers in so far, so a hung agent delays no other VM's answer; the final entry follows when the round ends.
+While some calls are still running, partial entries (no finish mark) carry the answers in so far, at most one per
+flush interval and only when answers came in, so a hung agent delays no other VM's answer; the final entry
+follows when the round ends.
 Redis vouches for each listed VM once per listing and keeps the others covered (vmq/lua/relay_cover.lua).
 Pure bookkeeping: no Redis, no libvirt, no threads (ProbeRelay's loop thread calls it).
 """
@@ -87,6 +88,10 @@ class CoverKeeper:
         return cover_fields(round_id, self._nonce, round_id if self._full else self.base,
                             self._asked if self._full else None, silent,
                             {vm: p for vm, p in self._params.items() if vm in asked})
+
+    def unwritten(self) -> int:
+        """Answers noted since the last entry was written."""
+        return len(self._ready)
 
     def delays(self, now_s: float) -> list[float]:
         """How long (ms) each answer noted since the last call waited to be written, as of ``now_s``."""
