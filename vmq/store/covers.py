@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import redis
 
-from vmq.keys import Keys, valid_name
+from vmq.keys import Keys
 from vmq.model import WIRE_VERSION_RELAYED, ProbePath, RejectReason
 from vmq.relayed import COVERED_ROUND, MAX_AGENT_DOC_BYTES, AgentBatchResult, CoverBatch
 from vmq.store.client import StorePart, translate_errors
@@ -57,7 +57,9 @@ def saved_documents(batch: CoverBatch, refused: dict[str, tuple[int, str]]) -> b
     head = b'{"v":%d,"via":"%s","host":%s,"round":%d,"vm":"' % (
         WIRE_VERSION_RELAYED, ProbePath.AGENT.value.encode(), orjson.dumps(batch.host), batch.round)
     for vm, params in by_vm.items():
-        if not isinstance(params, dict) or not valid_name(vm):
+        # The name only has to keep the line format (no space, no line break): Redis saves the document only for
+        # a VM this host covers, whose name is a valid one.
+        if not isinstance(params, dict) or not vm or " " in vm or "\n" in vm or "\r" in vm:
             refuse(RejectReason.MALFORMED.value, "")
             continue
         doc = head + vm.encode() + b'","params":' + orjson.dumps(params) + b"}"
