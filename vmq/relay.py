@@ -28,10 +28,11 @@ from vmq.config import Settings
 from vmq.errors import HypervisorError, StoreError
 from vmq.hypervisor.channel import ChannelRelay, Polled
 from vmq.model import DomainStatus, ProbePath
-from vmq.ports import Hypervisor, ProbeFeed, Store
+from vmq.ports import Hypervisor, Store
 from vmq.relay_agent import FAST_LANE_TIMEOUT_S, HOST_SIDE_REASONS, Called, call_agent
 from vmq.relay_answers import OncePer, Outbox, RelayStats, channel_answer, channel_reply_check
 from vmq.relay_cover import CoverKeeper
+from vmq.relay_feed import FeedKeeper
 from vmq.responder import parse_probe
 
 __all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay", "info_due"]
@@ -46,7 +47,6 @@ FLUSH_INTERVAL_S = 0.05
 TICK_S = 0.01  # the loop's wait while answers are pending
 IDLE_WAIT_S = 0.05
 CHANNEL_WAIT_S = 0.02  # channel polls alternate with probe reads this often
-BACKOFF_FIRST_S, BACKOFF_CAP_S = 0.2, 5.0
 SUMMARY_INTERVAL_S = 60.0
 RECENT_ROUNDS = 8
 
@@ -99,8 +99,7 @@ class ProbeRelay:
         self.cover = CoverKeeper(host) if settings.relay_form == "cover" else None
         self._partial_at = float("inf")  # when the round's partial cover entry is due (while calls still run)
         self._recent: deque[int] = deque(maxlen=RECENT_ROUNDS)
-        self._feed: ProbeFeed | None = None
-        self._feed_failures, self._feed_retry_at = 0, 0.0
+        self.feeds = FeedKeeper(host, lambda: self._store().relays.subscribe_probes(), clock, self._feed_lost)
         self._flush_retry_at = 0.0
         self._next_refresh = 0.0
         self._next_summary = clock() + summary_interval_s
@@ -136,9 +135,7 @@ class ProbeRelay:
     def close(self) -> None:
         """Flush what is left, unsubscribe, close the channel links and the pools (calls running are left)."""
         self.flush()
-        if self._feed is not None:
-            self._feed.close()
-            self._feed = None
+        self.feeds.close()
         self._channel.close_all()
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -153,14 +150,14 @@ class ProbeRelay:
         if self._clock() >= self._next_refresh:
             self.refresh()
         self._collect()
-        feed = self._ready_feed()
+        feed = self.feeds.ready()
         channels = bool(self._channel.vms)
         raw: bytes | None = None
         if feed is not None:
             try:
                 raw = feed.get(0.0 if channels else wait_s)
             except StoreError as exc:
-                self._feed_lost(exc)
+                self.feeds.lost(exc)
         elif not channels:
             self._stop.wait(wait_s)
         if raw is not None:
@@ -395,27 +392,7 @@ class ProbeRelay:
             self.stats.counts["heartbeat_failed"] += 1
             self._log_limited("heartbeat", logging.WARNING, "host=%s relay heartbeat failed: %s", self.host, exc)
 
-    # ------------------------------------------------------------------ subscription
-    def _ready_feed(self) -> ProbeFeed | None:
-        """The probe subscription, (re)made when its back-off is over; None while Redis is gone."""
-        if self._feed is None and self._clock() >= self._feed_retry_at:
-            try:
-                self._feed = self._store().relays.subscribe_probes()
-            except StoreError as exc:
-                self._feed_lost(exc)
-            else:
-                if self._feed_failures:
-                    log.info("host=%s relay subscribed to probes again", self.host)
-                self._feed_failures = 0
-        return self._feed
-
-    def _feed_lost(self, exc: StoreError) -> None:
-        if self._feed is not None:
-            self._feed.close()
-            self._feed = None
-        delay_s = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(self._feed_failures, 16))
-        self._feed_failures += 1
-        self._feed_retry_at = self._clock() + delay_s
+    def _feed_lost(self, exc: StoreError, delay_s: float) -> None:
         self.stats.counts["subscribe_failed"] += 1
         self._log_limited("subscribe", logging.WARNING, "host=%s relay lost the probe channel (retry in %.1f s): "
                           "%s", self.host, delay_s, exc)

@@ -233,7 +233,7 @@ def test_the_relay_survives_redis_gone_and_answers_again_when_it_is_back(
         relay.step(0.05)
     assert relay.stats.counts["subscribe_failed"] >= 1 and relay.stats.counts["inventory_failed"] >= 1
     world.store_getter = lambda: world.store  # Redis is back
-    world.run_until(lambda: relay.agent_vms == ["a-1"] and relay._feed is not None, timeout_s=10)
+    world.run_until(lambda: relay.agent_vms == ["a-1"] and relay.feeds.feed is not None, timeout_s=10)
     world.probe()
     world.run_until(lambda: len(world.answers()) == 1)
 
