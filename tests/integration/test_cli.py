@@ -11,6 +11,7 @@ import pytest
 
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.keys import Keys
+from vmq.relayed import CoverBatch
 from vmq.sim.localcluster import LocalRedis
 from vmq.store.redis import RedisStore
 
@@ -54,6 +55,27 @@ def test_check_host_needs_a_fresh_heartbeat_and_a_reachable_libvirt(redis_server
     hosts = json.loads(vmq(redis_server.url, "hosts", "--json").stdout)["hosts"]
     assert [(h["name"], h["alive"], h["degraded"], h["queue"]) for h in hosts] == [("node1", True, True,
                                                                                      "host.node1")]
+
+
+def test_hosts_shows_the_agent_vms_each_host_covers_and_how_far_behind_its_entries_are(
+        redis_server: LocalRedis, store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    for vm in ("a-1", "a-2", "a-3"):
+        store.vms.register_vm(vm, store.clock.time_ms())
+        store.vms.write_many({vm: {"host": "node1", "domain_status": "running", "probe_path_set": "agent"}})
+    store.hosts.heartbeat("node1", {"queue": "host.node1", "seen_ms": store.clock.time_ms()}, 15_000)
+    store.hosts.heartbeat("node2", {"queue": "host.node2", "seen_ms": store.clock.time_ms()}, 15_000)
+    first, _, _ = store.rounds.start_round(new_nonce(), 6000, 64, WIRE_VERSION)
+    store.replies.apply_cover_batches([CoverBatch("node1", first, store.clock.time_ms(), first, b"a-1 a-2 a-3 gone",
+                                                  b"a-3")])
+    for _ in range(2):
+        store.rounds.start_round(new_nonce(), 6000, 64, WIRE_VERSION)
+    hosts = {h["name"]: h for h in json.loads(vmq(redis_server.url, "hosts", "--json").stdout)["hosts"]}
+    assert hosts["node1"]["cover"] == {"round": first, "base": first, "final": True, "covered": 3, "silent": 1,
+                                       "pending": 1, "rounds_behind": 2}
+    assert hosts["node2"]["cover"] is None
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps its table to the terminal's width
+    table = vmq(redis_server.url, "hosts").stdout
+    assert "3 (1 silent, 1 pending), 2 behind" in table
 
 
 def test_disable_and_enable_move_a_vm_out_of_and_back_into_judging(redis_server: LocalRedis,

@@ -98,31 +98,41 @@ def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @one_line_errors
 def hosts(as_json: bool) -> None:
-    """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat."""
+    """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat, relay, the agent VMs it covers."""
     settings, store = open_store()
     now_ms = store.clock.time_ms()
     fresh_ms = settings.host_fresh_ms
     overview = store.hosts.hosts_overview()
     context = store.hosts.host_context([name for name, _, _ in overview], now_ms, fresh_ms)
+    covers = store.replies.cover_states([name for name, _, _ in overview])
+    current = store.rounds.current_round()
     rows: list[dict[str, Any]] = [{"name": name, "alive": alive, "fresh": context[name].alive, "degraded": context[name].degraded,
              "maintenance": context[name].in_maintenance(now_ms), "domains": context[name].vm_count,
              "queue": info.get("queue", ""), "libvirt_uri": info.get("libvirt_uri", ""),
              "relay": ("never" if not context[name].relay_seen_ms else
                        "ok" if context[name].relay_fresh(now_ms, settings.relay_fresh_ms) else "late"),
-             "seen_s_ago": round((now_ms - int(info.get("seen_ms") or 0)) / 1000, 1) if info.get("seen_ms") else None}
+             "seen_s_ago": round((now_ms - int(info.get("seen_ms") or 0)) / 1000, 1) if info.get("seen_ms") else None,
+             # Its agent VMs' cover (docs/protocol.md, "Cover entries"): how far behind the probes its entries are.
+             "cover": ({**covers[name], "rounds_behind": max(0, current - int(covers[name]["round"]))}
+                       if name in covers else None)}
             for name, alive, info in overview]
     if as_json:
         click.echo(json.dumps({"hosts": rows}))
         return
     table = Table(title="hosts")
-    for col in ("host", "state", "domains", "last heartbeat", "relay", "queue", "libvirt"):
+    for col in ("host", "state", "domains", "last heartbeat", "relay", "agent VMs covered", "queue", "libvirt"):
         table.add_column(col)
     for row in rows:
         state = ("[red]down[/]" if not row["alive"] else "[yellow]late[/]" if not row["fresh"]
                  else "[yellow]degraded[/]" if row["degraded"] else "[blue]maintenance[/]" if row["maintenance"]
                  else "[green]up[/]")
         seen = "never" if row["seen_s_ago"] is None else f"{row['seen_s_ago']:.1f}s ago"
-        table.add_row(row["name"], state, str(row["domains"]), seen, row["relay"], row["queue"], row["libvirt_uri"])
+        cover = row["cover"]
+        covered = "-" if cover is None else (
+            f"{cover['covered']} ({cover['silent']} silent, {cover['pending']} pending), "
+            f"{cover['rounds_behind']} behind")
+        table.add_row(row["name"], state, str(row["domains"]), seen, row["relay"], covered, row["queue"],
+                      row["libvirt_uri"])
     Console().print(table)
 
 

@@ -133,6 +133,33 @@ class RedisCovers(StorePart):
             out[vm] = (r, arrival)
         return out
 
+    def host_states(self, hosts: Sequence[str]) -> dict[str, dict[str, int | bool]]:
+        """Per host with a cover (``vmq hosts``): its latest applied round and listing base, whether that entry
+        was final, and how many VMs it covers, of which silent, and how many it lists that Redis could not vouch
+        for (pending)."""
+        k = self.keys
+        names = list(hosts)
+        if not names:
+            return {}
+        with translate_errors("cover states"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(k.relay_covers, names)
+            for host in names:
+                pipe.scard(k.relay_cover(host))
+                pipe.scard(k.relay_cover_silent(host))
+                pipe.scard(k.relay_cover_pending(host))
+            out = pipe.execute()
+        states: dict[str, dict[str, int | bool]] = {}
+        for i, host in enumerate(names):
+            raw = out[0][i]
+            if not raw:
+                continue
+            r, _, base = parse_covers(raw)
+            covered, silent, pending = out[1 + 3 * i: 4 + 3 * i]
+            states[host] = {"round": r, "base": base, "final": _text(raw).endswith(" 1"),
+                            "covered": int(covered), "silent": int(silent), "pending": int(pending)}
+        return states
+
     def late(self, round_id: int) -> dict[str, int]:
         """Covered VMs whose host's applied round is older than ``round_id``: silent for it, with the round their
         host last vouched for (their silence is no evidence unless their relay finished the round: vmq.judge)."""

@@ -222,6 +222,10 @@ class RedisReplies(StorePart):
         their host last vouched for (vmq.store.covers.RedisCovers.late)."""
         return self.covers.late(round_id)
 
+    def cover_states(self, hosts: Sequence[str]) -> dict[str, dict[str, int | bool]]:
+        """Each host's cover as ``vmq hosts`` shows it (vmq.store.covers.RedisCovers.host_states)."""
+        return self.covers.host_states(hosts)
+
     def silent_since(self, round_id: int) -> list[str]:
         """VMs with no valid reply to ``round_id`` or later."""
         with translate_errors("silent VMs"):
