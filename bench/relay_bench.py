@@ -28,9 +28,9 @@ from vmq.config import load_settings
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
 from vmq.keys import Keys
-from vmq.relayed import RelayedAnswers
 from vmq.model import DomainInfo, DomainStatus
 from vmq.relay import ProbeRelay
+from vmq.relayed import RelayedAnswers
 from vmq.sim.localcluster import LocalRedis
 from vmq.store.redis import RedisStore, connect
 

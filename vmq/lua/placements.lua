@@ -2,16 +2,13 @@
 -- KEYS: vm_hash, ...
 -- Returns per key, flattened: state, host, the probe path in force (`vmq path`, else the libvirt metadata's,
 -- else the detected one; nil when none is set: redis).
+-- include: lib_vouch.lua
 local out = {}
 for i = 1, #KEYS do
   local row = redis.call('HMGET', KEYS[i], 'state', 'host', 'probe_path_set', 'intent.probe_path',
                          'probe_path_detected')
-  local path = row[3]
-  if not path or path == '' then path = row[4] end
-  if not path or path == '' then path = row[5] end
-  if not path or path == '' then path = false end
   out[#out + 1] = row[1]
   out[#out + 1] = row[2]
-  out[#out + 1] = path
+  out[#out + 1] = path_in_force(row[3], row[4], row[5])
 end
 return out

@@ -7,10 +7,10 @@
 -- ARGV: vm key prefix, wire version and largest size (bytes) of the saved answer documents, then 5 per batch:
 --       host, round, arrival ms, VM names separated by spaces, state params ('' or a JSON object vm -> params)
 -- Returns {accepted, not newer, {reason, count, first vm, ...}, {vm, round, arrival, ...} of VMs in attention}.
+-- include: lib_vouch.lua
+-- include: lib_refusals.lua
 local prefix, version, max_doc = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local accepted, stale = 0, 0
-local rejects = {}   -- reason -> {count, first vm}
-local order = {}     -- reasons in the order first seen
 local heal = {}     -- vm, round, arrival of VMs in attention that answered
 -- VMs needing attention (not healthy): usually few, read once; when many, asked per VM.
 local attention_size = redis.call('SCARD', KEYS[4])
@@ -26,39 +26,18 @@ local function needs_attention(vm)
 end
 local CHUNK = 1000
 
-local function reject(reason, vm)
-  local seen = rejects[reason]
-  if seen == nil then
-    rejects[reason] = {1, vm}
-    order[#order + 1] = reason
-  else
-    seen[1] = seen[1] + 1
-  end
-end
-
 for b = 4, #ARGV, 5 do
   local host, round, arrival, names, params = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
   local r = tonumber(round)
   local vouched, listed, count = {}, {}, 0
   for vm in string.gmatch(names, '%S+') do
-    local key = prefix .. vm
-    local row = redis.call('HMGET', key, 'host', 'probe_path_set', 'intent.probe_path', 'probe_path_detected')
-    local placed, path = row[1], row[2]  -- the path in force: `vmq path`, the libvirt metadata's, the detected
-    if not path or path == '' then path = row[3] end
-    if not path or path == '' then path = row[4] end
-    if not path or path == '' then path = 'redis' end
-    if placed == host and path == 'agent' then
-      if not vouched[vm] then
-        vouched[vm] = true
-        count = count + 1
-        listed[count] = vm
-      end
-    elseif not placed and not row[2] and not row[3] and not row[4] and redis.call('EXISTS', key) == 0 then
-      reject('unknown_vm', vm)
-    elseif placed ~= host then
-      reject('wrong_host', vm)
-    else
-      reject('wrong_path', vm)
+    local refused = vouch(prefix .. vm, host)
+    if refused then
+      reject(refused, vm)
+    elseif not vouched[vm] then
+      vouched[vm] = true
+      count = count + 1
+      listed[count] = vm
     end
   end
   -- Only an answer to a round newer than the VM's last answered one counts (as on every path): a batch
@@ -110,10 +89,4 @@ for b = 4, #ARGV, 5 do
   end
 end
 
-local refused = {}
-for _, reason in ipairs(order) do
-  refused[#refused + 1] = reason
-  refused[#refused + 1] = rejects[reason][1]
-  refused[#refused + 1] = rejects[reason][2]
-end
-return {accepted, stale, refused, heal}
+return {accepted, stale, refusals(), heal}

@@ -9,26 +9,19 @@
 -- partial entry (calls still running) may be followed by more of the same round; only the final one marks the
 -- round finished, after which that round is closed.
 -- KEYS: last_round, last_seen, last_reply, attention, covers, owner, relay_rounds, relay_unasked
--- ARGV: vm key prefix, cover/pending/silent key prefixes, COVERED, (unused), (unused), rounds of finish marks kept, then 10 per entry: host, round, arrival ms, base round, full ('1'/'0'),
+-- ARGV: vm key prefix, cover/pending/silent key prefixes, COVERED, rounds of finish marks kept, then 10 per entry:
+--       host, round, arrival ms, base round, full ('1'/'0'),
 --       listing (names separated by spaces), silent names, unasked names, saved answer documents ("<vm> <JSON>"
 --       lines, built and size-checked by the monitor),
 --       final ('1': it marks the round finished; '0': partial)
 -- Returns {applied entries, stale entries, answers, {reason, count, first, ...}, {vm, round, arrival, ...} to heal}.
+-- include: lib_vouch.lua
+-- include: lib_refusals.lua
 local vm_prefix, cover_prefix, pending_prefix, silent_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local COVERED, kept = tonumber(ARGV[5]), tonumber(ARGV[8])
+local COVERED, kept = tonumber(ARGV[5]), tonumber(ARGV[6])
 local applied, stale, answers = 0, 0, 0
-local rejects, order, heal = {}, {}, {}
+local heal = {}
 local newest = 0
-
-local function reject(reason, first)
-  local seen = rejects[reason]
-  if seen == nil then
-    rejects[reason] = {1, first}
-    order[#order + 1] = reason
-  else
-    seen[1] = seen[1] + 1
-  end
-end
 
 local function words(text)
   local out, seen = {}, {}
@@ -52,22 +45,6 @@ local function score_of(vm)
   local s = redis.call('ZSCORE', KEYS[1], vm)
   if s then return tonumber(s) end
   return nil
-end
-
--- Is the VM's record on this host, on the agent path (the path in force: `vmq path`, metadata, detected)?
-local function vouch(vm, host)
-  local row = redis.call('HMGET', vm_prefix .. vm, 'host', 'probe_path_set', 'intent.probe_path',
-                         'probe_path_detected')
-  local placed, path = row[1], row[2]
-  if not path or path == '' then path = row[3] end
-  if not path or path == '' then path = row[4] end
-  if not path or path == '' then path = 'redis' end
-  if placed == host and path == 'agent' then return nil end
-  if not placed and not row[2] and not row[3] and not row[4] and redis.call('EXISTS', vm_prefix .. vm) == 0 then
-    return 'unknown_vm'
-  end
-  if placed ~= host then return 'wrong_host' end
-  return 'wrong_path'
 end
 
 -- The host stops vouching for vm: its last answered round becomes the host's last applied one.
@@ -126,7 +103,7 @@ local function apply(b)
     end
     redis.call('DEL', pending_key)
     for _, vm in ipairs(listed) do
-      local refused = vouch(vm, host)
+      local refused = vouch(vm_prefix .. vm, host)
       if refused then
         release(vm, host, last_r, last_arrival)
         redis.call('SADD', pending_key, vm)
@@ -137,7 +114,7 @@ local function apply(b)
     end
   else
     for _, vm in ipairs(redis.call('SMEMBERS', pending_key)) do
-      if not vouch(vm, host) then
+      if not vouch(vm_prefix .. vm, host) then
         redis.call('SREM', pending_key, vm)
         take(vm)
       end
@@ -221,17 +198,11 @@ local function apply(b)
   applied = applied + 1
 end
 
-for b = 9, #ARGV, 10 do
+for b = 7, #ARGV, 10 do
   apply(b)
 end
 if newest > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. (newest - kept))
 end
 
-local refused = {}
-for _, reason in ipairs(order) do
-  refused[#refused + 1] = reason
-  refused[#refused + 1] = rejects[reason][1]
-  refused[#refused + 1] = rejects[reason][2]
-end
-return {applied, stale, answers, refused, heal}
+return {applied, stale, answers, refusals(), heal}

@@ -4,6 +4,7 @@ Lua loading, server time."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -17,10 +18,14 @@ from redis.sentinel import Sentinel
 from vmq.errors import StoreError, StoreUnavailable
 from vmq.keys import Keys
 
+_INCLUDE = re.compile(r"^-- include: (lib_\w+\.lua)$", re.MULTILINE)
+
 
 def load_lua(name: str) -> str:
-    """The source of ``vmq/lua/<name>``, shipped as package data."""
-    return resources.files("vmq").joinpath("lua", name).read_text()
+    """The source of ``vmq/lua/<name>``, shipped as package data; each ``-- include: lib_<x>.lua`` line is replaced
+    by that file (Redis scripts cannot import: the pieces several scripts share are written once)."""
+    source = resources.files("vmq").joinpath("lua", name).read_text()
+    return _INCLUDE.sub(lambda m: load_lua(m.group(1)), source)
 
 
 def text(value: Any) -> str:

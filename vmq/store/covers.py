@@ -85,7 +85,7 @@ class RedisCovers(StorePart):
             return AgentBatchResult()
         k = self.keys
         cover, pending, silent = k.relay_cover_prefixes()
-        args: list[Any] = [k.vm_prefix, cover, pending, silent, int(COVERED_ROUND), "", "", MARKS_KEPT]
+        args: list[Any] = [k.vm_prefix, cover, pending, silent, int(COVERED_ROUND), MARKS_KEPT]
         refused: dict[str, tuple[int, str]] = {}
         for b in batches:
             docs = saved_documents(b, refused) if b.params else b""
