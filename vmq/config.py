@@ -102,6 +102,26 @@ class Settings(BaseSettings):
         "Host workers only: how a host writes its `agent` VMs' answers. cover: one entry per round naming the "
         "VMs that did not answer, Redis keeps the others covered (a round costs O(hosts + changes) centrally); "
         "compact: one entry per round naming every VM that answered (vmq before 2026-12-07)."))
+    # -- failover of a dead host's VMs (issue 18; docs/operations.md, "Failover")
+    failover: bool = Field(False, description=(
+        "Start the VMs of a dead host on surviving hosts, once that host is proven off (fenced): its fence agent "
+        "(VMQ_FENCE_CONFIG), or an operator's `vmq hosts fence-confirm`. Off: a dead host's VMs stay unreachable."))
+    failover_default: bool = Field(False, description=(
+        "VMs whose libvirt metadata says nothing about <failover> are failed over (on) or left down (off)."))
+    fence_config: str = Field("", description=(
+        "TOML file of fence devices per host ([hosts.NAME] agent, options, timeout_s): ClusterLabs fence agents "
+        "run as `off` then `status`. Without one, only `vmq hosts fence-confirm` proves a host off."))
+    failover_require_locks: bool = Field(True, description=(
+        "A VM is failed over only to a host whose libvirt lock manager (virtlockd) runs: even a wrong fence then "
+        "cannot start a disk twice. Off only where the storage itself refuses a second writer."))
+    failover_cpu_overcommit: float = Field(4.0, gt=0, le=64, description=(
+        "vCPUs a host may hold per physical CPU when a failover places VMs (memory is never overcommitted)."))
+    lock_manager: Literal["auto", "lockd", "none"] = Field("auto", description=(
+        "Host workers only: the lock manager this host's libvirt uses (qemu.conf lock_manager); auto reads "
+        "/etc/libvirt/qemu.conf for a local qemu:///system URI."))
+    virtlockd_socket: str = Field("/run/libvirt/virtlockd-sock", description=(
+        "Host workers only: virtlockd's socket; a host with lockd whose virtlockd does not answer is not "
+        "failover-safe."))
     # -- replies, keys and retention
     max_reply_bytes: int = Field(8192, ge=256, description="Replies larger than this are refused as oversized.")
     reply_save_interval_s: float = Field(10.0, ge=0, description=(

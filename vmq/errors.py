@@ -72,6 +72,10 @@ class DomainNotRunning(DomainOperationFailed):
     running"); a DomainOperationFailed, so callers of the lifecycle actions see no change."""
 
 
+class LockRefused(DomainOperationFailed):
+    """libvirt's lock manager (virtlockd) refused to start a domain: one of its disks is leased elsewhere."""
+
+
 class ChannelNotFound(HypervisorError):
     """The domain has no virtio channel of that name, or the channel has no host-side unix socket."""
 

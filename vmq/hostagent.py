@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from vmq.config import Settings
 from vmq.errors import HypervisorError, VmqError
+from vmq.host_failover import lock_manager_state
 from vmq.hypervisor.types import METADATA_EVENT, DomainEvent, classify
 from vmq.intent import NAMESPACE as INTENT_NAMESPACE
 from vmq.inventory import mark_degraded, renew_heartbeat, sync_inventory
@@ -181,8 +182,10 @@ class HostAgent:
 
         Raises HypervisorError when libvirt does not answer, StoreError when Redis fails.
         """
-        report = sync_inventory(self._store(), self._hypervisor(), self.host, self.settings.host_heartbeat_ttl_s,
-                                detect_paths=self.settings.probe_path_detect)
+        s = self.settings
+        lock = lock_manager_state(s.lock_manager, s.libvirt_uri, s.virtlockd_socket)
+        report = sync_inventory(self._store(), self._hypervisor(), self.host, s.host_heartbeat_ttl_s,
+                                detect_paths=s.probe_path_detect, lock=lock)
         if report.new_vms or report.migrated:
             log.info("host=%s inventory: %d domains, new=%s migrated=%s", self.host, report.domains,
                      report.new_vms, report.migrated)

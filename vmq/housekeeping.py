@@ -16,12 +16,15 @@ from vmq.ports import Store
 log = logging.getLogger(__name__)
 
 
-def sweep_hosts(store: Store, now_ms: int) -> None:
-    """A host whose heartbeat expired is `host_down` and its VMs `unreachable`; on return, judged afresh."""
-    for host, alive, info in store.hosts.hosts_overview():
+def sweep_hosts(store: Store, now_ms: int) -> list[tuple[str, bool, dict[str, str]]]:
+    """A host whose heartbeat expired is `host_down` and its VMs `unreachable`; on return, judged afresh.
+    Returns the hosts as the sweep left them (name, alive, info with ``down_since_ms``) for the failover."""
+    overview = store.hosts.hosts_overview()
+    for host, alive, info in overview:
         down_since = int(info.get("down_since_ms") or 0)
         if not alive and not down_since:
             store.hosts.set_host_fields(host, {"down_since_ms": now_ms})
+            info["down_since_ms"] = str(now_ms)
             store.audit.append(AuditEvent.HOST_DOWN, "", host, now_ms, reason="host worker heartbeat expired")
             log.error("host=%s down: its VMs are unreachable, nothing will be restarted there", host)
         if not alive:
@@ -31,11 +34,13 @@ def sweep_hosts(store: Store, now_ms: int) -> None:
                     lifecycle.mark_unreachable(store.vms, rec, now_ms, host, reason)
         elif down_since:
             store.hosts.set_host_fields(host, {"down_since_ms": 0})
+            info["down_since_ms"] = "0"
             store.audit.append(AuditEvent.HOST_UP, "", host, now_ms, down_for_s=round((now_ms - down_since) / 1000, 3))
             log.warning("host=%s is back: its VMs are judged afresh after their grace", host)
             for rec in store.vms.records(store.hosts.vms_on_host(host)):
                 if rec.state is VmState.UNREACHABLE:
                     lifecycle.mark_reachable(store.vms, rec, now_ms, host, f"host {host} is back")
+    return overview
 
 
 def expire_maintenance(store: Store, now_ms: int) -> None:

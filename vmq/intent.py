@@ -30,7 +30,7 @@ from xml.sax.saxutils import escape, quoteattr
 from vmq.model import ProbePath
 from vmq.policy import OVERRIDABLE
 
-__all__ = ["ENROLL_MODES", "NAMESPACE", "NO_INTENT", "Intent", "enrolment", "intent_from_domain_xml", "intent_xml", "knobs", "parse_intent",
+__all__ = ["ENROLL_MODES", "NAMESPACE", "NO_INTENT", "Intent", "enrolment", "failover_enabled", "intent_from_domain_xml", "intent_xml", "knobs", "parse_intent",
            "priority"]
 
 NAMESPACE = "http://vmq.dev/xmlns/intent/1"
@@ -51,6 +51,7 @@ class Intent:
     knobs: Mapping[str, str] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     probe_path: str | None = None  # redis, channel or agent (vmq.model.ProbePath values)
+    failover: bool | None = None  # started on another host when its host dies and is fenced (VMQ_FAILOVER on)
 
     def record_fields(self) -> dict[str, str]:
         """The VM record's ``intent.*`` fields (every one, "" when not said, so a removed value is cleared)."""
@@ -58,6 +59,7 @@ class Intent:
                 "intent.priority": "" if self.priority is None else str(self.priority),
                 "intent.knobs": json.dumps(dict(self.knobs), sort_keys=True) if self.knobs else "",
                 "intent.probe_path": self.probe_path or "",
+                "intent.failover": "" if self.failover is None else ("yes" if self.failover else "no"),
                 "intent.error": "; ".join(self.errors)[:500]}
 
     def summary(self) -> str:
@@ -65,6 +67,7 @@ class Intent:
         parts = [f"enroll={'yes' if self.enroll else 'no'}" if self.enroll is not None else "",
                  f"priority={self.priority}" if self.priority is not None else "",
                  f"probe-path={self.probe_path}" if self.probe_path else "",
+                 f"failover={'yes' if self.failover else 'no'}" if self.failover is not None else "",
                  " ".join(f"{k}={v}" for k, v in sorted(self.knobs.items()))]
         return " ".join(p for p in parts if p) or "nothing"
 
@@ -73,13 +76,15 @@ NO_INTENT = Intent()
 
 
 def intent_xml(enroll: bool | None = None, priority: int | None = None, knobs: Mapping[str, object] | None = None,
-               prefix: str = "vmq", probe_path: str | None = None) -> str:
+               prefix: str = "vmq", probe_path: str | None = None, failover: bool | None = None) -> str:
     """The metadata element for these values, as ``virsh metadata --set`` takes it and a domain XML holds it."""
     parts = [] if enroll is None else [f"<{prefix}:enroll>{'yes' if enroll else 'no'}</{prefix}:enroll>"]
     if priority is not None:
         parts.append(f"<{prefix}:priority>{priority}</{prefix}:priority>")
     if probe_path is not None:
         parts.append(f"<{prefix}:probe-path>{escape(probe_path)}</{prefix}:probe-path>")
+    if failover is not None:
+        parts.append(f"<{prefix}:failover>{'yes' if failover else 'no'}</{prefix}:failover>")
     for name, value in (knobs or {}).items():
         parts.append(f"<{prefix}:knob name={quoteattr(str(name))}>{escape(str(value))}</{prefix}:knob>")
     return f'<{prefix}:intent xmlns:{prefix}="{NAMESPACE}">{"".join(parts)}</{prefix}:intent>'
@@ -92,19 +97,21 @@ def _local(tag: str) -> str:
 def parse_intent(element: ElementTree.Element) -> Intent:
     """The intent of one ``intent`` element; every refused value named in ``errors``."""
     enroll: bool | None = None
+    failover: bool | None = None
     level: int | None = None
     path: str | None = None
     chosen: dict[str, str] = {}
     errors: list[str] = []
     for child in element:
         name, text = _local(child.tag), (child.text or "").strip()
-        if name == "enroll":
-            if text.lower() in _YES:
-                enroll = True
-            elif text.lower() in _NO:
-                enroll = False
+        if name in ("enroll", "failover"):
+            said = True if text.lower() in _YES else False if text.lower() in _NO else None
+            if said is None:
+                errors.append(f"{name} {text[:40]!r} is neither yes nor no")
+            elif name == "enroll":
+                enroll = said
             else:
-                errors.append(f"enroll {text[:40]!r} is neither yes nor no")
+                failover = said
         elif name == "priority":
             try:
                 value = int(text)
@@ -134,7 +141,7 @@ def parse_intent(element: ElementTree.Element) -> Intent:
                 errors.append(f"knob {knob}={text[:40]!r} is not a non-negative {kind.__name__}")
         else:
             errors.append(f"unknown element <{name[:40]}>")
-    return Intent(enroll, level, chosen, tuple(errors), path)
+    return Intent(enroll, level, chosen, tuple(errors), path, failover)
 
 
 def intent_from_domain_xml(domain_xml: str) -> Intent | None:
@@ -168,6 +175,13 @@ def priority(intent_fields: Mapping[str, str]) -> int:
     """The VM's restart priority (higher first): its intent's, else DEFAULT_PRIORITY."""
     raw = intent_fields.get("priority", "")
     return int(raw) if raw.isdigit() else DEFAULT_PRIORITY
+
+
+def failover_enabled(intent_fields: Mapping[str, str], default: bool) -> bool:
+    """Whether the VM is started elsewhere when its host dies and is fenced: its metadata's ``<failover>``, else
+    the cluster's default (VMQ_FAILOVER_DEFAULT)."""
+    said = intent_fields.get("failover", "")
+    return default if said not in ("yes", "no") else said == "yes"
 
 
 def enrolment(intent_fields: Mapping[str, str], mode: str) -> str:

@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+from vmq.host_failover import capacity_fields, keep_definitions
 from vmq.intent import Intent
 from vmq.keys import valid_name
 from vmq.model import AuditEvent, DomainInfo, DomainStatus, ProbePath, detect_probe_path
@@ -39,15 +42,18 @@ class SyncReport:
     skipped_names: list[str] = field(default_factory=list)
     path_changed: list[str] = field(default_factory=list)  # VMs whose detected probe path changed their path
     intent_changed: list[str] = field(default_factory=list)  # VMs whose libvirt metadata (vmq.intent) changed
+    definitions_kept: list[str] = field(default_factory=list)  # VMs whose definition was kept anew (failover)
 
 
-def heartbeat(store: Store, host: str, uri: str, ttl_s: float, domains: int) -> None:
-    """Refresh this host's registration and heartbeat (liveness by TTL); libvirt answered."""
+def heartbeat(store: Store, host: str, uri: str, ttl_s: float, domains: int,
+              extra: Mapping[str, Any] | None = None) -> None:
+    """Refresh this host's registration and heartbeat (liveness by TTL); libvirt answered. ``extra``: more
+    fields of the registration (capacity and lock manager, vmq.host_failover.capacity_fields)."""
     if store.hosts.host_info(host).get("libvirt_ok") == "0":
         store.audit.append(AuditEvent.HOST_RECOVERED, "", host, store.clock.time_ms(), reason="libvirt answers again")
     store.hosts.heartbeat(host, {"queue": host_queue(host), "libvirt_uri": uri, "hostname": socket.gethostname(),
                            "pid": os.getpid(), "domains": domains, "seen_ms": store.clock.time_ms(),
-                           "libvirt_ok": 1, "libvirt_error": ""},
+                           "libvirt_ok": 1, "libvirt_error": "", **(extra or {})},
                     int(ttl_s * 1000))
 
 
@@ -93,7 +99,7 @@ def _note_changes(store: Store, host: str, fields: dict[str, dict[str, str]], in
 
 
 def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float,
-                   detect_paths: bool = False) -> SyncReport:
+                   detect_paths: bool = False, lock: tuple[bool, str] = (False, "not checked")) -> SyncReport:
     """List this host's domains and update the inventory; raises HypervisorError if libvirt fails.
 
     Each VM this host holds gets its domain's virtio channels recorded and, with ``detect_paths``
@@ -113,7 +119,7 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
         else:
             report.skipped_names.append(info.name)
     report.domains = len(domains)
-    heartbeat(store, host, hypervisor.uri, ttl_s, len(domains))
+    heartbeat(store, host, hypervisor.uri, ttl_s, len(domains), capacity_fields(hypervisor, lock))
     previously_listed = store.hosts.domain_names(host)
     store.hosts.store_domains(host, {d.name: json.dumps({"uuid": d.uuid, "status": d.status.value,
                                                     "reason": d.reason}) for d in domains})
@@ -126,6 +132,7 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
     by_name = {d.name: d for d in domains}
     paths: dict[str, dict[str, str]] = {}
     intents: dict[str, Intent] = {}
+    active_here: list[str] = []
     for placed in store.vms.place_domains(host, domains + vanished, now_ms, ACTIVE, MIGRATING_PAUSE_REASONS,
                                           listed_us):
         listed = by_name.get(placed.vm)
@@ -134,6 +141,8 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
             paths[placed.vm] = {"channels": ",".join(listed.channels), "probe_path_detected": detected.value}
             if listed.intent is not None:
                 intents[placed.vm] = listed.intent
+            if listed.status in ACTIVE:
+                active_here.append(placed.vm)
         if placed.migrated:
             report.migrated.append(placed.vm)
             store.audit.append(AuditEvent.MIGRATED, placed.vm, host, now_ms, previous_host=placed.previous_host)
@@ -142,6 +151,7 @@ def sync_inventory(store: Store, hypervisor: Hypervisor, host: str, ttl_s: float
             report.started.append(placed.vm)
     _note_changes(store, host, paths, intents, now_ms, report)
     store.vms.write_many(paths)
+    report.definitions_kept = keep_definitions(store, hypervisor, host, active_here, set(names), now_ms)
     if report.skipped_names:
         log.warning("host=%s domains with unusable names skipped: %s", host, report.skipped_names)
     return report

@@ -218,6 +218,28 @@ class Keys:
         """Hash domain name -> JSON (uuid, status, reason) as last listed by that host."""
         return self._k("host", host, "domains")
 
+    def host_definitions(self, host: str) -> str:
+        """Hash VM -> JSON (inactive domain XML without secrets, its sha256, when) kept by that host's inventory
+        for a failover (vmq.failover_flow)."""
+        return self._k("host", host, "defs")
+
+    # -- failover (written by the monitor and the CLI only: not in the host ACL)
+    def failover(self, host: str) -> str:
+        """Hash of the failover incident of a dead host (episode = its down_since_ms, state, fence result)."""
+        return self._k("failover", host)
+
+    def failover_claim(self, vm: str, episode: int) -> str:
+        """Set once when ``vm``'s start elsewhere is sent for the host incident ``episode`` (exactly once)."""
+        return self._k("failover", "vm", vm, str(episode))
+
+    def fence_confirmation(self, host: str) -> str:
+        """An operator's `vmq hosts fence-confirm`: JSON (episode, by, when)."""
+        return self._k("failover", "confirm", host)
+
+    def failover_start_claim(self, vm: str, episode: int) -> str:
+        """Taken by the host worker that starts ``vm`` for incident ``episode`` (a redelivered task does nothing)."""
+        return self._k("claim", "failover", vm, str(episode))
+
     # -- audit, counters, switches
     @property
     def events(self) -> str:

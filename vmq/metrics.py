@@ -124,6 +124,13 @@ def _families(snap: MetricsSnapshot, hosts: dict[str, int]) -> Iterator[Metric]:
         restarts.add_metric([host, action, result], count)
     yield restarts
 
+    failover = CounterMetricFamily("vmq_failover", "Failover of dead hosts' VMs, by step: hosts fenced or not "
+                                   "(fence_failed), incidents held, VMs started elsewhere, done, failed, refused.",
+                                   labels=["step"])
+    for step in ("fenced", "fence_failed", "held", "started", "done", "failed", "refused"):
+        failover.add_metric([step], snap.stats.get(f"failover_{step}", 0))
+    yield failover
+
     yield CounterMetricFamily("vmq_storm_holds", "Restarts held by the storm or host-suspect guard "
                               "(one per VM per judged round).", value=snap.stats.get("storm_holds", 0))
 

@@ -241,6 +241,14 @@ class AuditEvent(str, Enum):
     HOST_DEGRADED = "host_degraded"
     HOST_RECOVERED = "host_recovered"
     HOST_MAINTENANCE = "host_maintenance"
+    # failover of a dead host's VMs (vmq.failover_flow)
+    FENCED = "fenced"  # the dead host is proven off (how, by whom)
+    FENCE_FAILED = "fence_failed"  # not proven off: nothing of it starts elsewhere
+    FAILOVER_HELD = "failover_held"  # the whole incident is held (not fenced, too many hosts silent ...)
+    FAILOVER_REFUSED = "failover_refused"  # one VM is not started elsewhere, with why
+    FAILOVER_STARTED = "failover_started"  # its start was sent to the chosen host's queue
+    FAILOVER_DONE = "failover_done"  # the chosen host started it
+    FAILOVER_FAILED = "failover_failed"  # the chosen host could not start it (lock manager refused ...)
 
 
 def _values(*events: AuditEvent) -> frozenset[str]:
@@ -253,7 +261,8 @@ EXPLAINED_EVENTS = _values(
     AuditEvent.RESTART_FAILED, AuditEvent.RESTART_SKIPPED, AuditEvent.RESTART_LEFT_ALONE,
     AuditEvent.SILENT_BUT_ACTIVE, AuditEvent.RECOVERED, AuditEvent.FAILED, AuditEvent.ESCALATED,
     AuditEvent.UNREACHABLE, AuditEvent.DOMAIN_EVENT, AuditEvent.MAINTENANCE, AuditEvent.MAINTENANCE_ENDED,
-    AuditEvent.CLEARED, AuditEvent.HEALTHY, AuditEvent.INTENT)
+    AuditEvent.CLEARED, AuditEvent.HEALTHY, AuditEvent.INTENT, AuditEvent.FAILOVER_REFUSED,
+    AuditEvent.FAILOVER_STARTED, AuditEvent.FAILOVER_DONE, AuditEvent.FAILOVER_FAILED)
 #: What a host worker reports about a restart request it carried out or gave back.
 HOST_OUTCOME_EVENTS = _values(
     AuditEvent.RESTARTED, AuditEvent.RESTART_FAILED, AuditEvent.RESTART_SKIPPED, AuditEvent.RESTART_LEFT_ALONE,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from vmq.codec import WIRE_VERSION, new_nonce
 from vmq.config import Settings
 from vmq.evidence import ProbingGap, crash_evidence, probing_gap, silence_evidence
+from vmq.failover_flow import FailoverFlow
 from vmq.housekeeping import (
     end_guard_episodes,
     expire_maintenance,
@@ -96,8 +97,10 @@ class TickReport:
 class Monitor:
     """The central half of vmq: probe, ingest, judge, dispatch."""
 
-    def __init__(self, store: Store, settings: Settings, dispatch: Dispatch) -> None:
+    def __init__(self, store: Store, settings: Settings, dispatch: Dispatch,
+                 failover: FailoverFlow | None = None) -> None:
         self.store = store
+        self.failover = failover  # None: a dead host's VMs stay unreachable (no fence, no start elsewhere)
         self.settings = settings
         self.judge = Judge(store, settings)
         self.verdicts = Verdicts(store, settings, dispatch)
@@ -158,7 +161,9 @@ class Monitor:
                 report.locked_out = True
                 return report
             now_ms = store.clock.time_ms()
-            sweep_hosts(store, now_ms)
+            overview = sweep_hosts(store, now_ms)
+            if self.failover is not None:
+                self.failover.on_tick(overview, now_ms)
             if not self._windows_noted:  # once per process: windows from before they were noted
                 if not note_maintenance_windows(store, lease.renew):
                     report.locked_out = True

@@ -41,6 +41,10 @@ CLASSES: dict[str, frozenset[AuditEvent]] = {
     "unreachable": frozenset({AuditEvent.UNREACHABLE}),
     "evidence_lost": frozenset({AuditEvent.EVIDENCE_LOST}),
     "restarts_suspended": frozenset({AuditEvent.RESTARTS_SUSPENDED}),
+    # a dead host's failover: not proven off or held (a human must look), or its VMs started elsewhere
+    "failover_held": frozenset({AuditEvent.FENCE_FAILED, AuditEvent.FAILOVER_HELD, AuditEvent.FAILOVER_FAILED}),
+    "failover": frozenset({AuditEvent.FENCED, AuditEvent.FAILOVER_STARTED, AuditEvent.FAILOVER_DONE,
+                           AuditEvent.FAILOVER_REFUSED}),
 }
 DEFAULT_CLASSES = "failed"
 _BY_TYPE: dict[str, str] = {event.value: name for name, events in CLASSES.items() for event in events}
@@ -50,7 +54,7 @@ SEVERITY: dict[str, str] = {
     "failed": "page", "host_down": "page", "storm": "page", "restart_failed": "warning",
     "evidence_lost": "warning", "host_degraded": "warning", "unreachable": "warning",
     "restarts_suspended": "warning", "app_unhealthy": "warning", "faulty": "info", "restarted": "info", "recovered": "info",
-    "storm_over": "info", "host_up": "info",
+    "storm_over": "info", "host_up": "info", "failover_held": "page", "failover": "warning",
 }
 #: Classes that end a condition another class began: sent to Alertmanager as "resolved".
 _RESOLVES: dict[str, str] = {"recovered": "faulty", "storm_over": "storm", "host_up": "host_down"}

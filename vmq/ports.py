@@ -28,7 +28,7 @@ from vmq.telemetry import MetricsSnapshot
 
 if TYPE_CHECKING:  # vmq.hypervisor imports this module: a runtime import here would be circular
     from vmq.codec import RawEntry, RoundBook
-    from vmq.hypervisor.types import ActivitySample, AgentAnswer
+    from vmq.hypervisor.types import ActivitySample, AgentAnswer, HostCapacity
     from vmq.relayed import AgentBatch, AgentBatchResult, CoverBatch
 
 Info = dict[str, str]
@@ -199,6 +199,32 @@ class Hosts(Protocol):
     def store_domains(self, host: str, domains: Mapping[str, str]) -> None: ...
 
 
+class Failovers(Protocol):
+    """Kept domain definitions, dead hosts' failover incidents, once-only claims, fence confirmations."""
+
+    def definition_digests(self, host: str) -> dict[str, str]: ...
+
+    def keep_definitions(self, host: str, definitions: Mapping[str, str], drop: Iterable[str],
+                         now_ms: int) -> None: ...
+
+    def definitions(self, host: str, vms: list[str]) -> dict[str, dict[str, Any]]: ...
+
+    def incident(self, host: str) -> dict[str, str]: ...
+
+    def open_incident(self, host: str, episode: int, fields: Mapping[str, Any]) -> bool: ...
+
+    def update_incident(self, host: str, episode: int, fields: Mapping[str, Any],
+                        expect_state: str | None = None) -> bool: ...
+
+    def claim_start(self, vm: str, episode: int, target: str) -> bool: ...
+
+    def confirm_fenced(self, host: str, episode: int, by: str, now_ms: int) -> None: ...
+
+    def fence_confirmation(self, host: str) -> dict[str, Any]: ...
+
+    def claim_host_start(self, vm: str, episode: int, claimant: str) -> bool: ...
+
+
 class Keyring(Protocol):
     """Each VM's responder key, rotated-out keys in grace."""
 
@@ -298,6 +324,9 @@ class Store(Protocol):
     @property
     def relays(self) -> Relays: ...
 
+    @property
+    def failovers(self) -> Failovers: ...
+
 
 class Hypervisor(Protocol):
     """One host's hypervisor. Every method raises only vmq.errors.HypervisorError subclasses.
@@ -352,6 +381,19 @@ class Hypervisor(Protocol):
 
     def destroy(self, name: str) -> None:
         """Power a domain off hard (operator action)."""
+        ...
+
+    def definition(self, name: str) -> str:
+        """The domain's persistent definition (inactive XML, secrets left out); raises DomainNotFound."""
+        ...
+
+    def define_and_start(self, domain_xml: str) -> None:
+        """Define the domain from ``domain_xml`` (replacing this host's definition of it) and start it; raises
+        LockRefused when the lock manager holds one of its disks elsewhere, DomainOperationFailed."""
+        ...
+
+    def capacity(self) -> HostCapacity:
+        """Physical CPUs and memory of this host and what its active domains hold."""
         ...
 
     def close(self) -> None:

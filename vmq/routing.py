@@ -19,12 +19,14 @@ DOMAIN_EVENT_TASK = "vmq.monitor.domain_event"
 NOTIFY_TASK = "vmq.monitor.notify"
 NOTIFY_EVENTS_TASK = "vmq.monitor.notify_events"
 MANUAL_RESTART_TASK = "vmq.monitor.manual_restart"
+FENCE_TASK = "vmq.monitor.fence_host"
 # Tasks consumed from TIMEOUT_QUEUE.
 DRAIN_TASK = "vmq.timeouts.drain_replies"
 JUDGE_TASK = "vmq.timeouts.judge_round"
 # Tasks consumed from host_queue(host): sent with an explicit queue, the VM's host decides.
 RESTART_TASK = "vmq.host.restart_vm"
 DOMAIN_OP_TASK = "vmq.host.domain_op"
+FAILOVER_START_TASK = "vmq.host.failover_start"
 
 #: Task-name patterns routed to a fixed queue (Celery's ``task_routes``); vmq.host.* carry their queue.
 TASK_ROUTES: dict[str, str] = {

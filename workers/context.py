@@ -10,11 +10,13 @@ from typing import Any
 from celery import Celery
 
 from vmq.config import Settings
+from vmq.failover_flow import FailoverFlow
+from vmq.host_failover import FailoverStart
 from vmq.hostagent import HostAgent
 from vmq.model import RestartRequest
 from vmq.monitor import Monitor
 from vmq.ports import Hypervisor
-from vmq.routing import RESTART_TASK, host_queue
+from vmq.routing import FAILOVER_START_TASK, FENCE_TASK, MONITOR_QUEUE, RESTART_TASK, host_queue
 from vmq.store.redis import RedisStore
 
 _lock = threading.RLock()  # builders nest (the monitor needs the store)
@@ -50,7 +52,17 @@ def monitor_of(app: Celery) -> Monitor:
         # Redis time and the task checks that (vmq.host_restart.restart_vm; docs/reliability.md, clock faults).
         app.send_task(RESTART_TASK, args=[asdict(request)], queue=host_queue(request.host))
 
-    return _once(app, "monitor", lambda: Monitor(store_of(app), s, dispatch))  # type: ignore[no-any-return]
+    def request_fence(host: str, episode: int) -> None:
+        app.send_task(FENCE_TASK, args=[host, episode], queue=MONITOR_QUEUE)
+
+    def send_start(request: FailoverStart) -> None:
+        app.send_task(FAILOVER_START_TASK, args=[asdict(request)], queue=host_queue(request.host))
+
+    def build() -> Monitor:
+        store = store_of(app)
+        return Monitor(store, s, dispatch, FailoverFlow(store, s, request_fence, send_start))
+
+    return _once(app, "monitor", build)  # type: ignore[no-any-return]
 
 
 def hypervisor_of(app: Celery) -> Hypervisor:

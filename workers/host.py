@@ -16,10 +16,18 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from vmq.errors import HypervisorError, StoreError
+from vmq.host_failover import FailoverStart, start_failed_over
 from vmq.host_restart import ActivityCheck, operate_domain
 from vmq.host_restart import restart_vm as restart_use_case
 from vmq.hostagent import HostAgent
-from vmq.routing import DOMAIN_EVENT_TASK, DOMAIN_OP_TASK, MONITOR_QUEUE, RESTART_TASK, host_queue
+from vmq.routing import (
+    DOMAIN_EVENT_TASK,
+    DOMAIN_OP_TASK,
+    FAILOVER_START_TASK,
+    MONITOR_QUEUE,
+    RESTART_TASK,
+    host_queue,
+)
 from workers.context import (
     host_agent_of,
     hypervisor_of,
@@ -76,6 +84,26 @@ def domain_op(self: Task, vm: str, operation: str) -> dict[str, Any]:
     if agent is not None:
         agent.sync_once()  # the inventory follows at once, not at the next period
     return {"ok": True, "vm": vm, "host": host, "domain_status": status}
+
+
+@shared_task(bind=True, name=FAILOVER_START_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def failover_start(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """Start a dead host's VM here from the definition it kept (once per incident), then list at once so its
+    record follows here; its guest's first answer judges it here again."""
+    settings = settings_of(self.app)
+    host = settings.require_host()
+    try:
+        wanted = FailoverStart.from_wire(request)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("failover start refused, malformed request %r: %s", request, exc)
+        return {"started": False, "reason": f"malformed request: {exc}"}
+    agent = host_agent_of(self.app)
+    with agent.acting(wanted.vm) if agent is not None else contextlib.nullcontext():
+        outcome = start_failed_over(store_of(self.app), hypervisor_of(self.app), host, wanted,
+                                    claimant=f"{host}:{os.getpid()}:{self.request.id}")
+    if outcome.get("started") and agent is not None:
+        agent.sync_once()
+    return outcome
 
 
 def build_agent(app: Celery) -> HostAgent:

@@ -8,11 +8,13 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from vmq.failover_flow import run_fence_task
 from vmq.notifications import due_notifications, parse_classes
 from vmq.notify import NotifyError, post_json
 from vmq.routing import (
     DOMAIN_EVENT_TASK,
     DRAIN_TASK,
+    FENCE_TASK,
     JUDGE_TASK,
     MANUAL_RESTART_TASK,
     MONITOR_QUEUE,
@@ -71,6 +73,15 @@ def judge_round(self: Task, round_id: int) -> dict[str, Any]:
             wait_s = max(0.0, (deadline - store.clock.time_ms()) / 1000.0) + JUDGE_SLACK_S
             judge_round.apply_async(args=[round_id], countdown=wait_s)  # our clock ran ahead of Redis'
     return asdict(report)
+
+
+@shared_task(bind=True, name=FENCE_TASK, ignore_result=True)
+def fence_host(self: Task, host: str, episode: int) -> dict[str, Any]:
+    """Prove a dead host off before anything of it starts elsewhere (its fence agent, or its libvirtd); the
+    next tick plans the failover. Runs off the judge's path: an agent may take its whole timeout."""
+    from vmq.hypervisor import open_hypervisor
+
+    return run_fence_task(store_of(self.app), settings_of(self.app), host, int(episode), open_hypervisor)
 
 
 @shared_task(bind=True, name=DOMAIN_EVENT_TASK, ignore_result=True)

@@ -234,3 +234,30 @@ def test_a_detected_path_change_is_audited_and_owes_answers_only_after_the_grace
     host.set_channels("web-1", {})
     assert sync_inventory(world.store, host, HOST_A, TTL_S, detect_paths=True).path_changed == [], (
         "an operator's choice pins the path: detection does not move it")
+
+
+# ---------------------------------------------------------------- what a failover needs from each host (issue 18)
+def test_the_inventory_keeps_active_domains_definitions_when_they_change_and_reports_capacity(world: World) -> None:
+    alpha = FakeHypervisor(f"fake://{HOST_A}", [DomainInfo("web-1", "u-1", DomainStatus.RUNNING, "booted"),
+                                                DomainInfo("web-2", "u-2", DomainStatus.SHUTOFF, "shutdown")])
+    report = sync_inventory(world.store, alpha, HOST_A, TTL_S, lock=(True, "virtlockd answers"))
+    assert report.definitions_kept == ["web-1"]  # only what runs here can be failed over from here
+    kept = world.store.failovers.definitions(HOST_A, ["web-1", "web-2"])
+    assert set(kept) == {"web-1"} and "<name>web-1</name>" in kept["web-1"]["xml"]
+    info = world.store.hosts.host_info(HOST_A)
+    assert (info["cpus"], info["memory_mib"], info["vcpus_used"], info["memory_used_mib"], info["lock_ok"]) == \
+        ("16", "65536", "1", "1024", "1")
+    assert sync_inventory(world.store, alpha, HOST_A, TTL_S).definitions_kept == []  # unchanged: not rewritten
+    assert world.store.hosts.host_info(HOST_A)["lock_ok"] == "0"  # the lock manager's state as last reported
+
+    gone = FakeHypervisor(f"fake://{HOST_A}", [DomainInfo("web-2", "u-2", DomainStatus.SHUTOFF, "shutdown")])
+    sync_inventory(world.store, gone, HOST_A, TTL_S)
+    assert world.store.failovers.definitions(HOST_A, ["web-1"]) == {}  # undefined here: forgotten
+
+
+def test_a_definition_with_a_password_in_clear_is_kept_without_it() -> None:
+    from vmq.hypervisor.xmldesc import scrub_definition
+
+    xml = "<domain><name>a</name><devices><graphics type='vnc' passwd='hunter2' port='-1'/></devices></domain>"
+    assert "hunter2" not in scrub_definition(xml) and "graphics" in scrub_definition(xml)
+    assert scrub_definition("<domain><name>a</name></domain>") == "<domain><name>a</name></domain>"

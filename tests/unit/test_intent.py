@@ -89,7 +89,7 @@ def test_intent_xml_round_trips_and_escapes() -> None:
 def test_record_fields_clear_what_is_no_longer_said_and_read_back() -> None:
     fields = Intent(enroll=False, priority=9, knobs={"max_restarts": "1"}).record_fields()
     assert fields == {"intent.enroll": "no", "intent.priority": "9", "intent.knobs": '{"max_restarts": "1"}',
-                      "intent.probe_path": "", "intent.error": ""}
+                      "intent.probe_path": "", "intent.failover": "", "intent.error": ""}
     stored = {k[7:]: v for k, v in fields.items() if v}
     assert (knobs(stored), priority(stored)) == ({"max_restarts": "1"}, 9)
     assert Intent().record_fields() == dict.fromkeys(fields, "")

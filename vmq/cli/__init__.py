@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from vmq.cli import guest, observe, operate, restart, sim
+from vmq.cli import failover, guest, observe, operate, restart, sim
 from vmq.cli.common import OneLineErrors
 
 __all__ = ["main"]
@@ -25,3 +25,4 @@ def main() -> None:
 for _module in (observe, operate, guest, restart, sim):
     for _command in _module.COMMANDS:
         main.add_command(_command)
+observe.hosts.add_command(failover.fence_confirm)

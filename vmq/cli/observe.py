@@ -11,11 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vmq.cli.common import one_line_errors, open_store
-from vmq.intent import enrolment
+from vmq.failover_flow import explain_incident
+from vmq.intent import enrolment, failover_enabled
 from vmq.intent import knobs as intent_knobs
 from vmq.intent import priority as intent_priority
 from vmq.model import EXPLAINED_EVENTS, AuditEvent, ProbePath, VmRecord
 from vmq.operator_views import cluster_status, event_json
+from vmq.store.redis import RedisStore
 
 STATE_STYLE = {"healthy": "green", "faulty": "red", "restarting": "yellow", "recovering": "cyan",
                "failed": "magenta", "unknown": "dim", "maintenance": "blue", "disabled": "dim"}
@@ -94,11 +96,15 @@ def events(as_json: bool, follow: bool, vm: str | None, host: str | None, event_
         pass
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_context
 @one_line_errors
-def hosts(as_json: bool) -> None:
-    """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat, relay, the agent VMs it covers."""
+def hosts(ctx: click.Context, as_json: bool) -> None:
+    """Registered hosts: alive, degraded, maintenance, VMs, last heartbeat, relay, the agent VMs it covers, and
+    a dead host's failover (fence-confirm: an operator says a dead host is powered off)."""
+    if ctx.invoked_subcommand is not None:
+        return
     settings, store = open_store()
     now_ms = store.clock.time_ms()
     fresh_ms = settings.host_fresh_ms
@@ -114,13 +120,18 @@ def hosts(as_json: bool) -> None:
              "seen_s_ago": round((now_ms - int(info.get("seen_ms") or 0)) / 1000, 1) if info.get("seen_ms") else None,
              # Its agent VMs' cover (docs/protocol.md, "Cover entries"): how far behind the probes its entries are.
              "cover": ({**covers[name], "rounds_behind": max(0, current - int(covers[name]["round"]))}
-                       if name in covers else None)}
+                       if name in covers else None),
+             "capacity": {k: int(info[k]) for k in ("cpus", "memory_mib", "vcpus_used", "memory_used_mib")
+                          if info.get(k, "").isdigit()},
+             "lock_manager": info.get("lock_state", ""),
+             "failover": _failover_words(store, name, alive, info)}
             for name, alive, info in overview]
     if as_json:
         click.echo(json.dumps({"hosts": rows}))
         return
     table = Table(title="hosts")
-    for col in ("host", "state", "domains", "last heartbeat", "relay", "agent VMs covered", "queue", "libvirt"):
+    for col in ("host", "state", "domains", "last heartbeat", "relay", "agent VMs covered", "failover", "queue",
+                "libvirt"):
         table.add_column(col)
     for row in rows:
         state = ("[red]down[/]" if not row["alive"] else "[yellow]late[/]" if not row["fresh"]
@@ -131,9 +142,19 @@ def hosts(as_json: bool) -> None:
         covered = "-" if cover is None else (
             f"{cover['covered']} ({cover['silent']} silent, {cover['pending']} pending), "
             f"{cover['rounds_behind']} behind")
-        table.add_row(row["name"], state, str(row["domains"]), seen, row["relay"], covered, row["queue"],
+        failover = row["failover"] or ("safe" if row["lock_manager"] == "virtlockd answers" else "not safe: "
+                                       + (row["lock_manager"] or "no report"))
+        table.add_row(row["name"], state, str(row["domains"]), seen, row["relay"], covered, failover, row["queue"],
                       row["libvirt_uri"])
     Console().print(table)
+
+
+def _failover_words(store: RedisStore, name: str, alive: bool, info: dict[str, str]) -> str:
+    """A dead host's failover incident in words ("" for a live host, or no incident of this episode)."""
+    if alive or not info.get("down_since_ms", "0").strip("0"):
+        return ""
+    incident = store.failovers.incident(name)
+    return explain_incident(incident) if incident.get("episode") == info.get("down_since_ms") else "failover: none"
 
 
 @click.command()
@@ -204,6 +225,14 @@ def explain(vm: str, last: int) -> None:
         click.echo(f"  {line}")
     if rec.decision:
         click.echo(f"  now: {rec.decision_action}: {rec.decision}")
+    click.echo(f"  failover: {'enabled' if failover_enabled(rec.intent, settings.failover_default) else 'not enabled'}"
+               f" for it (metadata failover={rec.intent.get('failover') or 'unset'}, VMQ_FAILOVER_DEFAULT="
+               f"{'on' if settings.failover_default else 'off'}; cluster VMQ_FAILOVER={'on' if settings.failover else 'off'})")
+    if rec.state.value == "unreachable" and rec.host:
+        host_info = store.hosts.host_info(rec.host)
+        words = _failover_words(store, rec.host, False, host_info)
+        if words:
+            click.echo(f"  its host {rec.host}: {words}")
     rows = [event_json(i, f) for i, f in store.audit.read(count=1_000_000) if f.get("vm") == vm]
     rows = [e for e in rows if e["type"] in EXPLAINED_EVENTS][-last:]
     for event in rows:

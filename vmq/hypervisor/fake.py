@@ -40,8 +40,10 @@ from vmq.errors import (
     DomainNotRunning,
     DomainOperationFailed,
     HypervisorUnavailable,
+    LockRefused,
 )
-from vmq.hypervisor.types import ActivitySample, AgentAnswer, guest_time_ms, reduce_guest_info
+from vmq.hypervisor.types import ActivitySample, AgentAnswer, HostCapacity, guest_time_ms, reduce_guest_info
+from vmq.hypervisor.xmldesc import definition_facts, scrub_definition
 from vmq.intent import NO_INTENT, Intent
 from vmq.model import RESPONDER_CHANNEL, DomainInfo, DomainStatus
 
@@ -118,6 +120,9 @@ class FakeHypervisor:
         self._sockets: dict[str, dict[str, str | None]] = {}
         self._agents: dict[str, _Agent] = {}
         self._agent_in_flight: set[str] = set()
+        self._definitions: dict[str, str] = {}  # name -> XML given to define_and_start (else one is made up)
+        self.locked_disks: set[str] = set()  # names whose start the "lock manager" refuses (test helper)
+        self.host_capacity = (16, 65536)  # (CPUs, MiB) this fake host has
         for info in domains:
             if info.status is DomainStatus.ABSENT:
                 raise ValueError(f"domain {info.name!r}: a defined domain cannot be {info.status.value}")
@@ -223,6 +228,41 @@ class FakeHypervisor:
             return reduce_guest_info("garbage" if agent.mode is AgentMode.GARBAGE else agent.info)
 
         return self._agent_call("guest_info", name, timeout_s, answer)
+
+    def definition(self, name: str) -> str:
+        """The XML it was defined from, or a minimal one (1 vCPU, 1024 MiB); raises DomainNotFound."""
+        with self._lock:
+            self._enter("definition", name)
+            info = self._get("definition", name)
+            return scrub_definition(self._definitions.get(name) or _minimal_xml(info))
+
+    def define_and_start(self, domain_xml: str) -> None:
+        """Define (or redefine) and start; LockRefused for names in ``locked_disks``; DomainOperationFailed if
+        the domain is already active."""
+        name, uuid, _memory, _vcpus = definition_facts(domain_xml)
+        with self._lock:
+            self._enter("define_and_start", name)
+            known = self._domains.get(name)
+            if known is not None and known.status in _ACTIVE:
+                raise DomainOperationFailed(f"define_and_start {name!r} on {self.uri} failed: domain is already "
+                                            f"running (it is {known.status.value})")
+            if name in self.locked_disks:
+                raise LockRefused(f"start {name!r} on {self.uri} refused by the lock manager: resource busy "
+                                  "(simulated lease held elsewhere)")
+            self._definitions[name] = domain_xml
+            base = known or DomainInfo(name, uuid, DomainStatus.SHUTOFF, "", intent=NO_INTENT)
+            self._domains[name] = replace(base, uuid=uuid or base.uuid, status=DomainStatus.RUNNING, reason="booted")
+
+    def capacity(self) -> HostCapacity:
+        """``host_capacity`` and what the active domains' definitions hold."""
+        with self._lock:
+            self._enter("capacity", "")
+            vcpus = memory = 0
+            for info in self._domains.values():
+                if info.status in _ACTIVE:
+                    _name, _uuid, mib, count = definition_facts(self._definitions.get(info.name) or _minimal_xml(info))
+                    vcpus, memory = vcpus + count, memory + mib
+            return HostCapacity(self.host_capacity[0], self.host_capacity[1], vcpus, memory)
 
     def close(self) -> None:
         """Record the close; idempotent, never raises, and the fake stays usable like a reopened one."""
@@ -373,3 +413,9 @@ class FakeHypervisor:
             if result is not None:
                 status, reason = result
                 self._domains[name] = replace(info, status=status, reason=reason)
+
+
+def _minimal_xml(info: DomainInfo) -> str:
+    """A definition for a domain the fake was given as a DomainInfo (1 vCPU, 1 GiB)."""
+    return (f"<domain type='test'><name>{info.name}</name><uuid>{info.uuid}</uuid>"
+            "<memory unit='KiB'>1048576</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>")

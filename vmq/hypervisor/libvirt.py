@@ -32,11 +32,17 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from vmq.errors import ChannelNotFound, DomainNotFound, DomainOperationFailed, HypervisorUnavailable
+from vmq.errors import (
+    ChannelNotFound,
+    DomainNotFound,
+    DomainOperationFailed,
+    HypervisorUnavailable,
+    LockRefused,
+)
 from vmq.hypervisor.agent import AgentCaller
 from vmq.hypervisor.states import domain_status
-from vmq.hypervisor.types import ActivitySample, AgentAnswer, device_targets, total
-from vmq.hypervisor.xmldesc import channel_socket_path, virtio_channels
+from vmq.hypervisor.types import ActivitySample, AgentAnswer, HostCapacity, device_targets, total
+from vmq.hypervisor.xmldesc import channel_socket_path, definition_facts, scrub_definition, virtio_channels
 from vmq.intent import NO_INTENT, intent_from_domain_xml
 from vmq.model import RESPONDER_CHANNEL, DomainInfo
 
@@ -168,6 +174,41 @@ class LibvirtHypervisor:
     def guest_info(self, name: str, timeout_s: float) -> dict[str, object]:
         """OS id/version, hostname and filesystems through the guest agent (``guestInfo``); raises as agent_ping."""
         return self._agent.guest_info(name, timeout_s)
+
+    def definition(self, name: str) -> str:
+        """The persistent definition (``VIR_DOMAIN_XML_INACTIVE``, never ``_SECURE``: no passwords)."""
+        return self._call("definition", name, lambda connection: scrub_definition(
+            str(connection.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))))
+
+    def define_and_start(self, domain_xml: str) -> None:
+        """``defineXML`` then ``create``; a disk leased elsewhere (virtlockd) raises LockRefused."""
+        name = definition_facts(domain_xml)[0]
+
+        def action(connection: Any) -> None:
+            try:
+                connection.defineXML(domain_xml).create()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY or "lockspace" in str(exc).lower():
+                    raise LockRefused(f"start {name!r} on {self.uri} refused by the lock manager: {exc}") from None
+                raise
+
+        self._call("define_and_start", name, action)
+
+    def capacity(self) -> HostCapacity:
+        """``getInfo`` for CPUs and memory; the active domains' ``info`` for what they hold."""
+
+        def action(connection: Any) -> HostCapacity:
+            info = connection.getInfo()
+            vcpus = memory_kib = 0
+            for domain in connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    _state, max_kib, _kib, count, _cpu = domain.info()
+                except libvirt.libvirtError:
+                    continue  # gone between the listing and the query
+                vcpus, memory_kib = vcpus + int(count), memory_kib + int(max_kib)
+            return HostCapacity(int(info[2]), int(info[1]), vcpus, memory_kib // 1024)
+
+        return self._call("capacity", None, action)
 
     def close(self) -> None:
         """Close the connection and stop the worker threads; idempotent, never raises, reopens on next use."""

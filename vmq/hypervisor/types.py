@@ -23,6 +23,16 @@ from vmq.model import DomainEventKind
 
 
 @dataclass(frozen=True)
+class HostCapacity:
+    """What a host has, as libvirt says: physical CPUs and memory, and what its active domains hold of them."""
+
+    cpus: int
+    memory_mib: int
+    vcpus_used: int
+    memory_used_mib: int
+
+
+@dataclass(frozen=True)
 class ActivitySample:
     """Cumulative counters of one domain at one instant (``taken_monotonic_s``: time.monotonic)."""
 

@@ -13,6 +13,7 @@ Only ``<target type='virtio'>`` channels count (``guestfwd`` and ``xen`` targets
 
 from __future__ import annotations
 
+import hashlib
 from xml.etree import ElementTree
 
 # Cheap pre-check: most domains have no channel, and a substring search costs far less than a parse.
@@ -59,3 +60,47 @@ def channel_socket_path(domain_xml: str, channel: str) -> str:
             raise LookupError(f"channel {channel!r} socket {path!r} is mode {mode!r}: QEMU connects out, not bound")
         return path
     raise LookupError(f"no virtio channel {channel!r}")
+
+
+#: Attributes of a domain XML that hold a secret in clear (libvirt writes them only with VIR_DOMAIN_XML_SECURE,
+#: which vmq never asks for; dropped again here so that no definition vmq keeps can carry one).
+_SECRET_ATTRIBUTES = ("passwd",)
+
+
+def definition_facts(domain_xml: str) -> tuple[str, str, int, int]:
+    """(name, uuid, memory MiB, vCPUs) of a domain definition; raises ValueError if it does not parse or has
+    no name."""
+    try:
+        root = ElementTree.fromstring(domain_xml)
+    except ElementTree.ParseError as exc:
+        raise ValueError(f"domain XML does not parse: {exc}") from exc
+    name = (root.findtext("name") or "").strip()
+    if root.tag != "domain" or not name:
+        raise ValueError("not a domain definition with a <name>")
+    memory = root.find("memory")
+    unit = (memory.get("unit", "KiB") if memory is not None else "KiB").lower()
+    scale = {"b": 1 / 1048576, "bytes": 1 / 1048576, "k": 1 / 1024, "kib": 1 / 1024, "kb": 1000 / 1048576,
+             "m": 1, "mib": 1, "mb": 1000000 / 1048576, "g": 1024, "gib": 1024, "gb": 1e9 / 1048576}.get(unit, 1 / 1024)
+    try:
+        memory_mib = int(float((memory.text or "0") if memory is not None else "0") * scale)
+        vcpus = int((root.findtext("vcpu") or "1").strip())
+    except ValueError as exc:
+        raise ValueError(f"domain {name!r}: memory or vcpu is not a number: {exc}") from exc
+    return name, (root.findtext("uuid") or "").strip(), memory_mib, vcpus
+
+
+def scrub_definition(domain_xml: str) -> str:
+    """The definition without secrets in clear (``passwd`` attributes of graphics and the like); the XML as
+    given when it holds none (the common case: libvirt leaves them out without VIR_DOMAIN_XML_SECURE)."""
+    if not any(f"{name}=" in domain_xml for name in _SECRET_ATTRIBUTES):
+        return domain_xml
+    root = ElementTree.fromstring(domain_xml)
+    for element in root.iter():
+        for name in _SECRET_ATTRIBUTES:
+            element.attrib.pop(name, None)
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def definition_digest(domain_xml: str) -> str:
+    """The sha256 of a kept definition (what a failover start checks it was given)."""
+    return hashlib.sha256(domain_xml.encode()).hexdigest()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmq.errors import AgentBusy, AgentTimeout, DomainNotRunning
-from vmq.hypervisor.types import ActivitySample, AgentAnswer, reduce_guest_info
+from vmq.hypervisor.types import ActivitySample, AgentAnswer, HostCapacity, reduce_guest_info
 from vmq.model import RESPONDER_CHANNEL, DomainInfo, DomainStatus
 from vmq.ports import Hypervisor
 
@@ -184,6 +184,18 @@ class SimulatedAgents:
     def destroy(self, name: str) -> None:
         """``inner``'s destroy."""
         self.inner.destroy(name)
+
+    def definition(self, name: str) -> str:
+        """``inner``'s definition."""
+        return self.inner.definition(name)
+
+    def define_and_start(self, domain_xml: str) -> None:
+        """``inner``'s define and start."""
+        self.inner.define_and_start(domain_xml)
+
+    def capacity(self) -> HostCapacity:
+        """``inner``'s capacity."""
+        return self.inner.capacity()
 
     def close(self) -> None:
         """Wake any call waiting on a silent agent, then close ``inner``; idempotent."""

@@ -175,6 +175,12 @@ class GuestFleet:
         guest.process.send_signal(signal.SIGSTOP)
         guest.hung = True
 
+    def power_off(self, vm: str) -> None:
+        """The guest's host lost power: it stops answering (until a start elsewhere boots it again)."""
+        guest = self.guests[vm]
+        with self._lock:
+            self._power_off(guest)
+
     def break_boot(self, vm: str) -> None:
         """From now on this guest stays silent after every reboot (for budget tests)."""
         self.guests[vm].boots = False
@@ -214,7 +220,8 @@ class GuestFleet:
                     last = entry_id.decode()
                     event = event_json(last, {k.decode(): v.decode() for k, v in raw.items()})
                     vm = event.get("vm", "")
-                    if event.get("type") == AuditEvent.RESTARTED and vm in self.guests:
+                    # A restart, or a start elsewhere after its host died: a fresh boot either way.
+                    if event.get("type") in (AuditEvent.RESTARTED, AuditEvent.FAILOVER_DONE) and vm in self.guests:
                         self.restarted.append((vm, event.get("host", "")))
                         threading.Thread(target=self._reboot_later, args=(vm,), daemon=True).start()
         client.close()

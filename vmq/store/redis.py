@@ -11,6 +11,7 @@ from vmq.config import Settings
 from vmq.keys import Keys
 from vmq.store.audit import RedisAudit
 from vmq.store.client import connect
+from vmq.store.failovers import RedisFailovers
 from vmq.store.hosts import RedisHosts
 from vmq.store.relays import RedisRelays
 from vmq.store.replies import RedisReplies, relayed_batches
@@ -38,6 +39,7 @@ class RedisStore:
         self.stats = RedisStats(client, keys)
         self.audit = RedisAudit(client, keys, events_maxlen)
         self.relays = RedisRelays(client, keys)
+        self.failovers = RedisFailovers(client, keys)
 
     @classmethod
     def from_url(cls, url: str, keys: Keys, events_maxlen: int = 100_000) -> RedisStore:
