@@ -37,6 +37,8 @@ from tests.integration.test_responder_redis import RedisServer, make_tls_files
 from tests.integration.test_stack import LocalService, build_services, env_example_names, wait_healthy
 from vmq.codec import encode_reply
 from vmq.config import load_settings
+from vmq.errors import StoreError
+from vmq.host_failover import FailoverStart, start_failed_over
 from vmq.host_restart import restart_vm
 from vmq.hypervisor.fake import FakeHypervisor
 from vmq.inventory import sync_inventory
@@ -300,6 +302,32 @@ def test_the_host_user_does_what_a_host_worker_does(acl_redis: StackRedis) -> No
     monitor_store.client.hset(keys.relay_cover_owner, vm, host)
     host_store.vms.start_monitoring(vm, host_store.clock.time_ms())
     assert monitor_store.client.smembers(keys.relay_cover_pending(host)) == {vm.encode()}
+    monitor_store.client.close()
+    host_store.client.close()
+
+
+def test_a_host_worker_starts_a_failed_over_vm_but_cannot_open_fence_or_confirm_an_incident(
+        acl_redis: StackRedis) -> None:
+    """Issue 18 under the ACL: the `host` user keeps its definitions and starts a dead host's VM (its own claim),
+    but the incidents and operators' confirmations are the monitor's and the CLI's alone."""
+    keys = Keys(NS)
+    monitor_store = RedisStore.from_url(acl_redis.vmq_url, keys)
+    host_store = RedisStore.from_url(acl_redis.host_url, keys)
+    vm, dead, target = "acl-vm-2", "acl-dead", "acl-target"
+    alpha = FakeHypervisor(f"fake://{dead}", [DomainInfo(vm, "u-acl-2", DomainStatus.RUNNING, "booted")])
+    sync_inventory(host_store, alpha, dead, 15)  # keeps its definition under <ns>:host:<dead>:defs
+    [sha] = [doc["sha"] for doc in monitor_store.failovers.definitions(dead, [vm]).values()]
+    monitor_store.hosts.heartbeat(dead, {"seen_ms": 0}, 1)  # the host dies
+    time.sleep(0.01)
+    bravo = FakeHypervisor(f"fake://{target}")
+    outcome = start_failed_over(host_store, bravo, target, FailoverStart(vm, dead, target, 1, sha), "acl-worker")
+    assert outcome["started"] is True and bravo.domain_info(vm).status is DomainStatus.RUNNING
+    for forbidden in (lambda: host_store.failovers.confirm_fenced(dead, 1, "a guest's friend", 0),
+                      lambda: host_store.failovers.open_incident(dead, 1, {"state": "fenced"}),
+                      lambda: host_store.failovers.claim_start(vm, 2, target)):
+        with pytest.raises(StoreError, match="no permissions to access one of the keys"):
+            forbidden()
+    assert monitor_store.failovers.incident(dead) == {} and monitor_store.failovers.fence_confirmation(dead) == {}
     monitor_store.client.close()
     host_store.client.close()
 
