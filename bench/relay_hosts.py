@@ -38,7 +38,7 @@ from typing import Any
 from guests import ProcessFleet, ReplyMaker, state_params
 
 from vmq.config import load_settings
-from vmq.relay import INFO_EVERY_ROUNDS, info_due
+from vmq.relay import info_due
 from vmq.relay_answers import Answer, agent_answer, channel_answer
 from vmq.relay_cover import CoverKeeper
 from vmq.responder import parse_probe
@@ -58,8 +58,10 @@ def guest_info(vm: str) -> dict[str, object]:
 class SimulatedHost:
     """One host's relay as Redis sees it: the VMs it relays on ``path`` and their answers per round."""
 
-    def __init__(self, name: str, path: str, vms: list[str], secrets: Mapping[str, str], first: int) -> None:
+    def __init__(self, name: str, path: str, vms: list[str], secrets: Mapping[str, str], first: int,
+                 every: int) -> None:
         self.name, self.path, self.vms = name, path, vms
+        self.every = every  # rounds between two guest-info readings of a VM (vmq.relay.info_every_rounds)
         self.silent: set[str] = set()
         self.active: set[str] = set()  # what its inventory relays: VMs whose record places them here on ``path``
         self.seqs = dict.fromkeys(vms, 0)
@@ -84,7 +86,7 @@ class SimulatedHost:
         if self.path == "agent":
             for i, vm in enumerate(self.vms):
                 if vm in self.active and vm not in self.silent:
-                    with_info = info_due(vm, round_id, INFO_EVERY_ROUNDS)
+                    with_info = info_due(vm, round_id, self.every)
                     out.append(agent_answer(vm, round_id, nonce, 1.1 + (i % 9) * 0.05, guest_ms,
                                             guest_info(vm) if with_info else None))
             return out
@@ -98,13 +100,14 @@ class SimulatedHost:
 
 
 def serve(url: str, namespace: str, path: str, placement: dict[str, list[str]], first: dict[str, int],
-          secrets: dict[str, str], injected_key: str, timeout_s: float, form: str, control: Any, ready: Event,
-          stop: Event, results: Any) -> None:
+          secrets: dict[str, str], injected_key: str, timeout_s: float, form: str, info_every: int, control: Any,
+          ready: Event, stop: Event, results: Any) -> None:
     """Process entry point (spawn): play the hosts of ``placement`` until ``stop`` is set, then report counters."""
     os.nice(int(os.environ.get("VMQ_BENCH_GUEST_NICE", "0")))
     settings = load_settings({"redis_url": url, "namespace": namespace})
     store = RedisStore.from_url(url, settings.keys, settings.events_maxlen)
-    hosts = {name: SimulatedHost(name, path, vms, secrets, first[name]) for name, vms in placement.items()}
+    hosts = {name: SimulatedHost(name, path, vms, secrets, first[name], info_every)
+             for name, vms in placement.items()}
     owner = {vm: host for host in hosts.values() for vm in host.vms}
     feed = store.relays.subscribe_probes()
     ready.set()
@@ -197,7 +200,7 @@ class HostFleet(ProcessFleet):
 
     def __init__(self, url: str, namespace: str, path: str, placement: dict[str, list[str]],
                  secrets: Mapping[str, str], injected_key: str, timeout_s: float, procs: int,
-                 form: str = "cover") -> None:
+                 form: str = "cover", info_every: int = 30) -> None:
         names = sorted(placement)
         parts = [names[p::procs] for p in range(procs) if names[p::procs]]
         index = {vm: i for vms in placement.values() for i, vm in enumerate(vms)}
@@ -206,4 +209,4 @@ class HostFleet(ProcessFleet):
             mine = {host: placement[host] for host in part}
             first = {host: index[vms[0]] if vms else 0 for host, vms in mine.items()}
             keys = {vm: secrets[vm] for vms in mine.values() for vm in vms if vm in secrets}
-            self._add(serve, (url, namespace, path, mine, first, keys, injected_key, timeout_s, form))
+            self._add(serve, (url, namespace, path, mine, first, keys, injected_key, timeout_s, form, info_every))

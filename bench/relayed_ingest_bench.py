@@ -28,13 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import redis_command_usec, redis_cpu_mem, top_commands
 
+from vmq.config import load_settings
 from vmq.ingest import Ingestor, LatestReplies, RejectLog
 from vmq.keys import Keys
-from vmq.relay import INFO_EVERY_ROUNDS, info_due
+from vmq.relay import info_due, info_every_rounds
 from vmq.relay_answers import agent_answer
 from vmq.relay_cover import CoverKeeper
 from vmq.sim.localcluster import LocalRedis
 from vmq.store.redis import RedisStore, connect
+
+#: As a host relay at T1 = 1 s with the default VMQ_RELAY_INFO_INTERVAL_S.
+INFO_EVERY = info_every_rounds(load_settings({"probe_interval_s": 1}))
 
 #: Fields a VM's record has besides its placement (a realistic hash size for the vouching HMGET).
 FILLER = {f"field{i}": "x" * 20 for i in range(16)}
@@ -58,7 +62,7 @@ def write_round(store: RedisStore, vms: list[str], hosts: int, round_id: int, no
     or as the oldest ones did (per-answer)."""
     for h in range(hosts):
         answers = [agent_answer(vm, round_id, nonce, 1.3, 1_765_000_000_000,
-                                INFO if info_due(vm, round_id, INFO_EVERY_ROUNDS) else None)
+                                INFO if info_due(vm, round_id, INFO_EVERY) else None)
                    for vm in vms[h::hosts]]
         if form == "cover":
             keeper = keepers.setdefault(h, CoverKeeper(f"host-{h}"))

@@ -17,6 +17,7 @@ from relay_hosts import HostFleet
 
 from vmq.codec import new_secret
 from vmq.config import Settings
+from vmq.relay import info_every_rounds
 from vmq.sim.localcluster import SOURCE_ROOT, _stop_process
 from vmq.store.redis import RedisStore
 
@@ -123,7 +124,7 @@ def start_fleet(path: str, url: str, settings: Settings, vms: list[str], secrets
         placement = {host: vms[i::len(hosts)] for i, host in enumerate(hosts)}  # as register() places them
         timeout_s = min(settings.probe_interval_s * 0.8, settings.relay_agent_timeout_s)  # as ProbeRelay
         fleet = HostFleet(url, settings.namespace, probe_path(path), placement, secrets, injected_key, timeout_s,
-                          procs_n, "compact" if path == "compact" else "cover")
+                          procs_n, "compact" if path == "compact" else "cover", info_every_rounds(settings))
     fleet.start()
     return fleet
 

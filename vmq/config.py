@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     relay_agent_timeout_s: float = Field(1.0, gt=0, le=60, description=(
         "Host workers only: a guest-agent ping of an `agent` VM waits at most this long (and never more than "
         "0.8 x VMQ_PROBE_INTERVAL_S); an agent that does not answer in time gives no answer that round."))
+    relay_info_interval_s: float = Field(30.0, gt=0, le=3600, description=(
+        "Host workers only: an `agent` VM's guest info (OS, hostname, filesystems) is read and sent with its answer "
+        "this often (VMware Tools refreshes its guest info every 30 s by default); liveness is every round."))
     relay_form: Literal["cover", "compact"] = Field("cover", description=(
         "Host workers only: how a host writes its `agent` VMs' answers. cover: one entry per round naming the "
         "VMs that did not answer, Redis keeps the others covered (a round costs O(hosts + changes) centrally); "

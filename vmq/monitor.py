@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: A beat's round is refused as a duplicate when the latest one went out less than this fraction of T1 ago.
 DUPLICATE_GAP = 0.6
+#: The beat's probe also ticks when the oldest unjudged deadline passed this many T1 ago (its judge is overdue).
+OVERDUE_SHARE = 0.5
 #: Guests' replies per round from which a mid-round drain pays (vmq.monitor.Monitor.drain_due).
 DRAIN_MIN_REPLIES = 500
 
@@ -133,7 +135,11 @@ class Monitor:
         if not started:
             log.debug("probe refused: round=%s went out at %s (another beat)", round_id, sent_ms)
             return None
-        return round_id, sent_ms, self.tick()
+        # Each round's judge task ticks at its deadline; the probe ticks only to catch up on a round whose judge
+        # is overdue (a judge task lost, or a worker that was down): one tick per round, not two.
+        upcoming = self.store.rounds.next_deadline()
+        overdue = upcoming is not None and upcoming < sent_ms - int(OVERDUE_SHARE * self.settings.probe_interval_s * 1000)
+        return round_id, sent_ms, self.tick() if overdue else TickReport()
 
     def drain_due(self) -> bool:
         """Whether a drain half a T1 into the round pays: the guests' stream grew by DRAIN_MIN_REPLIES or more

@@ -35,20 +35,27 @@ from vmq.relay_cover import CoverKeeper
 from vmq.relay_feed import FeedKeeper
 from vmq.responder import parse_probe
 
-__all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay", "info_due"]
+__all__ = ["AGENT_WORKERS", "FLUSH_INTERVAL_S", "ProbeRelay", "info_due", "info_every_rounds"]
 
 log = logging.getLogger(__name__)
 
 AGENT_WORKERS = 8  # fast-lane threads: 200 VMs x 1.3 ms / 8 = 33 ms per round
 SLOW_LANE_WORKERS = 2  # below the libvirt adapter's own 4 agent threads
 AGENT_TIMEOUT_SHARE = 0.8  # an agent call never outlives 0.8 T1: the next round finds the VM free
-INFO_EVERY_ROUNDS = 10  # guest_info (and the state parameters sent) ride along every this many rounds per VM
 FLUSH_INTERVAL_S = 0.05
 TICK_S = 0.01  # the loop's wait while answers are pending
 IDLE_WAIT_S = 0.05
 CHANNEL_WAIT_S = 0.02  # channel polls alternate with probe reads this often
 SUMMARY_INTERVAL_S = 60.0
 RECENT_ROUNDS = 8
+
+
+def info_every_rounds(settings: Settings) -> int:
+    """Rounds between two guest-info readings of one VM: VMQ_RELAY_INFO_INTERVAL_S in rounds (at least 1)."""
+    return max(1, round(settings.relay_info_interval_s / settings.probe_interval_s))
+
+
+_info_every = info_every_rounds  # ProbeRelay's parameter of that name shadows it there
 
 
 def info_due(vm: str, round_id: int, every: int) -> bool:
@@ -68,11 +75,11 @@ class ProbeRelay:
                  hypervisor: Callable[[], Hypervisor], clock: Callable[[], float] = time.monotonic,
                  channel_relay: Callable[[], ChannelRelay] | None = None, agent_workers: int = AGENT_WORKERS,
                  slow_workers: int = SLOW_LANE_WORKERS, flush_interval_s: float = FLUSH_INTERVAL_S,
-                 info_every_rounds: int = INFO_EVERY_ROUNDS, summary_interval_s: float = SUMMARY_INTERVAL_S) -> None:
+                 info_every_rounds: int | None = None, summary_interval_s: float = SUMMARY_INTERVAL_S) -> None:
         self.settings, self.host = settings, host
         self._store, self._hypervisor, self._clock = store, hypervisor, clock
         self.timeout_s = min(settings.probe_interval_s * AGENT_TIMEOUT_SHARE, settings.relay_agent_timeout_s)
-        self.info_every_rounds = info_every_rounds
+        self.info_every_rounds = _info_every(settings) if info_every_rounds is None else info_every_rounds
         self.summary_interval_s = summary_interval_s
         self.stats = RelayStats()
         self.outbox = Outbox(flush_interval_s, max_age_s=settings.probe_interval_s)
