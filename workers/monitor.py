@@ -81,7 +81,10 @@ def fence_host(self: Task, host: str, episode: int) -> dict[str, Any]:
     next tick plans the failover. Runs off the judge's path: an agent may take its whole timeout."""
     from vmq.hypervisor import open_hypervisor
 
-    return run_fence_task(store_of(self.app), settings_of(self.app), host, int(episode), open_hypervisor)
+    result = run_fence_task(store_of(self.app), settings_of(self.app), host, int(episode), open_hypervisor)
+    if result.get("fenced"):
+        monitor_of(self.app).tick()  # plan and send the starts now, not at the next round's tick
+    return result
 
 
 @shared_task(bind=True, name=DOMAIN_EVENT_TASK, ignore_result=True)

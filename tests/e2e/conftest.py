@@ -20,6 +20,7 @@ import pytest
 from tests.e2e.agent_image import build_agent_kit
 from tests.e2e.debian import GuestKit
 from tests.e2e.guest_image import build_guest_kit
+from tests.e2e.twohosts import TwoHosts, two_hosts_problem
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 LIBVIRT_URI = "qemu:///system"
@@ -127,3 +128,14 @@ def guest_kit(qemu_ready: None) -> GuestKit:
 def agent_kit(qemu_ready: None) -> GuestKit:
     """Kernel + initramfs of the agent guest (only Debian's qemu-guest-agent inside), cached as guest_kit."""
     return _kit("agent guest", build_agent_kit)
+
+
+@pytest.fixture
+def two_hosts(qemu_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    """Hypervisors A and B (tests/e2e/twohosts.py): two more libvirtds, each with its virtlockd, sharing one image
+    directory; powered off at the end, even when the test fails. Skipped (failed under CI) where they cannot run."""
+    problem = two_hosts_problem()
+    if problem is not None:
+        cannot_run(problem)
+    with TwoHosts(tmp_path_factory.mktemp("twohosts"), CACHE_DIR / "libvirt-cache") as hosts:
+        yield hosts
