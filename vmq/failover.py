@@ -97,6 +97,13 @@ def plan_failover(host: str, fenced: bool, fence_reason: str, enabled: bool, can
         fits = [t for t in free.values() if t.free_memory_mib >= c.memory_mib and t.free_vcpus >= c.vcpus]
         if not fits:
             why = f"no surviving host has {c.memory_mib} MiB and {c.vcpus} vCPUs free"
+            if free:
+                most_mib = max(free.values(), key=lambda t: (t.free_memory_mib, t.host))
+                most_cpu = max(free.values(), key=lambda t: (t.free_vcpus, t.host))
+                why += (f" (most memory free: {most_mib.free_memory_mib} MiB on {most_mib.host}; most vCPUs free: "
+                        f"{most_cpu.free_vcpus} on {most_cpu.host}, VMQ_FAILOVER_CPU_OVERCOMMIT)")
+            else:
+                why += " (no live, failover-safe host outside maintenance)"
             if unsafe:
                 why += f" (not failover-safe, lock manager not running: {', '.join(unsafe)})"
             refused.append(Refusal(c.vm, why))

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from vmq.config import Settings
-from vmq.intent import enrolment, priority
+from vmq.failover_flow import explain_incident
+from vmq.intent import enrolment, failover_enabled, priority
 from vmq.ports import Store
+
+
+def failover_words(store: Store, name: str, alive: bool, info: Mapping[str, str]) -> str:
+    """A dead host's failover incident in words ("" for a live host; "failover: none" for a dead one without an
+    incident of its current down episode, e.g. with VMQ_FAILOVER off)."""
+    if alive or not info.get("down_since_ms", "0").strip("0"):
+        return ""
+    incident = store.failovers.incident(name)
+    return explain_incident(incident) if incident.get("episode") == info.get("down_since_ms") else "failover: none"
 
 
 def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
@@ -30,7 +41,8 @@ def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
         "time_ms": now_ms,
         "restarts_suspended": suspended,
         "hosts": [{"name": name, "alive": alive, "vms": per_host.get(name, 0), "queue": info.get("queue", ""),
-                   "libvirt_uri": info.get("libvirt_uri", "")} for name, alive, info in hosts],
+                   "libvirt_uri": info.get("libvirt_uri", ""), "failover": failover_words(store, name, alive, info)}
+                  for name, alive, info in hosts],
         "vms": [
             {
                 "id": vm,
@@ -45,6 +57,7 @@ def cluster_status(store: Store, settings: Settings) -> dict[str, Any]:
                 "decision": rec.decision,
                 "enrolled": not enrolment(rec.intent, settings.enroll),
                 "priority": priority(rec.intent),
+                "failover": failover_enabled(rec.intent, settings.failover_default),
             }
             for i, (vm, rec) in enumerate(zip(vms, records))
         ],

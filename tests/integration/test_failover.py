@@ -112,6 +112,14 @@ def test_a_fence_that_fails_starts_nothing_until_an_operator_confirms_the_host_o
                                       text=True, env=cluster.env, check=True).stdout)["hosts"]
     [node1] = [row for row in hosts if row["name"] == "node1"]
     assert node1["failover"].startswith("failover: not proven off") and "fence_dummy off exited" in node1["failover"]
+    status = json.loads(subprocess.run([sys.executable, "-m", "vmq.cli", "status", "--json"], capture_output=True,
+                                       text=True, env=cluster.env, check=True).stdout)
+    assert [h["failover"] for h in status["hosts"] if h["name"] == "node1"] == [node1["failover"]]
+    assert [v["failover"] for v in status["vms"] if v["id"] in ("web-1", "web-2")] == [True, False]
+    explained = subprocess.run([sys.executable, "-m", "vmq.cli", "explain", "web-1"], capture_output=True, text=True,
+                               env=cluster.env, check=True).stdout
+    assert "failover: enabled for it (metadata failover=yes" in explained
+    assert "its host node1: failover: not proven off" in explained
 
     confirmed = subprocess.run([sys.executable, "-m", "vmq.cli", "hosts", "fence-confirm", "node1", "--yes",
                                 "--by", "ops-on-call"], capture_output=True, text=True, env=cluster.env, check=True)

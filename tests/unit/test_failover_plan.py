@@ -51,8 +51,10 @@ def test_highest_priority_first_each_on_the_emptiest_host_that_fits() -> None:
     (vm("web-1", state="failed"), "its state is failed, not unreachable"),
     (vm("web-1", state="healthy"), "its state is healthy, not unreachable"),
     (vm("web-1", has_definition=False), "vmq keeps no domain definition of it"),
-    (vm("web-1", memory=65536), "no surviving host has 65536 MiB and 1 vCPUs free"),
-    (vm("web-1", vcpus=16), "no surviving host has 1024 MiB and 16 vCPUs free"),
+    (vm("web-1", memory=65536), "no surviving host has 65536 MiB and 1 vCPUs free (most memory free: 8192 MiB on "
+                                "bravo; most vCPUs free: 8 on bravo, VMQ_FAILOVER_CPU_OVERCOMMIT)"),
+    (vm("web-1", vcpus=16), "no surviving host has 1024 MiB and 16 vCPUs free (most memory free: 8192 MiB on bravo; "
+                            "most vCPUs free: 8 on bravo, VMQ_FAILOVER_CPU_OVERCOMMIT)"),
 ])
 def test_a_vm_is_refused_with_its_reason(candidate: Candidate, reason: str) -> None:
     result = plan([candidate, vm("web-2")], [host("bravo")])
@@ -65,8 +67,10 @@ def test_only_live_safe_hosts_outside_maintenance_take_vms_and_never_the_dead_on
                host("echo", failover_safe=False, memory=99999), host("foxtrot", memory=2048)]
     result = plan([vm("web-1", memory=1024), vm("web-2", memory=2048)], targets, total=6)
     assert result.starts == (Start("web-1", "foxtrot"),)
-    assert result.refused == (Refusal("web-2", "no surviving host has 2048 MiB and 1 vCPUs free (not "
-                                               "failover-safe, lock manager not running: echo)"),)
+    assert result.refused == (Refusal("web-2", "no surviving host has 2048 MiB and 1 vCPUs free (most memory free: "
+                                               "1024 MiB on foxtrot; most vCPUs free: 7 on foxtrot, "
+                                               "VMQ_FAILOVER_CPU_OVERCOMMIT) (not failover-safe, lock manager not "
+                                               "running: echo)"),)
 
 
 def test_capacity_is_used_up_as_the_plan_goes() -> None:

@@ -11,13 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from vmq.cli.common import one_line_errors, open_store
-from vmq.failover_flow import explain_incident
 from vmq.intent import enrolment, failover_enabled
 from vmq.intent import knobs as intent_knobs
 from vmq.intent import priority as intent_priority
 from vmq.model import EXPLAINED_EVENTS, AuditEvent, ProbePath, VmRecord
-from vmq.operator_views import cluster_status, event_json
-from vmq.store.redis import RedisStore
+from vmq.operator_views import cluster_status, event_json, failover_words
 
 STATE_STYLE = {"healthy": "green", "faulty": "red", "restarting": "yellow", "recovering": "cyan",
                "failed": "magenta", "unknown": "dim", "maintenance": "blue", "disabled": "dim"}
@@ -35,10 +33,11 @@ def status(as_json: bool) -> None:
         return
     console = Console()
     hosts = Table(title="hosts")
-    for col in ("host", "alive", "VMs", "libvirt"):
+    for col in ("host", "alive", "VMs", "libvirt", "failover"):
         hosts.add_column(col)
     for h in data["hosts"]:
-        hosts.add_row(h["name"], "[green]yes[/]" if h["alive"] else "[red]no[/]", str(h["vms"]), h["libvirt_uri"])
+        hosts.add_row(h["name"], "[green]yes[/]" if h["alive"] else "[red]no[/]", str(h["vms"]), h["libvirt_uri"],
+                      h["failover"])
     vms = Table(title="VMs")
     for col in ("vm", "host", "path", "state", "last reply", "restarts", "decision"):
         vms.add_column(col)
@@ -124,7 +123,7 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
              "capacity": {k: int(info[k]) for k in ("cpus", "memory_mib", "vcpus_used", "memory_used_mib")
                           if info.get(k, "").isdigit()},
              "lock_manager": info.get("lock_state", ""),
-             "failover": _failover_words(store, name, alive, info)}
+             "failover": failover_words(store, name, alive, info)}
             for name, alive, info in overview]
     if as_json:
         click.echo(json.dumps({"hosts": rows}))
@@ -147,14 +146,6 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
         table.add_row(row["name"], state, str(row["domains"]), seen, row["relay"], covered, failover, row["queue"],
                       row["libvirt_uri"])
     Console().print(table)
-
-
-def _failover_words(store: RedisStore, name: str, alive: bool, info: dict[str, str]) -> str:
-    """A dead host's failover incident in words ("" for a live host, or no incident of this episode)."""
-    if alive or not info.get("down_since_ms", "0").strip("0"):
-        return ""
-    incident = store.failovers.incident(name)
-    return explain_incident(incident) if incident.get("episode") == info.get("down_since_ms") else "failover: none"
 
 
 @click.command()
@@ -230,7 +221,7 @@ def explain(vm: str, last: int) -> None:
                f"{'on' if settings.failover_default else 'off'}; cluster VMQ_FAILOVER={'on' if settings.failover else 'off'})")
     if rec.state.value == "unreachable" and rec.host:
         host_info = store.hosts.host_info(rec.host)
-        words = _failover_words(store, rec.host, False, host_info)
+        words = failover_words(store, rec.host, False, host_info)
         if words:
             click.echo(f"  its host {rec.host}: {words}")
     rows = [event_json(i, f) for i, f in store.audit.read(count=1_000_000) if f.get("vm") == vm]
