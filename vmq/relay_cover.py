@@ -53,7 +53,8 @@ class CoverKeeper:
         self._round, self._nonce = 0, ""
         self._asked: list[str] = []
         self._answered: set[str] = set()
-        self._params: dict[str, dict[str, Any]] = {}
+        self._params: dict[str, dict[str, Any]] = {}  # state parameters not written yet in this round
+        self._offered: frozenset[str] = frozenset()  # the VMs whose parameters the latest entry built carries
         self._full = False  # this round's entries list every VM asked
         self._ready: list[float] = []  # when each answer not written yet came in (monotonic s)
 
@@ -61,7 +62,7 @@ class CoverKeeper:
         """A probe round begins: ``asked`` are the agent VMs this host asks in it (busy ones included)."""
         self._round, self._nonce = round_id, nonce
         self._asked = sorted(set(asked))
-        self._answered, self._params, self._ready = set(), {}, []
+        self._answered, self._params, self._ready, self._offered = set(), {}, [], frozenset()
         listed = frozenset(self._asked)
         since = round_id - self.base
         self._full = self.base == 0 or listed != self.listed or since >= 2 * self.full_every or (
@@ -85,9 +86,10 @@ class CoverKeeper:
             return None
         asked = frozenset(self._asked)
         silent = asked - self._answered
+        params = {vm: p for vm, p in self._params.items() if vm in asked}
+        self._offered = frozenset(params)
         return cover_fields(round_id, self._nonce, round_id if self._full else self.base,
-                            self._asked if self._full else None, silent,
-                            {vm: p for vm, p in self._params.items() if vm in asked})
+                            self._asked if self._full else None, silent, params)
 
     def unwritten(self) -> int:
         """Answers noted since the last entry was written."""
@@ -99,7 +101,10 @@ class CoverKeeper:
         return [(now_s - at) * 1000.0 for at in ready]
 
     def written(self, fields: Mapping[str, str]) -> None:
-        """The entry ``fields`` reached Redis: a full one is the base of the next ones."""
+        """The entry ``fields`` reached Redis: a full one is the base of the next ones, and the state parameters
+        it carried are not sent again by the round's later entries (each answer's are sent once)."""
+        if "s" in fields:
+            self._params = {vm: p for vm, p in self._params.items() if vm not in self._offered}
         if "f" in fields:
             self.base = int(fields["q"])
             self.listed = frozenset(fields["f"].split())

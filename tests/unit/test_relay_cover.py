@@ -59,3 +59,20 @@ def test_state_parameters_ride_along_only_for_answers_that_carry_guest_info() ->
     assert fields is not None
     assert fields["s"] == '{"a":{"latency_ms":1.2,"guest_ms":5,"info":{"os_id":"debian"}}}'
     assert cover_fields(7, "n", 3, None, {"b", "a"}) == {"q": "7", "n": "n", "c": "3", "x": "a b"}
+
+
+def test_each_answers_state_parameters_are_sent_once_in_a_round_not_again_by_its_later_entries() -> None:
+    keeper = CoverKeeper("node1")
+    keeper.start(100, "n100", ["a", "b", "c"])
+    keeper.answered("a", 100, {"vm": "a", "latency_ms": 1.2, "guest_ms": 5, "info": {"os_id": "debian"}})
+    partial = keeper.fields(100)
+    assert partial is not None and '"a"' in partial["s"]
+    keeper.written(partial)
+    keeper.answered("b", 100, {"vm": "b", "latency_ms": 1.1, "guest_ms": 6, "info": {"os_id": "alpine"}})
+    unwritten = keeper.fields(100)  # built, but Redis did not take it: its parameters are offered again
+    assert unwritten is not None and '"b"' in unwritten["s"] and '"a"' not in unwritten["s"]
+    final = keeper.fields(100)
+    assert final is not None and final["s"] == '{"b":{"latency_ms":1.1,"guest_ms":6,"info":{"os_id":"alpine"}}}'
+    keeper.written(final)
+    last = keeper.fields(100)
+    assert last is not None and "s" not in last and last["x"] == "c"  # the silent VM is still named
