@@ -51,10 +51,10 @@ def test_highest_priority_first_each_on_the_emptiest_host_that_fits() -> None:
     (vm("web-1", state="failed"), "its state is failed, not unreachable"),
     (vm("web-1", state="healthy"), "its state is healthy, not unreachable"),
     (vm("web-1", has_definition=False), "vmq keeps no domain definition of it"),
-    (vm("web-1", memory=65536), "no surviving host has 65536 MiB and 1 vCPUs free (most memory free: 8192 MiB on "
-                                "bravo; most vCPUs free: 8 on bravo, VMQ_FAILOVER_CPU_OVERCOMMIT)"),
-    (vm("web-1", vcpus=16), "no surviving host has 1024 MiB and 16 vCPUs free (most memory free: 8192 MiB on bravo; "
-                            "most vCPUs free: 8 on bravo, VMQ_FAILOVER_CPU_OVERCOMMIT)"),
+    (vm("web-1", memory=65536), ("no surviving host has 65536 MiB and 1 vCPUs free (most memory free: 8192 MiB on "
+                                "bravo; most vCPUs free: 8 on bravo, VMQ_FAILOVER_CPU_OVERCOMMIT)")),
+    (vm("web-1", vcpus=16), ("no surviving host has 1024 MiB and 16 vCPUs free (most memory free: 8192 MiB on bravo; "
+                            "most vCPUs free: 8 on bravo, VMQ_FAILOVER_CPU_OVERCOMMIT)")),
 ])
 def test_a_vm_is_refused_with_its_reason(candidate: Candidate, reason: str) -> None:
     result = plan([candidate, vm("web-2")], [host("bravo")])
