@@ -95,8 +95,7 @@ class FailoverFlow:
             if _int(confirmation.get("episode")) == episode and failovers.update_incident(
                     host, episode, {"state": "fenced", "method": "operator", "fenced_ms": now_ms},
                     expect_state="unfenced"):
-                _fenced(self.store, host, episode, "operator", f"confirmed off by {confirmation.get('by') or 'an operator'}",
-                             now_ms)
+                _fenced(self.store, host, episode, "operator", _confirmed_by(confirmation), now_ms)
         elif state == "fenced":
             self._plan(host, episode, incident, overview, now_ms, taken)
 
@@ -106,8 +105,7 @@ class FailoverFlow:
         if _int(confirmation.get("episode")) == episode:
             if failovers.open_incident(host, episode, {"state": "fenced", "method": "operator", "opened_ms": now_ms,
                                                        "fenced_ms": now_ms}):
-                _fenced(self.store, host, episode, "operator", f"confirmed off by {confirmation.get('by') or 'an operator'}",
-                             now_ms)
+                _fenced(self.store, host, episode, "operator", _confirmed_by(confirmation), now_ms)
         elif host in self.devices:
             if failovers.open_incident(host, episode, {"state": "fencing", "opened_ms": now_ms,
                                                        "method": self.devices[host].agent}):
@@ -128,18 +126,12 @@ class FailoverFlow:
         kept = store.failovers.definitions(host, [rec.vm for rec in records])
         candidates, digests = [], {}
         for rec in records:
-            doc = kept.get(rec.vm)
-            facts = None
-            if doc is not None:
-                try:
-                    facts = definition_facts(str(doc["xml"]))
-                except ValueError:
-                    facts = None
-            if facts is not None and facts[0] == rec.vm:
-                digests[rec.vm] = str(doc["sha"]) if doc else ""
+            facts = _kept_facts(rec.vm, kept.get(rec.vm))
+            if facts is not None:
+                digests[rec.vm] = facts[2]
             candidates.append(Candidate(rec.vm, rec.state.value, failover_enabled(rec.intent, s.failover_default),
-                                        intent_priority(rec.intent), facts is not None and facts[0] == rec.vm,
-                                        facts[2] if facts else 0, facts[3] if facts else 0))
+                                        intent_priority(rec.intent), facts is not None,
+                                        facts[0] if facts else 0, facts[1] if facts else 0))
         targets = [self._target(name, alive, info, now_ms, taken) for name, alive, info in overview]
         silent = sum(1 for _name, alive, _info in overview if not alive)
         plan = plan_failover(host, True, incident.get("method", ""), True, candidates, targets, len(overview), silent)
@@ -248,6 +240,22 @@ def explain_incident(incident: Mapping[str, str]) -> str:
     extra = incident.get("held") or incident.get("reason") or ""
     return f"failover: {words}" + (f" ({extra})" if extra else "")
 
+
+def _kept_facts(vm: str, doc: Mapping[str, Any] | None) -> tuple[int, int, str] | None:
+    """(memory MiB, vCPUs, sha256) of the definition kept for ``vm``; None when there is none usable (it does not
+    parse, or it defines another domain)."""
+    if doc is None:
+        return None
+    try:
+        name, _uuid, memory_mib, vcpus = definition_facts(str(doc["xml"]))
+    except ValueError:
+        return None
+    return (memory_mib, vcpus, str(doc.get("sha", ""))) if name == vm else None
+
+
+def _confirmed_by(confirmation: Mapping[str, Any]) -> str:
+    """The ``fenced`` event's words for an operator's `vmq hosts fence-confirm`."""
+    return f"confirmed off by {confirmation.get('by') or 'an operator'}"
 
 
 def _fenced(store: Store, host: str, episode: int, method: str, detail: str, now_ms: int) -> None:

@@ -223,6 +223,10 @@ class Keys:
         for a failover (vmq.failover_flow)."""
         return self._k("host", host, "defs")
 
+    def host_definition_digests(self, host: str) -> str:
+        """Hash VM -> sha256 of the definition in ``host_definitions`` (read each inventory sync, not the XML)."""
+        return self._k("host", host, "defsha")
+
     # -- failover (written by the monitor and the CLI only: not in the host ACL)
     def failover(self, host: str) -> str:
         """Hash of the failover incident of a dead host (episode = its down_since_ms, state, fence result)."""

@@ -29,28 +29,24 @@ class RedisFailovers(StorePart):
     def definition_digests(self, host: str) -> dict[str, str]:
         """VM -> sha256 of the definition ``host`` keeps."""
         with translate_errors("definition digests"):
-            raw = self.r.hgetall(self.keys.host_definitions(host))
-        out = {}
-        for vm, value in raw.items():
-            try:
-                out[_text(vm)] = str(orjson.loads(value)["sha"])
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                out[_text(vm)] = ""
-        return out
+            raw = self.r.hgetall(self.keys.host_definition_digests(host))
+        return {_text(vm): _text(sha) for vm, sha in raw.items()}
 
     def keep_definitions(self, host: str, definitions: Mapping[str, str], drop: Iterable[str], now_ms: int) -> None:
-        """Store ``definitions`` (VM -> XML) for ``host`` and forget those in ``drop``."""
+        """Store ``definitions`` (VM -> XML) for ``host``, with their digests, and forget those in ``drop``."""
         gone = list(drop)
-        fields = {vm: orjson.dumps({"xml": xml, "sha": definition_digest(xml), "ms": now_ms})
-                  for vm, xml in definitions.items()}
+        digests = {vm: definition_digest(xml) for vm, xml in definitions.items()}
+        fields = {vm: orjson.dumps({"xml": xml, "sha": digests[vm], "ms": now_ms}) for vm, xml in definitions.items()}
         if not fields and not gone:
             return
         with translate_errors("keep definitions"):
-            pipe = self.r.pipeline(transaction=False)
-            if fields:
-                pipe.hset(self.keys.host_definitions(host), mapping=fields)
-            if gone:
-                pipe.hdel(self.keys.host_definitions(host), *gone)
+            pipe = self.r.pipeline(transaction=True)
+            for key, mapping in ((self.keys.host_definitions(host), fields),
+                                 (self.keys.host_definition_digests(host), digests)):
+                if mapping:
+                    pipe.hset(key, mapping=mapping)
+                if gone:
+                    pipe.hdel(key, *gone)
             pipe.execute()
 
     def definitions(self, host: str, vms: list[str]) -> dict[str, dict[str, Any]]:
